@@ -1,0 +1,1 @@
+"""The wire format: message dataclasses and their strict msgpack codec."""

@@ -1,0 +1,205 @@
+"""Every message that crosses MQTT, as a dataclass.
+
+The wire codec (``fedmpq.wire.codec``) turns these into msgpack and back, and
+validates every field on the way in: field names and types come from the
+annotations here, so a field added here is a field the decoder checks.
+
+Conventions
+-----------
+* ``bits`` is always the number of bits each element costs on the wire, sign
+  included: 1..8 for quantized tensors, 16 or 32 for float pass-through.
+* Tensors are row-major (C order); ``shape`` is a list of non-negative ints.
+* Times are seconds (float); sizes are bytes (int).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+#: Bit-widths a tensor may have on the wire.
+QUANT_BITS = frozenset(range(1, 9))
+FLOAT_BITS = frozenset({16, 32})
+VALID_BITS = QUANT_BITS | FLOAT_BITS
+
+#: ``TensorPayload.scheme`` values.
+SCHEME_SYMMETRIC = "symmetric"  # sign-magnitude, scale = max|w| (FedMPQ)
+SCHEME_AFFINE = "affine"  # asymmetric min-max with integer zero point (torch.ao)
+SCHEME_FLOAT = "float"  # float16 / float32 pass-through
+SCHEMES = frozenset({SCHEME_SYMMETRIC, SCHEME_AFFINE, SCHEME_FLOAT})
+
+#: ``UpdateMessage.kind`` values: what the tensors of an update are.
+KIND_WEIGHTS = "weights"  # the client's local model (FedAvg, FedMPQ)
+KIND_DELTA = "delta"  # local model minus the global model it started from (QSGD)
+UPDATE_KINDS = frozenset({KIND_WEIGHTS, KIND_DELTA})
+
+
+@dataclass
+class TensorPayload:
+    """One tensor, quantized and bit-packed (or float) as it travels.
+
+    ``scale`` holds little-endian float32 values, one per tensor (``axis == -1``)
+    or one per slice along ``axis``; ``zero_point`` holds one uint8 per scale for
+    the affine scheme and is empty otherwise.  ``data`` holds exactly
+    ``ceil(prod(shape) * bits / 8)`` bytes.
+    """
+
+    name: str
+    shape: list[int]
+    bits: int
+    scheme: str
+    axis: int
+    scale: bytes
+    zero_point: bytes
+    data: bytes
+
+
+@dataclass
+class DeviceProfile:
+    """What a device measured about itself (``edge_client.profiling``) or was told to be
+    (an emulated device's profile)."""
+
+    total_ram: int
+    available_ram: int
+    cpu_count: int
+    cpu_freq_mhz: float
+    load_avg: float
+    gflops: float
+    platform: str
+    arch: str
+    battery_percent: float | None = None
+    uplink_bps: float | None = None
+    downlink_bps: float | None = None
+    latency_s: float | None = None
+    profile_name: str = ""  # device profile the device emulates; "" for real hardware
+
+
+@dataclass
+class RegisterMessage:
+    """A device announces itself and its resources (device -> coordinator)."""
+
+    MESSAGE_TYPE: ClassVar[str] = "register"
+
+    client_id: str
+    agent_version: str
+    profile: DeviceProfile
+    num_samples: int
+    accepts_zstd: bool
+    sent_at: float
+
+
+@dataclass
+class TaskMessage:
+    """One round's work for one client (coordinator -> device).
+
+    The global model travels once per round in a ``GlobalModelMessage``; the task
+    names it by ``model_fingerprint``.  ``bits`` maps each quantizable layer name to
+    its bit-width for this client and round.  ``options`` carries the policy's
+    client-side settings (e.g. a regulariser strength), all numeric.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "task"
+
+    run_id: str
+    round: int
+    client_id: str
+    model_name: str
+    model_fingerprint: str
+    policy: str
+    bits: dict[str, int]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    deadline_s: float
+    compress: bool
+    options: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GlobalModelMessage:
+    """The global model at the start of a round (coordinator -> all, retained)."""
+
+    MESSAGE_TYPE: ClassVar[str] = "global_model"
+
+    run_id: str
+    round: int
+    model_name: str
+    fingerprint: str
+    tensors: list[TensorPayload]
+
+
+@dataclass
+class ResourceUsage:
+    """What the round cost the device."""
+
+    train_seconds: float
+    peak_rss_bytes: int
+    cpu_percent: float
+    emulated_seconds: float = 0.0  # compute + transfer time the profiled device would take
+
+
+@dataclass
+class UpdateMessage:
+    """A client's result for one round (device -> coordinator).
+
+    ``bits_dropped`` reports, per layer, how many bit-planes local training removed
+    (FedMPQ's delta); policies that do not prune send an empty map.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "update"
+
+    run_id: str
+    round: int
+    client_id: str
+    num_samples: int
+    model_fingerprint: str
+    kind: str
+    tensors: list[TensorPayload]
+    usage: ResourceUsage
+    metrics: dict[str, float]
+    bits_dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class StatusMessage:
+    """Liveness and state of a device (device -> coordinator, retained; also the
+    device's MQTT last will, with ``state == "offline"``)."""
+
+    MESSAGE_TYPE: ClassVar[str] = "status"
+
+    client_id: str
+    state: str  # "online" | "offline" | "training" | "rejected" | "error"
+    round: int
+    detail: str
+    sent_at: float
+
+
+@dataclass
+class ControlMessage:
+    """Run-level announcements (coordinator -> all, retained).
+
+    ``state`` is "open" while the run accepts devices, "finished" when it is over.
+    Devices that see a ``run_id`` they have not registered with register again.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "control"
+
+    run_id: str
+    state: str
+    round: int
+    detail: str
+    sent_at: float
+
+
+#: Every top-level message type, by its wire name.
+MESSAGE_TYPES: dict[str, type] = {
+    cls.MESSAGE_TYPE: cls
+    for cls in (
+        RegisterMessage,
+        TaskMessage,
+        GlobalModelMessage,
+        UpdateMessage,
+        StatusMessage,
+        ControlMessage,
+    )
+}
