@@ -94,7 +94,8 @@ class TaskMessage:
 
     The global model travels once per round in a ``GlobalModelMessage``; the task
     names it by ``model_fingerprint``.  ``bits`` maps each quantizable layer name to
-    its bit-width for this client and round.  ``options`` carries the policy's
+    its bit-width for this client and round, quantized with ``scheme`` (one scale per
+    output channel when ``per_channel``).  ``options`` carries the policy's
     client-side settings (e.g. a regulariser strength), all numeric.
     """
 
@@ -107,6 +108,8 @@ class TaskMessage:
     model_fingerprint: str
     policy: str
     bits: dict[str, int]
+    scheme: str
+    per_channel: bool
     epochs: int
     batch_size: int
     learning_rate: float

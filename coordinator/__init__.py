@@ -1,0 +1,1 @@
+"""The fedmpq coordinator: registry, rounds, deadlines, de-quantized aggregation, metrics."""

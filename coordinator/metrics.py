@@ -1,0 +1,65 @@
+"""Run outputs: one JSON line per round, an atomically written model, and the plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per round to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """Accuracy against round and against cumulative uplink MB, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    acc = [100 * r["accuracy"] for r in rows]
+    uplink_mb = [r["cumulative_uplink_bytes"] / 1e6 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    left.plot(rounds, acc, marker="o")
+    left.set_xlabel("round")
+    left.set_ylabel("test accuracy (%)")
+    right.plot(uplink_mb, acc, marker="o", color="tab:orange")
+    right.set_xlabel("cumulative uplink (MB)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,359 @@
+"""The coordinator: registers devices, runs rounds over MQTT, aggregates, evaluates.
+
+Threads: the MQTT loop thread only queues incoming messages; the coordinator's own
+thread decodes, validates and aggregates them, so a slow decode never stalls the
+network and every message is handled in arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coordinator.aggregation import StreamingAverage
+from coordinator.config import RunConfig
+from coordinator.metrics import MetricsLog, plot_accuracy, write_atomic
+from coordinator.registry import DeviceRecord, Registry
+from fedmpq.data.datasets import load_dataset
+from fedmpq.errors import DecodeError, FedmpqError
+from fedmpq.evaluation import evaluate
+from fedmpq.models import build_model, quantizable_layers
+from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.policies import BitAllocation, ClientInfo, ClientResult, LayerInfo, make_policy
+from fedmpq.state import fingerprint, load_numpy_state, state_to_numpy
+from fedmpq.topics import Topics
+from fedmpq.wire.codec import DecodeLimits, decode, encode
+from fedmpq.wire.messages import (
+    KIND_DELTA,
+    ControlMessage,
+    GlobalModelMessage,
+    RegisterMessage,
+    StatusMessage,
+    TaskMessage,
+    UpdateMessage,
+)
+from fedmpq.wire.tensors import decode_state, encode_state
+
+log = logging.getLogger("fedmpq.coordinator")
+
+
+@dataclass
+class RoundState:
+    """What the coordinator tracks while one round is open."""
+
+    round: int
+    fingerprint: str
+    selected: dict[str, BitAllocation]
+    aggregate: StreamingAverage
+    accepted: dict[str, ClientResult] = field(default_factory=dict)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    emulated_s: float = 0.0
+
+    def complete(self) -> bool:
+        return len(self.accepted) == len(self.selected)
+
+
+class Coordinator:
+    """Runs one federated training run as ``config`` describes, against ``broker``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        broker: BrokerAddress,
+        *,
+        protocol: str = "5",
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.protocol = protocol
+        self.on_round = on_round
+        self.topics = Topics(config.topic_prefix)
+        self.limits = DecodeLimits(max_message_bytes=config.max_message_bytes)
+        self.out_dir = Path(config.out_dir)
+        self.registry = Registry()
+        self.rejected: Counter[str] = Counter()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.rng = random.Random(config.seed)
+
+        torch.manual_seed(config.seed)
+        self.data = load_dataset(config.dataset)
+        self.model = build_model(config.model, self.data.num_classes, self.data.in_shape)
+        self.x_test, self.y_test = self.data.test.tensors()
+        self.global_state = state_to_numpy(self.model)
+        numels = {name: w.size for name, w in self.global_state.items()}
+        self.layers = [LayerInfo(name, numels[name]) for name in quantizable_layers(self.model)]
+        name, params = config.policy_params()
+        self.policy = make_policy(name, **params)
+        self.policy.setup(self.layers)
+        self.round_state: RoundState | None = None
+
+    # --- MQTT side (loop thread): queue and return -----------------------------------
+    def _on_message(self, _conn: Connection, topic: str, payload: bytes) -> None:
+        self.inbox.put((topic, payload))
+
+    def _on_connect(self, conn: Connection) -> None:
+        for topic in self.topics.coordinator_subscriptions():
+            conn.subscribe(topic, qos=1)
+
+    # --- message handling (coordinator thread) ---------------------------------------
+    def _handle(self, topic: str, payload: bytes) -> None:
+        kind, client_id = self.topics.parse(topic)
+        try:
+            if kind == "register":
+                msg = decode(payload, RegisterMessage, self.limits)
+                if msg.client_id != client_id:
+                    self._reject("spoofed", client_id, f"registers as {msg.client_id!r}")
+                    return
+                self.registry.register(msg)
+                log.info("registered %s (%d samples)", client_id, msg.num_samples)
+            elif kind == "status":
+                status = decode(payload, StatusMessage, self.limits)
+                if status.client_id == client_id:
+                    self.registry.set_online(client_id, status.state != "offline")
+            elif kind == "update":
+                self._handle_update(client_id or "", payload)
+        except DecodeError as exc:
+            self._reject("malformed", client_id, str(exc))
+
+    def _reject(self, reason: str, client_id: str | None, detail: str) -> None:
+        self.rejected[reason] += 1
+        log.warning("rejected %s message from %s: %s", reason, client_id, detail)
+
+    def _handle_update(self, client_id: str, payload: bytes) -> None:
+        msg = decode(payload, UpdateMessage, self.limits)
+        rs = self.round_state
+        problem = self._update_problem(msg, client_id, rs)
+        if problem is not None:
+            self._reject(*problem)
+            return
+        assert rs is not None
+        tensors = decode_state(msg.tensors)
+        shapes = {name: w.shape for name, w in tensors.items()}
+        expected = {name: w.shape for name, w in self.global_state.items()}
+        if shapes != expected:
+            self._reject("shape", client_id, "tensor names or shapes differ from the model")
+            return
+        rs.aggregate.add(tensors, float(msg.num_samples))
+        sent_bits = {p.name: p.bits for p in msg.tensors if p.name in rs.selected[client_id].bits}
+        rs.accepted[client_id] = ClientResult(
+            client_id, msg.num_samples, sent_bits, dict(msg.bits_dropped), dict(msg.metrics)
+        )
+        rs.uplink_bytes += len(payload)
+        rs.emulated_s = max(rs.emulated_s, msg.usage.emulated_seconds)
+        log.info("round %d: update from %s (%d bytes)", rs.round, client_id, len(payload))
+
+    def _update_problem(
+        self, msg: UpdateMessage, client_id: str, rs: RoundState | None
+    ) -> tuple[str, str, str] | None:
+        """Why an update cannot be aggregated (reason, client, detail), or None."""
+        if msg.client_id != client_id:
+            return "spoofed", client_id, f"update on {client_id}'s topic claims {msg.client_id!r}"
+        if msg.run_id != self.config.run_id:
+            return "wrong_run", client_id, f"run {msg.run_id!r}"
+        if rs is None or msg.round != rs.round:
+            return "stale", client_id, f"round {msg.round} is not open"
+        if client_id not in rs.selected:
+            return "unexpected", client_id, f"not selected for round {rs.round}"
+        if client_id in rs.accepted:
+            return "duplicate", client_id, f"already aggregated for round {rs.round}"
+        if msg.model_fingerprint != rs.fingerprint:
+            return "fingerprint", client_id, "trained from another global model"
+        if msg.kind != self.policy.update_kind:
+            return "kind", client_id, f"sent {msg.kind}, policy wants {self.policy.update_kind}"
+        if msg.num_samples <= 0:
+            return "samples", client_id, "num_samples must be positive"
+        assigned = rs.selected[client_id].bits
+        for p in msg.tensors:
+            if p.name in assigned and p.bits > assigned[p.name]:
+                return "bits", client_id, f"{p.name} at {p.bits} bits, assigned {assigned[p.name]}"
+        return None
+
+    def _drain(self, until: float, done: Callable[[], bool]) -> None:
+        """Handle incoming messages until ``done()`` or the clock passes ``until``."""
+        while not done():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                topic, payload = self.inbox.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            self._handle(topic, payload)
+
+    # --- rounds ----------------------------------------------------------------------
+    def _publish(self, conn: Connection, topic: str, msg: Any, retain: bool = False) -> int:
+        data = encode(msg, compress=self.config.compress)
+        conn.publish(topic, data, qos=1, retain=retain)
+        return len(data)
+
+    def _control(self, conn: Connection, state: str, round: int, detail: str = "") -> None:
+        msg = ControlMessage(self.config.run_id, state, round, detail, time.time())
+        self._publish(conn, self.topics.control, msg, retain=True)
+
+    def _evaluate(self) -> tuple[float, float]:
+        load_numpy_state(self.model, self.global_state)
+        result = evaluate(self.model, self.x_test, self.y_test)
+        return result.loss, result.accuracy
+
+    def _run_round(self, conn: Connection, round: int, selected: list[DeviceRecord]) -> dict:
+        started = time.monotonic()
+        fp = fingerprint(self.global_state)
+        clients = [ClientInfo(d.client_id, d.profile, d.num_samples) for d in selected]
+        allocation = self.policy.allocate(round, clients)
+        rs = RoundState(round, fp, allocation, StreamingAverage(self.global_state))
+        self.round_state = rs
+        cfg = self.config
+        all_float = {name: 32 for name in self.global_state}
+        glob = GlobalModelMessage(
+            cfg.run_id, round, cfg.model, fp, encode_state(self.global_state, all_float)
+        )
+        glob_bytes = self._publish(conn, self.topics.global_model, glob, retain=True)
+        rs.downlink_bytes += glob_bytes * len(selected)
+        for device in selected:
+            task = TaskMessage(
+                run_id=cfg.run_id,
+                round=round,
+                client_id=device.client_id,
+                model_name=cfg.model,
+                model_fingerprint=fp,
+                policy=self.policy.name,
+                bits=allocation[device.client_id].bits,
+                epochs=cfg.training.epochs,
+                batch_size=cfg.training.batch_size,
+                learning_rate=cfg.training.learning_rate,
+                deadline_s=cfg.round_deadline_s,
+                compress=cfg.compress and device.accepts_zstd,
+                scheme=cfg.scheme,
+                per_channel=cfg.per_channel,
+                options=self.policy.client_options(),
+            )
+            rs.downlink_bytes += self._publish(conn, self.topics.task(device.client_id), task)
+        self._drain(started + cfg.round_deadline_s, rs.complete)
+        self.round_state = None
+        collected = time.monotonic()
+
+        answered = len(rs.accepted)
+        counted = answered > 0 and answered >= cfg.quorum * len(selected)
+        if counted:
+            mean = rs.aggregate.mean()
+            if self.policy.update_kind == KIND_DELTA:
+                mean = {n: self.global_state[n] + d for n, d in mean.items()}
+            self.global_state = mean
+            self.policy.observe(round, list(rs.accepted.values()))
+        else:
+            log.warning("round %d: %d of %d answered, model unchanged", round, answered, len(selected))
+        loss, accuracy = self._evaluate()
+        return {
+            "round": round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "selected": len(selected),
+            "participants": sorted(rs.accepted),
+            "counted": counted,
+            "uplink_bytes": rs.uplink_bytes,
+            "downlink_bytes": rs.downlink_bytes,
+            "client_bits": {
+                cid: round_bits(allocation[cid], self.layers) for cid in sorted(allocation)
+            },
+            "client_metrics": {cid: dict(r.metrics) for cid, r in sorted(rs.accepted.items())},
+            "round_seconds": time.monotonic() - started,
+            "collect_seconds": collected - started,
+            "emulated_seconds": rs.emulated_s,
+            "rejected": dict(self.rejected),
+        }
+
+    def _wait_for_devices(self) -> None:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.registration_timeout_s
+        self._drain(deadline, lambda: len(self.registry.online()) >= cfg.min_clients)
+        online = len(self.registry.online())
+        if online < cfg.min_clients:
+            raise FedmpqError(
+                f"only {online} of the {cfg.min_clients} devices the run needs registered within "
+                f"{cfg.registration_timeout_s:.0f} s; start more agents or lower min_clients"
+            )
+
+    def _save_model(self, round: int) -> None:
+        glob = GlobalModelMessage(
+            self.config.run_id,
+            round,
+            self.config.model,
+            fingerprint(self.global_state),
+            encode_state(self.global_state, {}),
+        )
+        write_atomic(self.out_dir / "global_model.msgpack", encode(glob))
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run every round and return the metrics rows (round 0 is the initial model)."""
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        loop = MqttLoop()
+        loop.start()
+        conn = Connection(
+            loop,
+            self.broker,
+            f"coordinator-{cfg.run_id}"[:64],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            protocol=self.protocol,
+            max_payload=cfg.max_message_bytes,
+        )
+        try:
+            conn.connect()
+            if not conn.wait_connected(30.0):
+                raise FedmpqError(f"cannot connect to the broker at {self.broker.host}:{self.broker.port}")
+            self._control(conn, "open", 0)
+            self._wait_for_devices()
+            loss, accuracy = self._evaluate()
+            cumulative = 0
+            row0: dict[str, Any] = {"round": 0, "accuracy": accuracy, "loss": loss}
+            self._emit(metrics, row0 | {"uplink_bytes": 0, "cumulative_uplink_bytes": 0})
+            for r in range(1, cfg.rounds + 1):
+                selected = self.registry.select(cfg.clients_per_round, self.rng)
+                row = self._run_round(conn, r, selected)
+                cumulative += row["uplink_bytes"]
+                row["cumulative_uplink_bytes"] = cumulative
+                self._save_model(r)
+                self._emit(metrics, row)
+            self._control(conn, "finished", cfg.rounds)
+            plot_accuracy(metrics.rows, self.out_dir / "accuracy.png", title=self._title())
+            conn.flush(10.0)
+        finally:
+            conn.close()
+            loop.stop()
+        return metrics.rows
+
+    def _emit(self, metrics: MetricsLog, row: dict[str, Any]) -> None:
+        metrics.append(row)
+        log.info(
+            "round %d: accuracy %.4f loss %.4f uplink %d B",
+            row["round"],
+            row["accuracy"],
+            row["loss"],
+            row.get("uplink_bytes", 0),
+        )
+        if self.on_round is not None:
+            self.on_round(row)
+
+    def _title(self) -> str:
+        name, params = self.config.policy_params()
+        detail = ",".join(f"{k}={v}" for k, v in params.items())
+        return f"{self.config.model} on {self.config.dataset}, policy {name}({detail})"
+
+
+def round_bits(allocation: BitAllocation, layers: list[LayerInfo]) -> float:
+    """Parameter-weighted average bits of an allocation, rounded for the log."""
+    return round(allocation.average_bits(layers), 3)
+

@@ -1,0 +1,1 @@
+"""The fedmpq edge agent: MQTT session, psutil profiling, local quantized training."""

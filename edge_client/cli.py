@@ -1,0 +1,93 @@
+"""``fedmpq agent``: run one device, or several emulated ones, against a broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from edge_client.profiling import measure_profile
+from edge_client.runtime import AgentOptions, AgentRuntime, Device
+from fedmpq.data.datasets import load_dataset, subset
+from fedmpq.data.partition import parse_partition, partition
+from fedmpq.errors import FedmpqError
+from fedmpq.mqtt import BrokerAddress
+from fedmpq.topics import Topics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmpq agent", description=__doc__)
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT (mqtts:// for TLS)")
+    p.add_argument("--client-id", help="this device's id (default: PREFIX-INDEX)")
+    p.add_argument("--clients", type=int, default=1, help="devices to host in this process")
+    p.add_argument("--id-prefix", default="device", help="id prefix for hosted devices")
+    p.add_argument("--first-index", type=int, default=0, help="index of the first hosted device")
+    p.add_argument(
+        "--data",
+        default="fashion-mnist-small",
+        help="data set spec: fashion-mnist-small | idx:DIR | cifar10-bin:DIR | folder:DIR | module:PKG.MOD:FUNC",
+    )
+    p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    p.add_argument(
+        "--num-partitions", type=int, default=1, help="split the data among this many devices"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition and local training")
+    p.add_argument("--topic-prefix", default="fedmpq")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
+    p.add_argument("--run-id", default="", help="only take part in this run")
+    p.add_argument("--exit-when-done", action="store_true", help="exit when the run finishes")
+    p.add_argument("--report", type=Path, help="append one JSON line per update sent")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int, int, int]]:
+    data = load_dataset(args.data)
+    scheme, params = parse_partition(args.partition)
+    last = args.first_index + args.clients
+    if last > max(args.num_partitions, 1):
+        raise FedmpqError(
+            f"devices {args.first_index}..{last - 1} need --num-partitions >= {last}"
+        )
+    parts = partition(data.train.y, max(args.num_partitions, 1), scheme, seed=args.seed, **params)
+    profile = measure_profile()
+    devices = []
+    for index in range(args.first_index, last):
+        client_id = args.client_id if args.client_id and args.clients == 1 else f"{args.id_prefix}-{index:04d}"
+        x, y = subset(data.train, parts[index]).tensors()
+        devices.append(Device(client_id, x, y, profile, seed=args.seed * 7919 + index))
+    return devices, data.num_classes, data.in_shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    torch.set_num_threads(args.threads)
+    try:
+        devices, num_classes, in_shape = make_devices(args)
+        options = AgentOptions(
+            broker=BrokerAddress.parse(args.broker),
+            topics=Topics(args.topic_prefix),
+            num_classes=num_classes,
+            in_shape=in_shape,
+            protocol=args.protocol,
+            run_id=args.run_id,
+            exit_when_done=args.exit_when_done,
+            report_path=args.report,
+        )
+        runtime = AgentRuntime(devices, options)
+        signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+        runtime.run()
+    except FedmpqError as exc:
+        print(f"fedmpq agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

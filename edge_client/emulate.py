@@ -1,0 +1,146 @@
+"""``fedmpq emulate``: a whole fleet on this machine, in one command.
+
+Starts a broker (the embedded one unless ``--broker`` names a real broker), the
+coordinator as its own process, and the emulated devices multiplexed onto a few
+agent processes; shows the coordinator's progress bar and prints where the
+metrics and the plot are.  The coordinator runs as a separate program, as it
+would on a server: this module starts it by command line and never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedmpq.broker import EmbeddedBroker, MosquittoBroker
+from fedmpq.errors import FedmpqError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmpq emulate", description=__doc__)
+    p.add_argument("--clients", type=int, default=10, help="emulated devices")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--per-round", type=int, default=0, help="clients per round (0 = all)")
+    p.add_argument("--policy", default="fixed:4", help="float32 | fixed:BITS | ...")
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--dataset", default="fashion-mnist-small")
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA | shards:K")
+    p.add_argument("--config", type=Path, help="run config (TOML) passed to the coordinator")
+    p.add_argument(
+        "--broker",
+        default="embedded",
+        help="embedded (in-process amqtt), mosquitto (start a local one) or mqtt://HOST:PORT",
+    )
+    p.add_argument("--workers", type=int, default=2, help="agent processes hosting the devices")
+    p.add_argument("--out-dir", type=Path, help="default: runs/<run id>")
+    p.add_argument("--run-id", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-deadline", type=float, default=600.0)
+    return p
+
+
+@contextlib.contextmanager
+def broker_for(spec: str) -> Iterator[tuple[str, str]]:
+    """Yield (broker URL, MQTT protocol version) for ``spec``, running a broker if needed."""
+    if spec == "embedded":
+        with EmbeddedBroker() as broker:
+            yield broker.url, "3.1.1"  # amqtt speaks MQTT 3.1.1 only
+    elif spec == "mosquitto":
+        with MosquittoBroker() as broker:
+            yield broker.url, "5"
+    else:
+        yield spec, "5"
+
+
+def _agent_command(args: argparse.Namespace, url: str, protocol: str, run_id: str,
+                   first: int, count: int, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "edge_client",
+        "--broker", url, "--protocol", protocol,
+        "--clients", str(count), "--first-index", str(first), "--id-prefix", "device",
+        "--num-partitions", str(args.clients), "--partition", args.partition,
+        "--data", args.dataset, "--seed", str(args.seed),
+        "--run-id", run_id, "--exit-when-done", "--threads", "1",
+        "--report", str(out / "agents.jsonl"), "--log-level", "INFO",
+    ]  # fmt: skip
+
+
+def _coordinator_command(args: argparse.Namespace, url: str, protocol: str, run_id: str,
+                         out: Path) -> list[str]:
+    command = [
+        sys.executable, "-m", "coordinator",
+        "--broker", url, "--protocol", protocol, "--run-id", run_id,
+        "--rounds", str(args.rounds), "--min-clients", str(args.clients),
+        "--clients-per-round", str(args.per_round), "--policy", args.policy,
+        "--model", args.model, "--dataset", args.dataset, "--seed", str(args.seed),
+        "--round-deadline", str(args.round_deadline), "--out-dir", str(out),
+        "--threads", "1", "--progress", "--log-level", "WARNING",
+    ]  # fmt: skip
+    if args.config:
+        command += ["--config", str(args.config)]
+    return command
+
+
+def _split(total: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous (first, count) ranges that cover ``total`` in ``parts`` near-equal pieces."""
+    parts = max(1, min(parts, total))
+    base, extra = divmod(total, parts)
+    ranges, first = [], 0
+    for i in range(parts):
+        count = base + (1 if i < extra else 0)
+        ranges.append((first, count))
+        first += count
+    return ranges
+
+
+def _stop(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for proc in processes:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.clients < 1:
+        print("fedmpq emulate: --clients must be >= 1", file=sys.stderr)
+        return 2
+    run_id = args.run_id or time.strftime("emulate-%Y%m%d-%H%M%S")
+    out = args.out_dir or Path("runs") / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    agents: list[subprocess.Popen[bytes]] = []
+    try:
+        with broker_for(args.broker) as (url, protocol):
+            print(f"broker {url} (MQTT {protocol}); {args.clients} devices in "
+                  f"{min(args.workers, args.clients)} agent processes; logs in {out}")
+            for worker, (first, count) in enumerate(_split(args.clients, args.workers)):
+                log_file = open(out / f"agent-{worker}.log", "wb")  # noqa: SIM115 (child owns it)
+                cmd = _agent_command(args, url, protocol, run_id, first, count, out)
+                agents.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
+            with open(out / "coordinator.log", "wb") as coordinator_log:
+                coordinator = subprocess.run(
+                    _coordinator_command(args, url, protocol, run_id, out),
+                    stderr=coordinator_log,
+                    check=False,
+                )
+            _stop(agents, timeout=30)
+    except FedmpqError as exc:
+        print(f"fedmpq emulate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        _stop(agents, timeout=0)
+    if coordinator.returncode != 0:
+        print(f"fedmpq emulate: the coordinator failed; see {out / 'coordinator.log'}", file=sys.stderr)
+        return coordinator.returncode
+    return 0

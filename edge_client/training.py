@@ -1,0 +1,69 @@
+"""Local quantization-aware training at the per-layer bit-widths a task assigns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
+from fedmpq.wire.messages import QUANT_BITS
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean cross-entropy over the last epoch
+    accuracy: float  # training accuracy over the last epoch
+    seconds: float
+    samples_seen: int
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bits: Mapping[str, int],
+    *,
+    scheme: str,
+    per_channel: bool,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float = 0.9,
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place on ``(x, y)`` with fake-quantized weights (STE).
+
+    Layers assigned 1..8 bits train through ``FakeQuantize`` so the weights the
+    coordinator reconstructs from the packed update are the weights the loss saw.
+    The latent float weights are left in ``model`` for the caller to quantize.
+    """
+    quantized = {name: b for name, b in bits.items() if b in QUANT_BITS}
+    attach_fake_quant(model, quantized, scheme, axis=0 if per_channel else -1)
+    try:
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        started = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        for _ in range(epochs):
+            loss_sum = correct = seen = 0.0
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                logits = model(x[idx])
+                loss = F.cross_entropy(logits, y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss) * len(idx)
+                correct += int((logits.argmax(dim=1) == y[idx]).sum())
+                seen += len(idx)
+        seconds = time.perf_counter() - started
+    finally:
+        detach_fake_quant(model)
+    return TrainResult(loss_sum / max(seen, 1), correct / max(seen, 1), seconds, int(seen) * epochs)
