@@ -103,12 +103,16 @@ class Coordinator:
         self.inbox.put((topic, payload))
 
     def _on_connect(self, conn: Connection) -> None:
-        for topic in self.topics.coordinator_subscriptions():
+        for topic in self.topics.coordinator_subscriptions:
             conn.subscribe(topic, qos=1)
 
     # --- message handling (coordinator thread) ---------------------------------------
     def _handle(self, topic: str, payload: bytes) -> None:
-        kind, client_id = self.topics.parse(topic)
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            self._reject("topic", None, f"message on unexpected topic {topic!r}")
+            return
+        kind, client_id = parsed
         try:
             if kind == "register":
                 msg = decode(payload, RegisterMessage, self.limits)

@@ -123,7 +123,7 @@ class AgentRuntime:
         self.inbox.put(partial(self._handle, device, topic, payload))
 
     def _on_connect(self, device: Device, conn: Connection) -> None:
-        for topic in (self.topics.task(device.client_id), self.topics.global_model, self.topics.control):
+        for topic in self.topics.device_subscriptions(device.client_id):
             conn.subscribe(topic, qos=1)
         self.inbox.put(partial(self._announce, device))
 
@@ -149,7 +149,7 @@ class AgentRuntime:
         device.connection.publish(self.topics.register(device.client_id), encode(msg), qos=1)
 
     def _handle(self, device: Device, topic: str, payload: bytes) -> None:
-        kind, _ = self.topics.parse(topic)
+        kind, _ = self.topics.parse(topic) or ("unknown", None)
         try:
             if kind == "control":
                 self._on_control(device, decode(payload, ControlMessage, self.options.limits))

@@ -1,0 +1,160 @@
+"""Codec speed: n-bit packing and unpacking, relative to a memory copy.
+
+Run from the repository root::
+
+    python -m benchmarks.codec            # 10M elements
+    python -m benchmarks.codec --quick    # 1M elements
+
+Speeds are quoted as float32-input bytes per second (``4 * count`` bytes over
+the time taken) relative to ``np.copy`` of a float32 array of the same count,
+measured in the same run, because the absolute numbers depend on the machine
+and on whatever else it is doing.  A ratio of 1.0 means "as fast as memcpy".
+
+Each section is one function that measures, prints its table and returns a
+JSON-able result; :func:`main` runs them in order and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmpq.packing import pack_bits, unpack_bits
+
+FULL_COUNT = 10_000_000
+QUICK_COUNT = 1_000_000
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "codec.json"
+NAIVE_BITS = 4
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls: the least disturbed by other load."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def random_codes(count: int, bits: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1 << bits, size=count, dtype=np.uint8)
+
+
+def copy_reference(count: int, repeats: int) -> dict[str, float]:
+    """Time ``np.copy`` of ``count`` float32 values: the yardstick for every ratio."""
+    weights = np.random.default_rng(0).standard_normal(count, dtype=np.float32)
+    seconds = best_seconds(lambda: np.copy(weights), repeats)
+    print(f"np.copy of {count:,} float32: {seconds * 1e3:.2f} ms")
+    return {"copy_ms": seconds * 1e3}
+
+
+def _row(bits: int, pack_s: float, unpack_s: float, copy_ms: float) -> dict[str, float]:
+    return {
+        "bits": bits,
+        "pack_ms": pack_s * 1e3,
+        "unpack_ms": unpack_s * 1e3,
+        "pack_vs_copy": copy_ms / (pack_s * 1e3),
+        "unpack_vs_copy": copy_ms / (unpack_s * 1e3),
+    }
+
+
+def _print_rows(title: str, rows: list[dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'n':>2} {'pack ms':>9} {'unpack ms':>10} {'pack/copy':>10} {'unpack/copy':>12}")
+    for row in rows:
+        print(
+            f"{row['bits']:>2} {row['pack_ms']:>9.2f} {row['unpack_ms']:>10.2f} "
+            f"{row['pack_vs_copy']:>10.2f} {row['unpack_vs_copy']:>12.2f}"
+        )
+
+
+def packing_section(count: int, repeats: int, copy_ms: float) -> list[dict[str, float]]:
+    """``pack_bits`` / ``unpack_bits`` for every n in 1..8."""
+    rows = []
+    for bits in range(1, 9):
+        codes = random_codes(count, bits, seed=bits)
+        packed = pack_bits(codes, bits)
+        if not np.array_equal(unpack_bits(packed, bits, count), codes):
+            raise AssertionError(f"{bits}-bit round trip failed")
+        pack_s = best_seconds(partial(pack_bits, codes, bits), repeats)
+        unpack_s = best_seconds(partial(unpack_bits, packed, bits, count), repeats)
+        rows.append(_row(bits, pack_s, unpack_s, copy_ms))
+    _print_rows("fedmpq.packing (check=True)", rows)
+    return rows
+
+
+def _naive_pack(codes: np.ndarray, bits: int) -> bytes:
+    # One byte per bit, then np.packbits: simple, and the speed baseline.
+    stream = np.unpackbits(codes[:, None], axis=1, count=bits, bitorder="little")
+    return np.packbits(stream, bitorder="little").tobytes()
+
+
+def _naive_unpack(data: bytes, bits: int, count: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    stream = np.unpackbits(raw, count=count * bits, bitorder="little").reshape(count, bits)
+    return np.packbits(stream, axis=1, bitorder="little").reshape(count)
+
+
+def naive_section(count: int, repeats: int, copy_ms: float) -> dict[str, float]:
+    """The np.unpackbits/np.packbits route at n=4, as a reference for the gain."""
+    codes = random_codes(count, NAIVE_BITS, seed=NAIVE_BITS)
+    packed = _naive_pack(codes, NAIVE_BITS)
+    # Same bytes as fedmpq.packing, so the two rows compare like with like.
+    if packed != pack_bits(codes, NAIVE_BITS) or not np.array_equal(
+        _naive_unpack(packed, NAIVE_BITS, count), codes
+    ):
+        raise AssertionError("naive route disagrees with fedmpq.packing")
+    pack_s = best_seconds(lambda: _naive_pack(codes, NAIVE_BITS), repeats)
+    unpack_s = best_seconds(lambda: _naive_unpack(packed, NAIVE_BITS, count), repeats)
+    row = _row(NAIVE_BITS, pack_s, unpack_s, copy_ms)
+    _print_rows("naive np.unpackbits/np.packbits (reference)", [row])
+    return row
+
+
+def environment(count: int, repeats: int) -> dict[str, Any]:
+    return {
+        "count": count,
+        "repeats": repeats,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="n-bit packing speed relative to np.copy")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"use {QUICK_COUNT:,} elements, not {FULL_COUNT:,}"
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure (best kept)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    count = QUICK_COUNT if args.quick else FULL_COUNT
+    results: dict[str, Any] = {"environment": environment(count, args.repeats)}
+    results["reference"] = copy_reference(count, args.repeats)
+    copy_ms = results["reference"]["copy_ms"]
+    results["packing"] = packing_section(count, args.repeats, copy_ms)
+    results["naive_packbits"] = naive_section(count, args.repeats, copy_ms)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
