@@ -54,11 +54,11 @@ def _run(url: str, tmp: Path, run_id: str, policy: str, rounds: int) -> tuple[li
 
 
 @pytest.fixture(scope="module")
-def runs(mosquitto, tmp_path_factory):
+def runs(module_mosquitto, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rounds")
     return {
-        "fixed4": _run(mosquitto.url, tmp, "it-fixed4", "fixed:4", rounds=3),
-        "float32": _run(mosquitto.url, tmp, "it-float32", "float32", rounds=1),
+        "fixed4": _run(module_mosquitto.url, tmp, "it-fixed4", "fixed:4", rounds=3),
+        "float32": _run(module_mosquitto.url, tmp, "it-float32", "float32", rounds=1),
     }
 
 

@@ -1,0 +1,163 @@
+"""The MQTT topic layout shared by the coordinator and the devices.
+
+Every topic lives under a configurable prefix (default ``"fedmpq"``) so several runs
+or deployments can share one broker:
+
+==========================  =====================  ===  ========  ======================
+topic                       direction              QoS  retained  carries
+==========================  =====================  ===  ========  ======================
+``{prefix}/register/{id}``  device -> coordinator  1    no        registration
+``{prefix}/status/{id}``    device -> coordinator  1    yes       online / offline (will)
+``{prefix}/task/{id}``      coordinator -> device  1    no        the device's round task
+``{prefix}/update/{id}``    device -> coordinator  1    no        the device's update
+``{prefix}/global``         coordinator -> all     1    yes       global model of the round
+``{prefix}/control``        coordinator -> all     1    yes       run announcements
+==========================  =====================  ===  ========  ======================
+
+Device ids double as MQTT client ids and topic levels, so they are restricted to
+``[A-Za-z0-9_.-]{1,64}``: no wildcards, no separators, nothing a broker may reject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fedmpq.errors import ConfigError
+
+REGISTER = "register"
+STATUS = "status"
+TASK = "task"
+UPDATE = "update"
+GLOBAL = "global"
+CONTROL = "control"
+
+#: Kinds whose topic ends in a device id.
+PER_DEVICE_KINDS = frozenset({REGISTER, STATUS, TASK, UPDATE})
+#: Kinds that have one topic for the whole run.
+BROADCAST_KINDS = frozenset({GLOBAL, CONTROL})
+#: Kinds published with the retain flag, so a device that (re)connects late still sees them.
+RETAINED_KINDS = frozenset({STATUS, GLOBAL, CONTROL})
+#: Every fedmpq topic is QoS 1: at-least-once, deduplicated by the message's round number.
+QOS = 1
+
+#: Payloads of the status topic; ``STATUS_OFFLINE`` is the device's last will.
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PREFIX_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def validate_client_id(client_id: str) -> str:
+    """Check that a device id is safe as an MQTT client id and topic level.
+
+    Parameters
+    ----------
+    client_id
+        The device id.
+
+    Returns
+    -------
+    str
+        ``client_id`` unchanged.
+
+    Raises
+    ------
+    ConfigError
+        If it is not 1 to 64 characters of ``A-Z a-z 0-9 _ . -``.
+    """
+    if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
+        raise ConfigError(
+            f"invalid device id {client_id!r}: "
+            "use 1 to 64 characters from A-Z, a-z, 0-9, '_', '.', '-'"
+        )
+    return client_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one deployment, all under ``prefix``.
+
+    ``prefix`` is one or more ``/``-separated levels, each 1 to 64 characters of
+    ``A-Z a-z 0-9 _ . -`` (so it never holds a wildcard or an empty level).
+    """
+
+    prefix: str = "fedmpq"
+
+    def __post_init__(self) -> None:
+        levels = self.prefix.split("/") if isinstance(self.prefix, str) else [""]
+        if not all(_PREFIX_LEVEL.fullmatch(level) for level in levels):
+            raise ConfigError(
+                f"invalid topic prefix {self.prefix!r}: use '/'-separated levels of 1 to 64 "
+                "characters from A-Z, a-z, 0-9, '_', '.', '-' (no wildcards, no empty levels)"
+            )
+
+    def register(self, client_id: str) -> str:
+        """Topic a device announces itself on (device -> coordinator)."""
+        return self._per_device(REGISTER, client_id)
+
+    def status(self, client_id: str) -> str:
+        """Retained online/offline status of a device; its last will goes here."""
+        return self._per_device(STATUS, client_id)
+
+    def task(self, client_id: str) -> str:
+        """Topic the coordinator sends a device its round task on."""
+        return self._per_device(TASK, client_id)
+
+    def update(self, client_id: str) -> str:
+        """Topic a device sends its model update on (device -> coordinator)."""
+        return self._per_device(UPDATE, client_id)
+
+    @property
+    def global_model(self) -> str:
+        """Retained topic holding the global model of the current round."""
+        return f"{self.prefix}/{GLOBAL}"
+
+    @property
+    def control(self) -> str:
+        """Retained topic holding the current run announcement."""
+        return f"{self.prefix}/{CONTROL}"
+
+    @property
+    def coordinator_subscriptions(self) -> tuple[str, ...]:
+        """Wildcard filters the coordinator subscribes to: register, status and update."""
+        return tuple(f"{self.prefix}/{kind}/+" for kind in (REGISTER, STATUS, UPDATE))
+
+    def device_subscriptions(self, client_id: str) -> tuple[str, ...]:
+        """Topics a device subscribes to: its task, the global model and control."""
+        return (self.task(client_id), self.global_model, self.control)
+
+    def parse(self, topic: str) -> tuple[str, str | None] | None:
+        """Classify a topic of this layout.
+
+        Parameters
+        ----------
+        topic
+            A topic a message arrived on.
+
+        Returns
+        -------
+        tuple of (str, str or None), or None
+            ``(kind, client_id)`` for per-device topics, ``(kind, None)`` for
+            ``global`` and ``control``; ``None`` for anything else (another prefix,
+            an unknown kind, extra levels, an invalid device id).  Returning ``None``
+            rather than raising lets a subscriber drop whatever a misbehaving client
+            publishes under a wildcard without a try block.
+        """
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        levels = topic[len(head) :].split("/")
+        if len(levels) == 1 and levels[0] in BROADCAST_KINDS:
+            return levels[0], None
+        if (
+            len(levels) == 2
+            and levels[0] in PER_DEVICE_KINDS
+            and _CLIENT_ID.fullmatch(levels[1]) is not None
+        ):
+            return levels[0], levels[1]
+        return None
+
+    def _per_device(self, kind: str, client_id: str) -> str:
+        return f"{self.prefix}/{kind}/{validate_client_id(client_id)}"

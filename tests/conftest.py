@@ -1,0 +1,85 @@
+"""Shared fixtures: a real mosquitto broker per test, and an MQTT loop.
+
+Tests under ``tests/integration`` are marked ``integration`` automatically, so
+``pytest -m "not integration"`` runs the fast, broker-free suite.
+
+Without a mosquitto binary the broker fixtures skip; CI sets
+``FEDMPQ_REQUIRE_MOSQUITTO=1`` to turn that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from fedmpq.broker import MosquittoBroker, find_mosquitto
+from fedmpq.mqtt import MqttLoop
+
+_INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _INTEGRATION_DIR in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _require_mosquitto() -> None:
+    if find_mosquitto() is not None:
+        return
+    reason = "mosquitto is not installed (apt-get install mosquitto)"
+    if os.environ.get("FEDMPQ_REQUIRE_MOSQUITTO") == "1":
+        pytest.fail(f"{reason}, and FEDMPQ_REQUIRE_MOSQUITTO=1 requires it")
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def _broker_pool() -> Iterator[Callable[..., MosquittoBroker]]:
+    _require_mosquitto()
+    brokers: list[MosquittoBroker] = []
+
+    def make(extra_config: Sequence[str] = ()) -> MosquittoBroker:
+        broker = MosquittoBroker(extra_config=extra_config)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in brokers:
+            broker.stop()
+
+
+@pytest.fixture
+def mosquitto_factory() -> Iterator[Callable[..., MosquittoBroker]]:
+    """Start mosquitto brokers with extra config lines; all are stopped after the test.
+
+    ``make(extra_config=("max_packet_size 10000",))`` returns a running broker.
+    """
+    with _broker_pool() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_mosquitto() -> Iterator[MosquittoBroker]:
+    """One mosquitto shared by a test module's expensive end-to-end runs."""
+    with _broker_pool() as make:
+        yield make()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
+    """A fresh mosquitto on 127.0.0.1 and a free port, anonymous, no persistence."""
+    return mosquitto_factory()
+
+
+@pytest.fixture
+def mqtt_loop() -> Iterator[MqttLoop]:
+    """A running MqttLoop; stopping it closes the test's connections."""
+    with MqttLoop() as loop:
+        yield loop
