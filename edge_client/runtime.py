@@ -62,7 +62,7 @@ class Device:
     seed: int = 0
     connection: Connection | None = None
     registered_run: str = ""
-    last_round: int = -1
+    last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
 
 
@@ -262,7 +262,7 @@ class AgentRuntime:
         loop.start()
         try:
             for device in self.devices:
-                will = StatusMessage(device.client_id, "offline", -1, "connection lost", 0.0)
+                will = StatusMessage(device.client_id, "offline", 0, "connection lost", 0.0)
                 device.connection = Connection(
                     loop,
                     self.options.broker,

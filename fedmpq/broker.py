@@ -8,6 +8,8 @@ can reconnect to a restarted broker), and are context managers.
 
 from __future__ import annotations
 
+import logging
+
 import asyncio
 import shutil
 import socket
@@ -213,6 +215,10 @@ class EmbeddedBroker(LocalBroker):
 
 
 def _import_amqtt_broker() -> Any:
+    # amqtt logs every session transition, and a warning for each readiness probe that
+    # connects without speaking MQTT; the demo's output is for the run, not the broker.
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         from amqtt.broker import Broker
     except ImportError as exc:
