@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     final = rows[-1]
     print(
-        f"run {config.run_id}: {len(rows) - 1} rounds, final accuracy {100 * final['accuracy']:.2f}%, "
+        f"run {config.run_id}: {len(rows) - 1} rounds, "
+        f"final accuracy {100 * final['accuracy']:.2f}%, "
         f"uplink {final['cumulative_uplink_bytes'] / 1e6:.2f} MB\n"
         f"  metrics: {Path(config.out_dir) / 'metrics.jsonl'}\n"
         f"  plot:    {Path(config.out_dir) / 'accuracy.png'}"

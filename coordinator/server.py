@@ -256,7 +256,9 @@ class Coordinator:
             self.global_state = mean
             self.policy.observe(round, list(rs.accepted.values()))
         else:
-            log.warning("round %d: %d of %d answered, model unchanged", round, answered, len(selected))
+            log.warning(
+                "round %d: %d of %d answered, model unchanged", round, answered, len(selected)
+            )
         loss, accuracy = self._evaluate()
         return {
             "round": round,
@@ -317,7 +319,9 @@ class Coordinator:
         try:
             conn.connect()
             if not conn.wait_connected(30.0):
-                raise FedmpqError(f"cannot connect to the broker at {self.broker.host}:{self.broker.port}")
+                raise FedmpqError(
+                    f"cannot connect to the broker at {self.broker.host}:{self.broker.port}"
+                )
             self._control(conn, "open", 0)
             self._wait_for_devices()
             loss, accuracy = self._evaluate()
@@ -360,4 +364,3 @@ class Coordinator:
 def round_bits(allocation: BitAllocation, layers: list[LayerInfo]) -> float:
     """Parameter-weighted average bits of an allocation, rounded for the log."""
     return round(allocation.average_bits(layers), 3)
-

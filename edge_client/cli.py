@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="fashion-mnist-small",
-        help="data set spec: fashion-mnist-small | idx:DIR | cifar10-bin:DIR | folder:DIR | module:PKG.MOD:FUNC",
+        help="data set: fashion-mnist-small | idx:DIR | cifar10-bin:DIR | folder:DIR"
+        " | module:PKG.MOD:FUNC",
     )
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
     p.add_argument(
@@ -51,14 +52,16 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
     scheme, params = parse_partition(args.partition)
     last = args.first_index + args.clients
     if last > max(args.num_partitions, 1):
-        raise FedmpqError(
-            f"devices {args.first_index}..{last - 1} need --num-partitions >= {last}"
-        )
+        raise FedmpqError(f"devices {args.first_index}..{last - 1} need --num-partitions >= {last}")
     parts = partition(data.train.y, max(args.num_partitions, 1), scheme, seed=args.seed, **params)
     profile = measure_profile()
     devices = []
     for index in range(args.first_index, last):
-        client_id = args.client_id if args.client_id and args.clients == 1 else f"{args.id_prefix}-{index:04d}"
+        client_id = (
+            args.client_id
+            if args.client_id and args.clients == 1
+            else f"{args.id_prefix}-{index:04d}"
+        )
         x, y = subset(data.train, parts[index]).tensors()
         devices.append(Device(client_id, x, y, profile, seed=args.seed * 7919 + index))
     return devices, data.num_classes, data.in_shape

@@ -57,8 +57,15 @@ def broker_for(spec: str) -> Iterator[tuple[str, str]]:
         yield spec, "5"
 
 
-def _agent_command(args: argparse.Namespace, url: str, protocol: str, run_id: str,
-                   first: int, count: int, out: Path) -> list[str]:
+def _agent_command(
+    args: argparse.Namespace,
+    url: str,
+    protocol: str,
+    run_id: str,
+    first: int,
+    count: int,
+    out: Path,
+) -> list[str]:
     return [
         sys.executable, "-m", "edge_client",
         "--broker", url, "--protocol", protocol,
@@ -70,8 +77,9 @@ def _agent_command(args: argparse.Namespace, url: str, protocol: str, run_id: st
     ]  # fmt: skip
 
 
-def _coordinator_command(args: argparse.Namespace, url: str, protocol: str, run_id: str,
-                         out: Path) -> list[str]:
+def _coordinator_command(
+    args: argparse.Namespace, url: str, protocol: str, run_id: str, out: Path
+) -> list[str]:
     command = [
         sys.executable, "-m", "coordinator",
         "--broker", url, "--protocol", protocol, "--run-id", run_id,
@@ -122,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     agents: list[subprocess.Popen[bytes]] = []
     try:
         with broker_for(args.broker) as (url, protocol):
-            print(f"broker {url} (MQTT {protocol}); {args.clients} devices in "
-                  f"{min(args.workers, args.clients)} agent processes; logs in {out}")
+            print(
+                f"broker {url} (MQTT {protocol}); {args.clients} devices in "
+                f"{min(args.workers, args.clients)} agent processes; logs in {out}"
+            )
             for worker, (first, count) in enumerate(_split(args.clients, args.workers)):
                 log_file = open(out / f"agent-{worker}.log", "wb")  # noqa: SIM115 (child owns it)
                 cmd = _agent_command(args, url, protocol, run_id, first, count, out)
@@ -141,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _stop(agents, timeout=0)
     if coordinator.returncode != 0:
-        print(f"fedmpq emulate: the coordinator failed; see {out / 'coordinator.log'}", file=sys.stderr)
+        print(
+            f"fedmpq emulate: the coordinator failed; see {out / 'coordinator.log'}",
+            file=sys.stderr,
+        )
         return coordinator.returncode
     return 0

@@ -25,28 +25,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_client.profiling import peak_rss_bytes
-from edge_client.training import train_local
+from edge_client.task import execute_task
 from fedmpq import __version__
 from fedmpq.errors import DecodeError, FedmpqError
 from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
-from fedmpq.policies import policy_class
-from fedmpq.state import load_numpy_state, state_to_numpy
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import DecodeLimits, decode, encode
 from fedmpq.wire.messages import (
-    KIND_DELTA,
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,
     RegisterMessage,
-    ResourceUsage,
     StatusMessage,
     TaskMessage,
-    UpdateMessage,
 )
-from fedmpq.wire.tensors import decode_state, encode_state
+from fedmpq.wire.tensors import decode_state
 
 log = logging.getLogger("fedmpq.agent")
 
@@ -201,39 +195,13 @@ class AgentRuntime:
         global_state = self.models.get(task.model_fingerprint)
         assert global_state is not None and device.connection is not None
         device.last_round = task.round
-        net = self._net(task.model_name)
-        load_numpy_state(net, global_state)
-        result = train_local(
-            net,
+        update, result = execute_task(
+            task,
+            self._net(task.model_name),
+            global_state,
             device.x,
             device.y,
-            task.bits,
-            scheme=task.scheme,
-            per_channel=task.per_channel,
-            epochs=task.epochs,
-            batch_size=task.batch_size,
-            learning_rate=task.learning_rate,
-            momentum=task.options.get("momentum", 0.9),
             seed=device.seed * 100_003 + task.round,
-        )
-        local = state_to_numpy(net)
-        kind = policy_class(task.policy).update_kind
-        if kind == KIND_DELTA:
-            local = {name: w - global_state[name] for name, w in local.items()}
-        update = UpdateMessage(
-            run_id=task.run_id,
-            round=task.round,
-            client_id=device.client_id,
-            num_samples=len(device.y),
-            model_fingerprint=task.model_fingerprint,
-            kind=kind,
-            tensors=encode_state(local, task.bits, task.scheme, per_channel=task.per_channel),
-            usage=ResourceUsage(
-                train_seconds=result.seconds,
-                peak_rss_bytes=peak_rss_bytes(),
-                cpu_percent=0.0,
-            ),
-            metrics={"loss": result.loss, "accuracy": result.accuracy},
         )
         data = encode(update, compress=task.compress)
         device.connection.publish(self.topics.update(device.client_id), data, qos=1)
@@ -246,7 +214,12 @@ class AgentRuntime:
             len(data),
         )
         self._report(
-            {"event": "update", "client_id": device.client_id, "round": task.round, "bytes": len(data)}
+            {
+                "event": "update",
+                "client_id": device.client_id,
+                "round": task.round,
+                "bytes": len(data),
+            }
         )
 
     def _report(self, row: dict[str, Any]) -> None:
@@ -288,7 +261,9 @@ class AgentRuntime:
         finally:
             for device in self.devices:
                 if device.connection is not None:
-                    offline = StatusMessage(device.client_id, "offline", device.last_round, "", time.time())
+                    offline = StatusMessage(
+                        device.client_id, "offline", device.last_round, "", time.time()
+                    )
                     device.connection.publish(
                         self.topics.status(device.client_id), encode(offline), qos=1, retain=True
                     )

@@ -12,7 +12,10 @@ import sys
 SUBCOMMANDS = {
     "agent": ("edge_client.cli", "run the on-device agent"),
     "coordinator": ("coordinator.cli", "run the coordinator against an MQTT broker"),
-    "emulate": ("edge_client.emulate", "emulate a fleet on this machine (broker, coordinator, agents)"),
+    "emulate": (
+        "edge_client.emulate",
+        "emulate a fleet on this machine (broker, coordinator, agents)",
+    ),
 }
 
 

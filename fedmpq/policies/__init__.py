@@ -59,7 +59,9 @@ def policy_class(name: str) -> type[Policy]:
     """The registered policy class called ``name`` (clients read its class attributes)."""
     _discover()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(
+            f"unknown policy {name!r}; known policies: {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[name]
 
 
@@ -69,7 +71,9 @@ def make_policy(name: str, **params: Any) -> Policy:
     try:
         return cls(**params)
     except TypeError as exc:
-        raise ConfigError(f"policy {name!r} does not take these parameters {params}: {exc}") from exc
+        raise ConfigError(
+            f"policy {name!r} does not take these parameters {params}: {exc}"
+        ) from exc
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:

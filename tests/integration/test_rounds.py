@@ -24,7 +24,9 @@ def _agent(url: str, index: int, run_id: str, report: Path, log: Path) -> subpro
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def _run(url: str, tmp: Path, run_id: str, policy: str, rounds: int) -> tuple[list[dict], list[dict]]:
+def _run(
+    url: str, tmp: Path, run_id: str, policy: str, rounds: int
+) -> tuple[list[dict], list[dict]]:
     """Run a coordinator and 3 agents to the end; return (metrics rows, agent report rows)."""
     out = tmp / run_id
     out.mkdir()
@@ -33,10 +35,26 @@ def _run(url: str, tmp: Path, run_id: str, policy: str, rounds: int) -> tuple[li
     try:
         coordinator = subprocess.run(
             [
-                sys.executable, "-m", "coordinator", "--broker", url, "--run-id", run_id,
-                "--rounds", str(rounds), "--min-clients", "3", "--policy", policy,
-                "--out-dir", str(out), "--threads", "1", "--round-deadline", "240",
-            ],  # fmt: skip
+                sys.executable,
+                "-m",
+                "coordinator",
+                "--broker",
+                url,
+                "--run-id",
+                run_id,
+                "--rounds",
+                str(rounds),
+                "--min-clients",
+                "3",
+                "--policy",
+                policy,
+                "--out-dir",
+                str(out),
+                "--threads",
+                "1",
+                "--round-deadline",
+                "240",
+            ],
             capture_output=True,
             text=True,
             timeout=ROUND_TIMEOUT_S * rounds,

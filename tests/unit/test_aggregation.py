@@ -13,11 +13,14 @@ from coordinator.aggregation import StreamingAverage
 def test_streaming_mean_equals_batch_weighted_mean(weights, seed):
     rng = np.random.default_rng(seed)
     updates = [
-        {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+        {
+            "a": rng.standard_normal((3, 4)).astype(np.float32),
+            "b": rng.standard_normal(5).astype(np.float32),
+        }
         for _ in weights
     ]
     agg = StreamingAverage(updates[0])
-    for update, weight in zip(updates, weights):
+    for update, weight in zip(updates, weights, strict=True):
         agg.add(update, weight)
     mean = agg.mean()
     for name in ("a", "b"):
