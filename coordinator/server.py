@@ -58,6 +58,7 @@ class RoundState:
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     emulated_s: float = 0.0
+    started: float = 0.0
 
     def complete(self) -> bool:
         return len(self.accepted) == len(self.selected)
@@ -107,7 +108,8 @@ class Coordinator:
             conn.subscribe(topic, qos=1)
 
     # --- message handling (coordinator thread) ---------------------------------------
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Decode, validate and act on one message that arrived on ``topic``."""
         parsed = self.topics.parse(topic)
         if parsed is None:
             self._reject("topic", None, f"message on unexpected topic {topic!r}")
@@ -193,37 +195,42 @@ class Coordinator:
                 topic, payload = self.inbox.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 continue
-            self._handle(topic, payload)
+            self.handle(topic, payload)
 
     # --- rounds ----------------------------------------------------------------------
-    def _publish(self, conn: Connection, topic: str, msg: Any, retain: bool = False) -> int:
-        data = encode(msg, compress=self.config.compress)
-        conn.publish(topic, data, qos=1, retain=retain)
-        return len(data)
-
     def _control(self, conn: Connection, state: str, round: int, detail: str = "") -> None:
         msg = ControlMessage(self.config.run_id, state, round, detail, time.time())
-        self._publish(conn, self.topics.control, msg, retain=True)
+        conn.publish(self.topics.control, encode(msg), qos=1, retain=True)
 
     def _evaluate(self) -> tuple[float, float]:
         load_numpy_state(self.model, self.global_state)
         result = evaluate(self.model, self.x_test, self.y_test)
         return result.loss, result.accuracy
 
-    def _run_round(self, conn: Connection, round: int, selected: list[DeviceRecord]) -> dict:
-        started = time.monotonic()
+    def begin_round(
+        self, round: int, selected: list[DeviceRecord]
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """Open ``round`` for ``selected``: allocate bits and encode what must be sent.
+
+        Returns the encoded global model (for the retained global topic) and each
+        client's encoded task.  Updates are then fed to :meth:`handle` until
+        :meth:`round_complete` or the deadline, and :meth:`finish_round` closes it.
+        """
+        cfg = self.config
         fp = fingerprint(self.global_state)
         clients = [ClientInfo(d.client_id, d.profile, d.num_samples) for d in selected]
         allocation = self.policy.allocate(round, clients)
         rs = RoundState(round, fp, allocation, StreamingAverage(self.global_state))
+        rs.started = time.monotonic()
         self.round_state = rs
-        cfg = self.config
         all_float = {name: 32 for name in self.global_state}
-        glob = GlobalModelMessage(
-            cfg.run_id, round, cfg.model, fp, encode_state(self.global_state, all_float)
+        glob = encode(
+            GlobalModelMessage(
+                cfg.run_id, round, cfg.model, fp, encode_state(self.global_state, all_float)
+            ),
+            compress=cfg.compress,
         )
-        glob_bytes = self._publish(conn, self.topics.global_model, glob, retain=True)
-        rs.downlink_bytes += glob_bytes * len(selected)
+        tasks = {}
         for device in selected:
             task = TaskMessage(
                 run_id=cfg.run_id,
@@ -233,51 +240,72 @@ class Coordinator:
                 model_fingerprint=fp,
                 policy=self.policy.name,
                 bits=allocation[device.client_id].bits,
+                scheme=cfg.scheme,
+                per_channel=cfg.per_channel,
                 epochs=cfg.training.epochs,
                 batch_size=cfg.training.batch_size,
                 learning_rate=cfg.training.learning_rate,
                 deadline_s=cfg.round_deadline_s,
                 compress=cfg.compress and device.accepts_zstd,
-                scheme=cfg.scheme,
-                per_channel=cfg.per_channel,
                 options=self.policy.client_options(),
             )
-            rs.downlink_bytes += self._publish(conn, self.topics.task(device.client_id), task)
-        self._drain(started + cfg.round_deadline_s, rs.complete)
+            tasks[device.client_id] = encode(task, compress=cfg.compress and device.accepts_zstd)
+        # The broker fans the retained global model out to every selected device.
+        rs.downlink_bytes = len(glob) * len(selected) + sum(len(t) for t in tasks.values())
+        return glob, tasks
+
+    def round_complete(self) -> bool:
+        """True once every selected client's update of the open round was aggregated."""
+        return self.round_state is not None and self.round_state.complete()
+
+    def finish_round(self) -> dict[str, Any]:
+        """Close the open round: fold the accepted updates into the model, evaluate, log."""
+        rs = self.round_state
+        if rs is None:
+            raise FedmpqError("finish_round() without an open round")
         self.round_state = None
         collected = time.monotonic()
-
+        selected = len(rs.selected)
         answered = len(rs.accepted)
-        counted = answered > 0 and answered >= cfg.quorum * len(selected)
+        counted = answered > 0 and answered >= self.config.quorum * selected
         if counted:
             mean = rs.aggregate.mean()
             if self.policy.update_kind == KIND_DELTA:
                 mean = {n: self.global_state[n] + d for n, d in mean.items()}
             self.global_state = mean
-            self.policy.observe(round, list(rs.accepted.values()))
+            self.policy.observe(rs.round, list(rs.accepted.values()))
         else:
             log.warning(
-                "round %d: %d of %d answered, model unchanged", round, answered, len(selected)
+                "round %d: %d of %d answered, model unchanged", rs.round, answered, selected
             )
         loss, accuracy = self._evaluate()
         return {
-            "round": round,
+            "round": rs.round,
             "accuracy": accuracy,
             "loss": loss,
-            "selected": len(selected),
+            "selected": selected,
             "participants": sorted(rs.accepted),
             "counted": counted,
             "uplink_bytes": rs.uplink_bytes,
             "downlink_bytes": rs.downlink_bytes,
             "client_bits": {
-                cid: round_bits(allocation[cid], self.layers) for cid in sorted(allocation)
+                cid: round_bits(rs.selected[cid], self.layers) for cid in sorted(rs.selected)
             },
             "client_metrics": {cid: dict(r.metrics) for cid, r in sorted(rs.accepted.items())},
-            "round_seconds": time.monotonic() - started,
-            "collect_seconds": collected - started,
+            "round_seconds": time.monotonic() - rs.started,
+            "collect_seconds": collected - rs.started,
             "emulated_seconds": rs.emulated_s,
             "rejected": dict(self.rejected),
         }
+
+    def _run_round(self, conn: Connection, round: int, selected: list[DeviceRecord]) -> dict:
+        glob, tasks = self.begin_round(round, selected)
+        conn.publish(self.topics.global_model, glob, qos=1, retain=True)
+        for client_id, task in tasks.items():
+            conn.publish(self.topics.task(client_id), task, qos=1)
+        assert self.round_state is not None
+        self._drain(self.round_state.started + self.config.round_deadline_s, self.round_complete)
+        return self.finish_round()
 
     def _wait_for_devices(self) -> None:
         cfg = self.config

@@ -60,7 +60,7 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(dim=1) == y[idx]).sum())
                 seen += len(idx)
         seconds = time.perf_counter() - started
