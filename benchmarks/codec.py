@@ -1,4 +1,5 @@
-"""Codec speed: n-bit packing and unpacking, relative to a memory copy.
+"""Codec speed: n-bit packing and unpacking relative to a memory copy, and whole-model
+updates (ResNet-20, ResNet-18-sized) through quantize + pack + msgpack and back.
 
 Run from the repository root::
 
@@ -26,8 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from fedmpq.models import build_model, quantizable_layers
 from fedmpq.packing import pack_bits, unpack_bits
+from fedmpq.state import fingerprint, state_to_numpy
+from fedmpq.wire.codec import decode, encode
+from fedmpq.wire.messages import KIND_WEIGHTS, ResourceUsage, UpdateMessage
+from fedmpq.wire.tensors import decode_state, encode_state
 
 FULL_COUNT = 10_000_000
 QUICK_COUNT = 1_000_000
@@ -120,6 +127,76 @@ def naive_section(count: int, repeats: int, copy_ms: float) -> dict[str, float]:
     return row
 
 
+MODEL_BITS = (2, 4, 8)
+
+
+def _update_for(state: dict[str, np.ndarray], bits: dict[str, int]) -> UpdateMessage:
+    return UpdateMessage(
+        run_id="bench",
+        round=1,
+        client_id="device-0000",
+        num_samples=1000,
+        model_fingerprint=fingerprint(state),
+        kind=KIND_WEIGHTS,
+        tensors=encode_state(state, bits),
+        usage=ResourceUsage(train_seconds=1.0, peak_rss_bytes=1, cpu_percent=0.0),
+        metrics={"loss": 0.5, "accuracy": 0.9},
+    )
+
+
+def _encode_update(state: dict[str, np.ndarray], bits: dict[str, int]) -> bytes:
+    return encode(_update_for(state, bits))
+
+
+def _decode_update(payload: bytes) -> dict[str, np.ndarray]:
+    return decode_state(decode(payload, UpdateMessage).tensors)
+
+
+def model_section(repeats: int) -> list[dict[str, Any]]:
+    """Whole-model update: quantize+pack+encode and decode+unpack+de-quantize, and sizes."""
+    rows = []
+    for name in ("resnet20", "resnet18"):
+        torch.manual_seed(0)
+        model = build_model(name, 10, (3, 32, 32))
+        state = state_to_numpy(model)
+        layers = quantizable_layers(model)
+        float32_bytes = sum(w.nbytes for w in state.values())
+        for bits in MODEL_BITS:
+            assignment = dict.fromkeys(layers, bits)
+            ideal = sum(w.size * assignment.get(n, 32) / 8 for n, w in state.items())
+
+            encode_once = partial(_encode_update, state, assignment)
+            payload = encode_once()
+            encode_s = best_seconds(encode_once, repeats)
+            decode_s = best_seconds(partial(_decode_update, payload), repeats)
+            rows.append(
+                {
+                    "model": name,
+                    "params": sum(w.size for w in state.values()),
+                    "bits": bits,
+                    "encode_ms": encode_s * 1e3,
+                    "decode_ms": decode_s * 1e3,
+                    "payload_bytes": len(payload),
+                    "ideal_bytes": int(ideal),
+                    "over_ideal_pct": 100 * (len(payload) / ideal - 1),
+                    "float32_bytes": float32_bytes,
+                    "float32_over_payload": float32_bytes / len(payload),
+                }
+            )
+    print("\nwhole-model update (quantize+pack+encode / decode+unpack+de-quantize)")
+    print(
+        f"{'model':<9} {'params':>9} {'bits':>4} {'encode ms':>10} {'decode ms':>10} "
+        f"{'payload B':>11} {'ideal B':>11} {'over %':>7} {'f32/payload':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<9} {r['params']:>9} {r['bits']:>4} {r['encode_ms']:>10.1f} "
+            f"{r['decode_ms']:>10.1f} {r['payload_bytes']:>11} {r['ideal_bytes']:>11} "
+            f"{r['over_ideal_pct']:>7.3f} {r['float32_over_payload']:>11.2f}"
+        )
+    return rows
+
+
 def environment(count: int, repeats: int) -> dict[str, Any]:
     return {
         "count": count,
@@ -149,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     copy_ms = results["reference"]["copy_ms"]
     results["packing"] = packing_section(count, args.repeats, copy_ms)
     results["naive_packbits"] = naive_section(count, args.repeats, copy_ms)
+    results["whole_model"] = model_section(max(1, args.repeats // 2))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
