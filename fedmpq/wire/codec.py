@@ -18,6 +18,7 @@ are a table of per-field rules plus one function for ``TensorPayload``.
 
 from __future__ import annotations
 
+import hmac
 import math
 import numbers
 import types
@@ -52,6 +53,7 @@ from fedmpq.wire.messages import (
     TensorPayload,
     UpdateMessage,
 )
+from fedmpq.wire.signing import frame_mac
 
 Message: TypeAlias = (
     RegisterMessage
@@ -233,7 +235,9 @@ def body_bytes(msg: Message) -> bytes:
     return msgpack.packb(_to_wire(msg, type(msg)), use_bin_type=True)
 
 
-def encode(msg: Message, *, compress: bool = False, sig: bytes = b"") -> bytes:
+def encode(
+    msg: Message, *, compress: bool = False, sig: bytes = b"", key: bytes | None = None
+) -> bytes:
     """Encode ``msg`` as one frame.
 
     Parameters
@@ -245,6 +249,8 @@ def encode(msg: Message, *, compress: bool = False, sig: bytes = b"") -> bytes:
         zstd-compress the body (with its content size, which the decoder requires).
     sig
         Opaque signature bytes carried alongside the body.
+    key
+        Sign the frame with this device key (``fedmpq.wire.signing``); overrides ``sig``.
 
     Returns
     -------
@@ -254,10 +260,13 @@ def encode(msg: Message, *, compress: bool = False, sig: bytes = b"") -> bytes:
     body = body_bytes(msg)
     if compress:
         body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(body)
+    codec = CODEC_ZSTD if compress else CODEC_NONE
+    if key is not None:
+        sig = frame_mac(key, PROTOCOL_VERSION, _message_type(msg), codec, body)
     frame = {
         "v": PROTOCOL_VERSION,
         "type": _message_type(msg),
-        "codec": CODEC_ZSTD if compress else CODEC_NONE,
+        "codec": codec,
         "body": body,
         "sig": bytes(sig),
     }
@@ -573,6 +582,15 @@ def _message_class(env: Envelope) -> type:
             f"frame.codec: unknown codec {env.codec!r} (expected one of {sorted(CODECS)})"
         )
     return cls
+
+
+def verify_envelope(env: Envelope, key: bytes) -> bool:
+    """True if ``env`` carries a valid signature under the device ``key``.
+
+    Check it before :func:`decode_body`: a forged frame is then never decompressed or parsed.
+    """
+    expected = frame_mac(key, env.version, env.type, env.codec, env.body)
+    return hmac.compare_digest(expected, env.sig)
 
 
 def decode_envelope(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envelope:

@@ -21,7 +21,7 @@ from fedmpq.wire.messages import (
     TensorPayload,
 )
 
-_FLOAT_DTYPES = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
+_FLOAT_DTYPES: dict[int, np.dtype[np.floating]] = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
 
 
 def encode_tensor(
