@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ from fedmpq.policies import parse_policy
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmpq coordinator", description=__doc__)
-    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT (mqtts:// for TLS)")
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("FEDMPQ_BROKER"),
+        required="FEDMPQ_BROKER" not in os.environ,
+        help="mqtt://[USER:PASSWORD@]HOST:PORT (mqtts:// for TLS); default $FEDMPQ_BROKER",
+    )
     p.add_argument("--config", type=Path, help="run config (TOML); options below override it")
     p.add_argument("--run-id")
     p.add_argument("--rounds", type=int)
@@ -32,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--round-deadline", type=float, dest="round_deadline_s")
     p.add_argument("--topic-prefix")
+    p.add_argument("--device-keys", help="key file (fedmpq keys): accept only signed device frames")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -51,6 +58,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seed",
         "round_deadline_s",
         "topic_prefix",
+        "device_keys",
     ]
     values: dict[str, Any] = {key: getattr(args, key) for key in keys}
     if args.policy:

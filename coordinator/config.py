@@ -63,7 +63,9 @@ class RunConfig:
     per_channel: bool = True
     compress: bool = False
     max_message_bytes: int = 64 * 2**20
+    device_keys: str = ""  # key file (fedmpq keys); when set, device frames must be signed
     out_dir: str = ""
+    publish_onnx: bool = True  # export the final model as ONNX and publish it to the devices
     policy: dict[str, Any] = field(default_factory=lambda: {"name": "fixed", "bits": 4})
     training: TrainingConfig = field(default_factory=TrainingConfig)
 

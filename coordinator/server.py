@@ -31,7 +31,7 @@ from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
 from fedmpq.policies import BitAllocation, ClientInfo, ClientResult, LayerInfo, make_policy
 from fedmpq.state import fingerprint, load_numpy_state, state_to_numpy
 from fedmpq.topics import Topics
-from fedmpq.wire.codec import DecodeLimits, decode, encode
+from fedmpq.wire.codec import DecodeLimits, decode, decode_envelope, encode, verify_envelope
 from fedmpq.wire.messages import (
     KIND_DELTA,
     ControlMessage,
@@ -41,6 +41,7 @@ from fedmpq.wire.messages import (
     TaskMessage,
     UpdateMessage,
 )
+from fedmpq.wire.signing import load_keyring
 from fedmpq.wire.tensors import decode_state, encode_state
 
 log = logging.getLogger("fedmpq.coordinator")
@@ -98,6 +99,8 @@ class Coordinator:
         self.policy = make_policy(name, **params)
         self.policy.setup(self.layers)
         self.round_state: RoundState | None = None
+        self.device_keys = load_keyring(config.device_keys) if config.device_keys else None
+        self.last_allocation: dict[str, BitAllocation] = {}
 
     # --- MQTT side (loop thread): queue and return -----------------------------------
     def _on_message(self, _conn: Connection, topic: str, payload: bytes) -> None:
@@ -116,6 +119,8 @@ class Coordinator:
             return
         kind, client_id = parsed
         try:
+            if kind in ("register", "status", "update") and not self._authentic(client_id, payload):
+                return
             if kind == "register":
                 msg = decode(payload, RegisterMessage, self.limits)
                 if msg.client_id != client_id:
@@ -131,6 +136,19 @@ class Coordinator:
                 self._handle_update(client_id or "", payload)
         except DecodeError as exc:
             self._reject("malformed", client_id, str(exc))
+
+    def _authentic(self, client_id: str | None, payload: bytes) -> bool:
+        """With device keys configured, a device's frame must be signed with its own key."""
+        if self.device_keys is None:
+            return True
+        key = self.device_keys.get(client_id or "")
+        if key is None:
+            self._reject("unknown_device", client_id, "no key enrolled for this device")
+            return False
+        if not verify_envelope(decode_envelope(payload, self.limits), key):
+            self._reject("bad_signature", client_id, "signature does not match the device key")
+            return False
+        return True
 
     def _reject(self, reason: str, client_id: str | None, detail: str) -> None:
         self.rejected[reason] += 1
@@ -264,6 +282,7 @@ class Coordinator:
         if rs is None:
             raise FedmpqError("finish_round() without an open round")
         self.round_state = None
+        self.last_allocation = rs.selected
         collected = time.monotonic()
         selected = len(rs.selected)
         answered = len(rs.accepted)
@@ -328,6 +347,16 @@ class Coordinator:
         )
         write_atomic(self.out_dir / "global_model.msgpack", encode(glob))
 
+    def _release_model(self, conn: Connection, round: int) -> None:
+        """Write final_bits.json and publish the ONNX model, retained (model_release)."""
+        from coordinator.model_release import release_model
+
+        payload = release_model(
+            self.config, self.model, self.global_state, self.last_allocation, self.data, round
+        )
+        if payload is not None:
+            conn.publish(self.topics.model, payload, qos=1, retain=True)
+
     def run(self) -> list[dict[str, Any]]:
         """Run every round and return the metrics rows (round 0 is the initial model)."""
         cfg = self.config
@@ -363,6 +392,7 @@ class Coordinator:
                 row["cumulative_uplink_bytes"] = cumulative
                 self._save_model(r)
                 self._emit(metrics, row)
+            self._release_model(conn, cfg.rounds)
             self._control(conn, "finished", cfg.rounds)
             plot_accuracy(metrics.rows, self.out_dir / "accuracy.png", title=self._title())
             conn.flush(10.0)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 import torch
 
+from edge_client.model_store import default_model_dir
 from edge_client.profiling import measure_profile
 from edge_client.runtime import AgentOptions, AgentRuntime, Device
 from fedmpq.data.datasets import load_dataset, subset
@@ -17,11 +20,23 @@ from fedmpq.data.partition import parse_partition, partition
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress
 from fedmpq.topics import Topics
+from fedmpq.wire.signing import load_keyring
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmpq agent", description=__doc__)
-    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT (mqtts:// for TLS)")
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("FEDMPQ_BROKER"),
+        required="FEDMPQ_BROKER" not in os.environ,
+        help="mqtt://[USER:PASSWORD@]HOST:PORT (mqtts:// for TLS); default $FEDMPQ_BROKER,"
+        " which keeps the password off the command line",
+    )
+    p.add_argument(
+        "--ca-file",
+        default=os.environ.get("FEDMPQ_CA_FILE") or None,
+        help="CA certificate that signed the broker's (mqtts://); default $FEDMPQ_CA_FILE",
+    )
     p.add_argument("--client-id", help="this device's id (default: PREFIX-INDEX)")
     p.add_argument("--clients", type=int, default=1, help="devices to host in this process")
     p.add_argument("--id-prefix", default="device", help="id prefix for hosted devices")
@@ -42,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default="", help="only take part in this run")
     p.add_argument("--exit-when-done", action="store_true", help="exit when the run finishes")
     p.add_argument("--report", type=Path, help="append one JSON line per update sent")
+    p.add_argument(
+        "--keys", type=Path, help="device key file (fedmpq keys); each device signs with its key"
+    )
+    p.add_argument(
+        "--model-dir",
+        default=str(default_model_dir()),
+        help="where to keep the trained ONNX model the coordinator publishes ('' = don't);"
+        " default $FEDMPQ_MODEL_DIR or ~/.local/share/fedmpq",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -55,6 +79,7 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
         raise FedmpqError(f"devices {args.first_index}..{last - 1} need --num-partitions >= {last}")
     parts = partition(data.train.y, max(args.num_partitions, 1), scheme, seed=args.seed, **params)
     profile = measure_profile()
+    keys = load_keyring(args.keys) if args.keys else {}
     devices = []
     for index in range(args.first_index, last):
         client_id = (
@@ -63,7 +88,11 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
             else f"{args.id_prefix}-{index:04d}"
         )
         x, y = subset(data.train, parts[index]).tensors()
-        devices.append(Device(client_id, x, y, profile, seed=args.seed * 7919 + index))
+        if keys and client_id not in keys:
+            raise FedmpqError(f"{args.keys} holds no key for device {client_id}")
+        devices.append(
+            Device(client_id, x, y, profile, seed=args.seed * 7919 + index, key=keys.get(client_id))
+        )
     return devices, data.num_classes, data.in_shape
 
 
@@ -76,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices, num_classes, in_shape = make_devices(args)
         options = AgentOptions(
-            broker=BrokerAddress.parse(args.broker),
+            broker=dataclasses.replace(BrokerAddress.parse(args.broker), ca_file=args.ca_file),
             topics=Topics(args.topic_prefix),
             num_classes=num_classes,
             in_shape=in_shape,
@@ -84,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id=args.run_id,
             exit_when_done=args.exit_when_done,
             report_path=args.report,
+            model_dir=Path(args.model_dir) if args.model_dir else None,
         )
         runtime = AgentRuntime(devices, options)
         signal.signal(signal.SIGTERM, lambda *_: runtime.stop())

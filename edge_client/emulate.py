@@ -19,6 +19,9 @@ from pathlib import Path
 
 from fedmpq.broker import EmbeddedBroker, MosquittoBroker
 from fedmpq.errors import FedmpqError
+from fedmpq.wire.signing import generate_keys, write_keyring
+
+KEY_FILE = "device_keys.toml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +77,8 @@ def _agent_command(
         "--data", args.dataset, "--seed", str(args.seed),
         "--run-id", run_id, "--exit-when-done", "--threads", "1",
         "--report", str(out / "agents.jsonl"), "--log-level", "INFO",
+        "--keys", str(out / KEY_FILE),
+        "--model-dir", str(out / "agent-model"),
     ]  # fmt: skip
 
 
@@ -87,6 +92,7 @@ def _coordinator_command(
         "--clients-per-round", str(args.per_round), "--policy", args.policy,
         "--model", args.model, "--dataset", args.dataset, "--seed", str(args.seed),
         "--round-deadline", str(args.round_deadline), "--out-dir", str(out),
+        "--device-keys", str(out / KEY_FILE),
         "--threads", "1", "--progress", "--log-level", "WARNING",
     ]  # fmt: skip
     if args.config:
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or time.strftime("emulate-%Y%m%d-%H%M%S")
     out = args.out_dir or Path("runs") / run_id
     out.mkdir(parents=True, exist_ok=True)
+    # Every emulated device is enrolled with its own key, as a real fleet would be.
+    write_keyring(out / KEY_FILE, generate_keys(f"device-{i:04d}" for i in range(args.clients)))
     agents: list[subprocess.Popen[bytes]] = []
     try:
         with broker_for(args.broker) as (url, protocol):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_client.model_store import ModelStore, ModelStoreError
 from edge_client.task import execute_task
 from fedmpq import __version__
 from fedmpq.errors import DecodeError, FedmpqError
@@ -36,6 +37,7 @@ from fedmpq.wire.messages import (
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,
+    ModelMessage,
     RegisterMessage,
     StatusMessage,
     TaskMessage,
@@ -54,6 +56,7 @@ class Device:
     y: torch.Tensor
     profile: DeviceProfile
     seed: int = 0
+    key: bytes | None = None  # signs every frame the device sends (fedmpq.wire.signing)
     connection: Connection | None = None
     registered_run: str = ""
     last_round: int = 0  # rounds count from 1
@@ -70,6 +73,7 @@ class AgentOptions:
     run_id: str = ""  # only take part in this run ("" = any)
     exit_when_done: bool = False
     report_path: Path | None = None
+    model_dir: Path | None = None  # where the trained ONNX model is stored (None: not kept)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
 
 
@@ -111,6 +115,7 @@ class AgentRuntime:
         self.models = GlobalModelCache()
         self._nets: dict[str, nn.Module] = {}
         self._report_lock = threading.Lock()
+        self._stored_model = ""
 
     # --- loop thread: queue and return ----------------------------------------------
     def _on_message(self, device: Device, _conn: Connection, topic: str, payload: bytes) -> None:
@@ -126,7 +131,7 @@ class AgentRuntime:
         assert device.connection is not None
         status = StatusMessage(device.client_id, "online", device.last_round, "", time.time())
         device.connection.publish(
-            self.topics.status(device.client_id), encode(status), qos=1, retain=True
+            self.topics.status(device.client_id), encode(status, key=device.key), qos=1, retain=True
         )
         self._register(device)
 
@@ -140,7 +145,9 @@ class AgentRuntime:
             accepts_zstd=True,
             sent_at=time.time(),
         )
-        device.connection.publish(self.topics.register(device.client_id), encode(msg), qos=1)
+        device.connection.publish(
+            self.topics.register(device.client_id), encode(msg, key=device.key), qos=1
+        )
 
     def _handle(self, device: Device, topic: str, payload: bytes) -> None:
         kind, _ = self.topics.parse(topic) or ("unknown", None)
@@ -152,7 +159,9 @@ class AgentRuntime:
                     self._run_pending()
             elif kind == "task":
                 self._on_task(device, decode(payload, TaskMessage, self.options.limits))
-        except DecodeError as exc:
+            elif kind == "model":
+                self._on_model(device, decode(payload, ModelMessage, self.options.limits))
+        except (DecodeError, ModelStoreError) as exc:
             log.warning("%s: rejected %s message: %s", device.client_id, kind, exc)
 
     def _wanted(self, run_id: str) -> bool:
@@ -167,6 +176,18 @@ class AgentRuntime:
         elif msg.state == "finished" and self.options.exit_when_done:
             log.info("run %s finished", msg.run_id)
             self.stopped.set()
+
+    def _on_model(self, device: Device, msg: ModelMessage) -> None:
+        """Verify and store the trained model (once per process: devices share the store)."""
+        if self.options.model_dir is None or not self._wanted(msg.run_id):
+            return
+        store = ModelStore(self.options.model_dir)
+        if self._stored_model == msg.fingerprint:
+            return
+        info = {k: getattr(msg, k) for k in ModelStore.INFO_FIELDS}
+        stored = store.save(msg.onnx, msg.fingerprint, info)
+        self._stored_model = msg.fingerprint
+        log.info("%s: stored model of run %s at %s", device.client_id, msg.run_id, stored.path)
 
     def _on_task(self, device: Device, task: TaskMessage) -> None:
         if not self._wanted(task.run_id) or task.client_id != device.client_id:
@@ -203,7 +224,7 @@ class AgentRuntime:
             device.y,
             seed=device.seed * 100_003 + task.round,
         )
-        data = encode(update, compress=task.compress)
+        data = encode(update, compress=task.compress, key=device.key)
         device.connection.publish(self.topics.update(device.client_id), data, qos=1)
         log.info(
             "%s: round %d trained in %.2f s (loss %.3f), sent %d bytes",
@@ -242,7 +263,12 @@ class AgentRuntime:
                     device.client_id,
                     on_message=partial(self._on_message, device),
                     on_connect=partial(self._on_connect, device),
-                    will=(self.topics.status(device.client_id), encode(will), 1, True),
+                    will=(
+                        self.topics.status(device.client_id),
+                        encode(will, key=device.key),
+                        1,
+                        True,
+                    ),
                     protocol=self.options.protocol,
                 )
                 device.connection.connect()
@@ -265,7 +291,10 @@ class AgentRuntime:
                         device.client_id, "offline", device.last_round, "", time.time()
                     )
                     device.connection.publish(
-                        self.topics.status(device.client_id), encode(offline), qos=1, retain=True
+                        self.topics.status(device.client_id),
+                        encode(offline, key=device.key),
+                        qos=1,
+                        retain=True,
                     )
                     device.connection.flush(5.0)
                     device.connection.close()

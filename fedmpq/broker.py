@@ -8,9 +8,8 @@ can reconnect to a restarted broker), and are context managers.
 
 from __future__ import annotations
 
-import logging
-
 import asyncio
+import logging
 import shutil
 import socket
 import subprocess

@@ -10,8 +10,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "agent": ("edge_client.cli", "run the on-device agent"),
+    "agent": ("edge_client.agent_cli", "run the on-device agent; agent predict INPUT classifies"),
     "coordinator": ("coordinator.cli", "run the coordinator against an MQTT broker"),
+    "export": ("coordinator.export_cli", "export a run's model as mixed-precision ONNX"),
+    "keys": ("fedmpq.keys_cli", "generate per-device signing keys"),
     "emulate": (
         "edge_client.emulate",
         "emulate a fleet on this machine (broker, coordinator, agents)",

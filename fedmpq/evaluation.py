@@ -17,7 +17,9 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> Evaluation:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+) -> Evaluation:
     """Mean cross-entropy and top-1 accuracy of ``model`` on ``(x, y)``, in eval mode."""
     was_training = model.training
     model.eval()

@@ -12,6 +12,7 @@ topic                       direction              QoS  retained  carries
 ``{prefix}/update/{id}``    device -> coordinator  1    no        the device's update
 ``{prefix}/global``         coordinator -> all     1    yes       global model of the round
 ``{prefix}/control``        coordinator -> all     1    yes       run announcements
+``{prefix}/model``          coordinator -> all     1    yes       trained ONNX model
 ==========================  =====================  ===  ========  ======================
 
 Device ids double as MQTT client ids and topic levels, so they are restricted to
@@ -31,13 +32,14 @@ TASK = "task"
 UPDATE = "update"
 GLOBAL = "global"
 CONTROL = "control"
+MODEL = "model"
 
 #: Kinds whose topic ends in a device id.
 PER_DEVICE_KINDS = frozenset({REGISTER, STATUS, TASK, UPDATE})
 #: Kinds that have one topic for the whole run.
-BROADCAST_KINDS = frozenset({GLOBAL, CONTROL})
+BROADCAST_KINDS = frozenset({GLOBAL, CONTROL, MODEL})
 #: Kinds published with the retain flag, so a device that (re)connects late still sees them.
-RETAINED_KINDS = frozenset({STATUS, GLOBAL, CONTROL})
+RETAINED_KINDS = frozenset({STATUS, GLOBAL, CONTROL, MODEL})
 #: Every fedmpq topic is QoS 1: at-least-once, deduplicated by the message's round number.
 QOS = 1
 
@@ -120,13 +122,18 @@ class Topics:
         return f"{self.prefix}/{CONTROL}"
 
     @property
+    def model(self) -> str:
+        """Retained topic holding the trained model for on-device inference (ONNX)."""
+        return f"{self.prefix}/{MODEL}"
+
+    @property
     def coordinator_subscriptions(self) -> tuple[str, ...]:
         """Wildcard filters the coordinator subscribes to: register, status and update."""
         return tuple(f"{self.prefix}/{kind}/+" for kind in (REGISTER, STATUS, UPDATE))
 
     def device_subscriptions(self, client_id: str) -> tuple[str, ...]:
-        """Topics a device subscribes to: its task, the global model and control."""
-        return (self.task(client_id), self.global_model, self.control)
+        """Topics a device subscribes to: its task, the global model, control, the trained model."""
+        return (self.task(client_id), self.global_model, self.control, self.model)
 
     def parse(self, topic: str) -> tuple[str, str | None] | None:
         """Classify a topic of this layout.
@@ -140,7 +147,7 @@ class Topics:
         -------
         tuple of (str, str or None), or None
             ``(kind, client_id)`` for per-device topics, ``(kind, None)`` for
-            ``global`` and ``control``; ``None`` for anything else (another prefix,
+            ``global``, ``control`` and ``model``; ``None`` for anything else (another prefix,
             an unknown kind, extra levels, an invalid device id).  Returning ``None``
             rather than raising lets a subscriber drop whatever a misbehaving client
             publishes under a wildcard without a try block.

@@ -28,6 +28,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _agent_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Agents started by tests store received ONNX models here, not in the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMPQ_MODEL_DIR", str(tmp_path_factory.mktemp("agent-model")))
+        yield
+
+
 def _require_mosquitto() -> None:
     if find_mosquitto() is not None:
         return

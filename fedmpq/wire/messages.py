@@ -194,6 +194,32 @@ class ControlMessage:
     sent_at: float
 
 
+@dataclass
+class ModelMessage:
+    """The trained model, ready for inference on devices (coordinator -> all, retained).
+
+    ``onnx`` is a mixed-precision ONNX file (``coordinator.export``) whose graph takes
+    raw pixel values of shape ``(N, *input_shape)`` and applies the normalisation
+    ``(x / pixel_scale - mean) / std`` itself; ``mean``/``std`` are informative.
+    ``fingerprint`` is the SHA-256 (hex) of ``onnx``, which devices check before
+    storing it.  ``bits`` is the bit-width each layer was exported at.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "model"
+
+    run_id: str
+    round: int
+    model_name: str
+    fingerprint: str
+    onnx: bytes
+    input_shape: list[int]
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    pixel_scale: float
+    bits: dict[str, int]
+
+
 #: Every top-level message type, by its wire name.
 MESSAGE_TYPES: dict[str, type] = {
     cls.MESSAGE_TYPE: cls
@@ -204,5 +230,6 @@ MESSAGE_TYPES: dict[str, type] = {
         UpdateMessage,
         StatusMessage,
         ControlMessage,
+        ModelMessage,
     )
 }

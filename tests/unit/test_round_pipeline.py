@@ -22,7 +22,9 @@ from fedmpq.wire.messages import (
     GlobalModelMessage,
     RegisterMessage,
     TaskMessage,
+    UpdateMessage,
 )
+from fedmpq.wire.signing import generate_keys, write_keyring
 from fedmpq.wire.tensors import decode_state
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
@@ -33,8 +35,13 @@ def data():
     return load_dataset("fashion-mnist-small")
 
 
-def make_coordinator(tmp_path, policy):
+def make_coordinator(tmp_path, policy, keys=None):
+    key_file = ""
+    if keys is not None:
+        key_file = str(tmp_path / "keys.toml")
+        write_keyring(key_file, keys)
     config = RunConfig(
+        device_keys=key_file,
         run_id="unit",
         model="mlp",
         rounds=1,
@@ -46,11 +53,12 @@ def make_coordinator(tmp_path, policy):
     coordinator = Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
     for cid in ("dev-a", "dev-b"):
         reg = RegisterMessage(cid, "test", PROFILE, 600, True, time.time())
-        coordinator.handle(coordinator.topics.register(cid), encode(reg))
+        key = keys[cid] if keys else None
+        coordinator.handle(coordinator.topics.register(cid), encode(reg, key=key))
     return coordinator
 
 
-def run_clients(coordinator, data, glob, tasks):
+def run_clients(coordinator, data, glob, tasks, keys=None):
     """Each selected client trains on its 600 samples; returns the encoded updates."""
     torch.set_num_threads(1)
     state = decode_state(decode(glob, GlobalModelMessage).tensors)
@@ -60,7 +68,7 @@ def run_clients(coordinator, data, glob, tasks):
         net = build_model(task.model_name, data.num_classes, data.in_shape)
         x, y = subset(data.train, np.arange(600 * i, 600 * (i + 1))).tensors()
         update, _ = execute_task(task, net, state, x, y, seed=i)
-        updates[cid] = encode(update)
+        updates[cid] = encode(update, key=keys[cid] if keys else None)
     return updates
 
 
@@ -100,3 +108,23 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, data):
     # A late update for the closed round is stale.
     coordinator.handle(topics.update("dev-a"), updates["dev-a"])
     assert coordinator.rejected["stale"] == 1
+
+
+def test_signed_updates_only_from_their_own_device(tmp_path, data):
+    keys = generate_keys(["dev-a", "dev-b"])
+    coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4}, keys)
+    assert len(coordinator.registry.online()) == 2
+    selected = coordinator.registry.select(0, coordinator.rng)
+    glob, tasks = coordinator.begin_round(1, selected)
+    updates = run_clients(coordinator, data, glob, tasks, keys)
+    topics = coordinator.topics
+    update_a = decode(updates["dev-a"], UpdateMessage)
+    forged = encode(update_a, key=keys["dev-b"])  # dev-b's key, dev-a's update and topic
+    coordinator.handle(topics.update("dev-a"), forged)
+    coordinator.handle(topics.update("dev-a"), encode(update_a))  # unsigned
+    coordinator.handle(topics.update("dev-c"), updates["dev-a"])  # not enrolled
+    for cid, payload in updates.items():
+        coordinator.handle(topics.update(cid), payload)
+    row = coordinator.finish_round()
+    assert row["participants"] == ["dev-a", "dev-b"]
+    assert row["rejected"] == {"bad_signature": 2, "unknown_device": 1}

@@ -1,0 +1,171 @@
+"""The deployment scripts and units: syntax, shellcheck, systemd-analyze, and an installer
+run into a temporary prefix with a fake systemctl (nothing on the system is touched)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SCRIPTS = sorted(DEPLOY.glob("*.sh"))
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def test_scripts_exist_and_are_executable():
+    assert {p.name for p in SCRIPTS} >= {"install-agent.sh", "make-credentials.sh"}
+    assert all(p.stat().st_mode & stat.S_IXUSR for p in SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The project as a wheel, built from a copy so the checkout gets no build/ directory."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "fedmpq", "edge_client", "coordinator"):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, src / name)
+    for extra in ("README.md", "LICENSE"):
+        if (ROOT / extra).exists():
+            shutil.copy(ROOT / extra, src / extra)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp / "dist"), str(src)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (built,) = (tmp / "dist").glob("fedmpq-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def install(tmp_path_factory, wheel):
+    """Run install-agent.sh into a temporary prefix; systemctl is a fake that logs calls."""
+    tmp = tmp_path_factory.mktemp("install")
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp / "systemctl.log"}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    base = [
+        "bash", str(DEPLOY / "install-agent.sh"),
+        "--prefix", str(tmp / "opt"), "--config-dir", str(tmp / "etc"),
+        "--state-dir", str(tmp / "var"), "--unit-dir", str(tmp / "units"),
+        "--user", user, "--system-site-packages", "--pip-args", "--no-deps",
+        "--source", str(wheel),
+    ]  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], env=env, capture_output=True, text=True)
+
+    first = run("--broker", "mqtt://pi-01:secret@broker.lan:1883", "--client-id", "pi-01")
+    assert first.returncode == 0, first.stderr
+    return tmp, run
+
+
+def test_installer_writes_venv_config_and_unit(install):
+    tmp, _ = install
+    fedmpq = tmp / "opt" / "venv" / "bin" / "fedmpq"
+    out = subprocess.run([str(fedmpq), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("fedmpq ")
+    config = tmp / "etc" / "agent.env"
+    assert "FEDMPQ_BROKER=mqtt://pi-01:secret@broker.lan:1883" in config.read_text()
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640  # the password is not world-readable
+    unit = (tmp / "units" / "fedmpq-agent.service").read_text()
+    assert f"ExecStart={fedmpq} agent" in unit
+    assert "Restart=on-failure" in unit
+    assert f"EnvironmentFile={config}" in unit
+    calls = (tmp / "systemctl.log").read_text().splitlines()
+    assert calls == ["daemon-reload", "enable fedmpq-agent.service", "restart fedmpq-agent.service"]
+
+
+def test_installer_is_idempotent_and_keeps_the_config(install):
+    tmp, run = install
+    again = run()  # no broker/client id: taken from the existing agent.env
+    assert again.returncode == 0, again.stderr
+    assert "FEDMPQ_CLIENT_ID=pi-01" in (tmp / "etc" / "agent.env").read_text()
+    missing = subprocess.run(
+        ["bash", str(DEPLOY / "install-agent.sh"), "--no-systemd", "--prefix", str(tmp / "x"),
+         "--config-dir", str(tmp / "empty")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "--broker" in missing.stderr
+
+
+def test_installed_unit_passes_systemd_analyze(install):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not available on this machine")
+    tmp, _ = install
+    unit = tmp / "units" / "fedmpq-agent.service"
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_shipped_units_pass_systemd_analyze(tmp_path):
+    """The shipped units, with ExecStart pointed at an executable that exists here."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not available on this machine")
+    for unit in UNITS:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/opt/fedmpq/venv/bin/fedmpq", "/bin/true"))
+        result = subprocess.run(
+            ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"{unit.name}: {result.stderr}"
+
+
+def test_uninstall_removes_service_and_venv(install):
+    tmp, run = install
+    result = run("--uninstall", "--purge")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp / "units" / "fedmpq-agent.service").exists()
+    assert not (tmp / "opt" / "venv").exists()
+    assert not (tmp / "etc" / "agent.env").exists()
+    assert "disable --now fedmpq-agent.service" in (tmp / "systemctl.log").read_text()
+
+
+def test_make_credentials(tmp_path):
+    if shutil.which("mosquitto_passwd") is None or shutil.which("openssl") is None:
+        pytest.skip("needs openssl and mosquitto_passwd")
+    out = tmp_path / "creds"
+    script = str(DEPLOY / "make-credentials.sh")
+    subprocess.run(["bash", script, "--out", str(out), "dev-1", "dev-2"], check=True)
+    users = [line.split(":")[0] for line in (out / "fedmpq.passwd").read_text().splitlines()]
+    assert users == ["coordinator", "dev-1", "dev-2"]
+    assert stat.S_IMODE((out / "passwords" / "dev-1").stat().st_mode) == 0o600
+    subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    password = (out / "passwords" / "dev-1").read_text()
+    subprocess.run(["bash", script, "--out", str(out), "dev-3"], check=True)  # adds, keeps
+    assert (out / "passwords" / "dev-1").read_text() == password
+    assert "dev-3" in (out / "fedmpq.passwd").read_text()
+    bad = subprocess.run(["bash", script, "--out", str(out), "a/b"], capture_output=True)
+    assert bad.returncode == 2
