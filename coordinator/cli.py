@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-keys", help="key file (fedmpq keys): accept only signed device frames")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir from its checkpoint"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, _overrides(args))
-        coordinator = Coordinator(config, BrokerAddress.parse(args.broker), protocol=args.protocol)
+        coordinator = Coordinator(
+            config, BrokerAddress.parse(args.broker), protocol=args.protocol, resume=args.resume
+        )
         if args.progress:
             from coordinator.progress import run_with_progress
 

@@ -57,16 +57,22 @@ class RunConfig:
     min_clients: int = 1  # registered devices to wait for before round 1
     registration_timeout_s: float = 300.0
     round_deadline_s: float = 300.0
+    offline_grace_s: float = 5.0  # a selected device offline this long is given up on
     quorum: float = 0.0  # fraction of selected clients that must answer for a round to count
     seed: int = 0
     scheme: str = SCHEME_SYMMETRIC
     per_channel: bool = True
     compress: bool = False
     max_message_bytes: int = 64 * 2**20
+    max_update_norm: float = 0.0  # reject updates further than this (L2) from the model; 0 = off
     device_keys: str = ""  # key file (fedmpq keys); when set, device frames must be signed
     out_dir: str = ""
     publish_onnx: bool = True  # export the final model as ONNX and publish it to the devices
     policy: dict[str, Any] = field(default_factory=lambda: {"name": "fixed", "bits": 4})
+    # Average-bit budgets set by hand (else derived from each device's profile):
+    # per client id, and/or a list given to the registered clients in sorted id order.
+    client_budgets: dict[str, float] = field(default_factory=dict)
+    budgets: list[float] = field(default_factory=list)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
@@ -89,6 +95,10 @@ class RunConfig:
             (self.training.epochs >= 1, "training.epochs must be >= 1"),
             (self.training.batch_size >= 1, "training.batch_size must be >= 1"),
             (self.training.learning_rate > 0, "training.learning_rate must be > 0"),
+            (
+                all(1 <= b <= 8 for b in [*self.client_budgets.values(), *self.budgets]),
+                "client_budgets and budgets must be average bits within 1..8",
+            ),
         ]
         for ok, message in checks:
             if not ok:

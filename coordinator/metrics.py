@@ -20,13 +20,20 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per round to ``metrics.jsonl``."""
+    """Appends one JSON object per round to ``metrics.jsonl``.
 
-    def __init__(self, path: Path) -> None:
+    A new run starts the file afresh; a resumed one (``keep_through`` = the checkpoint's
+    round) keeps the rows up to that round and drops any logged after it.
+    """
+
+    def __init__(self, path: Path, keep_through: int | None = None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
         self.rows: list[dict[str, Any]] = []
+        if keep_through is not None and path.exists():
+            self.rows = [r for r in read_metrics(path) if r["round"] <= keep_through]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+        write_atomic(path, text.encode())
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

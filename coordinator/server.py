@@ -14,21 +14,32 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coordinator.aggregation import StreamingAverage
+from coordinator.aggregation import StreamingAverage, update_norm
+from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.config import RunConfig
 from coordinator.metrics import MetricsLog, plot_accuracy, write_atomic
 from coordinator.registry import DeviceRecord, Registry
+from fedmpq.budget import RoundDemand, budget_bits
 from fedmpq.data.datasets import load_dataset
-from fedmpq.errors import DecodeError, FedmpqError
+from fedmpq.errors import BudgetError, DecodeError, FedmpqError
 from fedmpq.evaluation import evaluate
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
-from fedmpq.policies import BitAllocation, ClientInfo, ClientResult, LayerInfo, make_policy
+from fedmpq.policies import (
+    BitAllocation,
+    ClientInfo,
+    ClientResult,
+    LayerInfo,
+    PolicyContext,
+    make_policy,
+)
+from fedmpq.resources import model_cost
 from fedmpq.state import fingerprint, load_numpy_state, state_to_numpy
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import DecodeLimits, decode, decode_envelope, encode, verify_envelope
@@ -36,6 +47,7 @@ from fedmpq.wire.messages import (
     KIND_DELTA,
     ControlMessage,
     GlobalModelMessage,
+    NoticeMessage,
     RegisterMessage,
     StatusMessage,
     TaskMessage,
@@ -45,6 +57,9 @@ from fedmpq.wire.signing import load_keyring
 from fedmpq.wire.tensors import decode_state, encode_state
 
 log = logging.getLogger("fedmpq.coordinator")
+
+#: Test samples policies may evaluate modified global models on (FedLQ's sensitivity).
+HELDOUT = 500
 
 
 @dataclass
@@ -59,10 +74,22 @@ class RoundState:
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     emulated_s: float = 0.0
+    global_frame: bytes = b""  # what was published, for re-sending after a reconnect
+    task_frames: dict[str, bytes] = field(default_factory=dict)
     started: float = 0.0
+    excluded: dict[str, str] = field(default_factory=dict)  # client id -> why
+    dropped: dict[str, str] = field(default_factory=dict)  # selected, gone mid-round -> why
+    # Selected devices whose last will arrived -> when; gone for good after the grace.
+    offline_since: dict[str, float] = field(default_factory=dict)
+    offline_grace_s: float = 0.0
 
     def complete(self) -> bool:
-        return len(self.accepted) == len(self.selected)
+        now = time.monotonic()
+        for client_id, since in list(self.offline_since.items()):
+            if now - since >= self.offline_grace_s:
+                del self.offline_since[client_id]
+                self.dropped[client_id] = "offline"
+        return len(self.accepted.keys() | self.dropped.keys()) == len(self.selected)
 
 
 class Coordinator:
@@ -75,8 +102,10 @@ class Coordinator:
         *,
         protocol: str = "5",
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        resume: bool = False,
     ) -> None:
         self.config = config
+        self.resume = resume
         self.broker = broker
         self.protocol = protocol
         self.on_round = on_round
@@ -85,7 +114,9 @@ class Coordinator:
         self.out_dir = Path(config.out_dir)
         self.registry = Registry()
         self.rejected: Counter[str] = Counter()
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        # Work for the coordinator thread, in arrival order: messages and reconnect duties.
+        self.inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.conn: Connection | None = None
         self.rng = random.Random(config.seed)
 
         torch.manual_seed(config.seed)
@@ -97,18 +128,44 @@ class Coordinator:
         self.layers = [LayerInfo(name, numels[name]) for name in quantizable_layers(self.model)]
         name, params = config.policy_params()
         self.policy = make_policy(name, **params)
-        self.policy.setup(self.layers)
+        self.cost = model_cost(self.model, self.data.in_shape)
+        # A small held-out sample for policies that measure sensitivity (FedLQ).
+        self.x_heldout, self.y_heldout = self.x_test[:HELDOUT], self.y_test[:HELDOUT]
+        context = PolicyContext(
+            lambda: self.global_state, self._heldout_loss, config.scheme, config.per_channel
+        )
+        self.policy.setup(self.layers, context)
         self.round_state: RoundState | None = None
         self.device_keys = load_keyring(config.device_keys) if config.device_keys else None
         self.last_allocation: dict[str, BitAllocation] = {}
 
     # --- MQTT side (loop thread): queue and return -----------------------------------
     def _on_message(self, _conn: Connection, topic: str, payload: bytes) -> None:
-        self.inbox.put((topic, payload))
+        self.inbox.put(partial(self.handle, topic, payload))
 
     def _on_connect(self, conn: Connection) -> None:
         for topic in self.topics.coordinator_subscriptions:
             conn.subscribe(topic, qos=1)
+        self.inbox.put(self._resend)
+
+    def _resend(self) -> None:
+        """After every (re)connect: announce the run again and re-send the open round.
+
+        A broker restarted without persistence has lost the retained run announcement
+        and global model, and any task it had not delivered; devices ignore a task for a
+        round they already have, and an update sent twice is aggregated once.
+        """
+        conn = self.conn
+        if conn is None:
+            return
+        rs = self.round_state
+        self._control(conn, "open", rs.round if rs is not None else 0)
+        if rs is None or not rs.global_frame:
+            return
+        conn.publish(self.topics.global_model, rs.global_frame, qos=1, retain=True)
+        for client_id, task in rs.task_frames.items():
+            if client_id not in rs.accepted:
+                conn.publish(self.topics.task(client_id), task, qos=1)
 
     # --- message handling (coordinator thread) ---------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
@@ -132,10 +189,40 @@ class Coordinator:
                 status = decode(payload, StatusMessage, self.limits)
                 if status.client_id == client_id:
                     self.registry.set_online(client_id, status.state != "offline")
+                    self._drop_if_gone(status)
+                    self._welcome_back(status)
             elif kind == "update":
                 self._handle_update(client_id or "", payload)
         except DecodeError as exc:
             self._reject("malformed", client_id, str(exc))
+
+    def _drop_if_gone(self, status: StatusMessage) -> None:
+        """Stop waiting for a selected device that will not answer this round: it went
+        offline (its last will, round 0, or a crash) or refused its task ("rejected").
+        A status about a later round (a device announcing it will be away) does not
+        count."""
+        rs = self.round_state
+        gone = status.state in ("offline", "rejected", "error")
+        if rs is None or not gone or status.client_id not in rs.selected:
+            return
+        if status.round in (0, rs.round) and status.client_id not in rs.accepted:
+            if status.state == "offline":
+                # A will also fires when the broker itself restarts: give the device the
+                # grace to reconnect before the round stops waiting for it.
+                rs.offline_since.setdefault(status.client_id, time.monotonic())
+                return
+            rs.dropped[status.client_id] = f"{status.state}: {status.detail}"
+            log.info("round %d: %s dropped out (%s)", rs.round, status.client_id, status.state)
+
+    def _welcome_back(self, status: StatusMessage) -> None:
+        """A selected device that is online again within the grace gets its task again."""
+        rs = self.round_state
+        if rs is None or status.state != "online" or self.conn is None:
+            return
+        if rs.offline_since.pop(status.client_id, None) is not None:
+            task = rs.task_frames.get(status.client_id)
+            if task is not None:
+                self.conn.publish(self.topics.task(status.client_id), task, qos=1)
 
     def _authentic(self, client_id: str | None, payload: bytes) -> bool:
         """With device keys configured, a device's frame must be signed with its own key."""
@@ -168,6 +255,12 @@ class Coordinator:
         if shapes != expected:
             self._reject("shape", client_id, "tensor names or shapes differ from the model")
             return
+        bound = self.config.max_update_norm
+        if bound > 0:
+            norm = update_norm(tensors, self.global_state, msg.kind)
+            if not norm <= bound:
+                self._reject("norm", client_id, f"update norm {norm:.3g} exceeds {bound:.3g}")
+                return
         rs.aggregate.add(tensors, float(msg.num_samples))
         sent_bits = {p.name: p.bits for p in msg.tensors if p.name in rs.selected[client_id].bits}
         rs.accepted[client_id] = ClientResult(
@@ -210,10 +303,10 @@ class Coordinator:
             if remaining <= 0:
                 return
             try:
-                topic, payload = self.inbox.get(timeout=min(remaining, 1.0))
+                job = self.inbox.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 continue
-            self.handle(topic, payload)
+            job()
 
     # --- rounds ----------------------------------------------------------------------
     def _control(self, conn: Connection, state: str, round: int, detail: str = "") -> None:
@@ -225,6 +318,31 @@ class Coordinator:
         result = evaluate(self.model, self.x_test, self.y_test)
         return result.loss, result.accuracy
 
+    def _heldout_loss(self, state: dict[str, Any]) -> float:
+        """Loss of ``state`` on the held-out sample (leaves ``self.model`` modified;
+        ``_evaluate`` reloads the global model)."""
+        load_numpy_state(self.model, state)
+        return evaluate(self.model, self.x_heldout, self.y_heldout).loss
+
+    def client_budget(self, device: DeviceRecord) -> float:
+        """``device``'s average bit budget: set in the run config, else from its profile.
+
+        Raises
+        ------
+        BudgetError
+            When the device's profile cannot fit even 1-bit training.
+        """
+        cfg = self.config
+        if device.client_id in cfg.client_budgets:
+            return float(cfg.client_budgets[device.client_id])
+        ids = sorted(self.registry.devices)
+        if device.client_id in ids and ids.index(device.client_id) < len(cfg.budgets):
+            return float(cfg.budgets[ids.index(device.client_id)])
+        demand = RoundDemand(
+            cfg.round_deadline_s, device.num_samples, cfg.training.epochs, cfg.training.batch_size
+        )
+        return budget_bits(device.profile, self.cost, demand)
+
     def begin_round(
         self, round: int, selected: list[DeviceRecord]
     ) -> tuple[bytes, dict[str, bytes]]:
@@ -233,12 +351,25 @@ class Coordinator:
         Returns the encoded global model (for the retained global topic) and each
         client's encoded task.  Updates are then fed to :meth:`handle` until
         :meth:`round_complete` or the deadline, and :meth:`finish_round` closes it.
+        A selected device whose profile cannot fit 1-bit training gets a
+        ``NoticeMessage`` with the reason instead of a task.
         """
         cfg = self.config
         fp = fingerprint(self.global_state)
-        clients = [ClientInfo(d.client_id, d.profile, d.num_samples) for d in selected]
+        clients, excluded = [], {}
+        for d in selected:
+            try:
+                budget = self.client_budget(d)
+            except BudgetError as exc:
+                excluded[d.client_id] = str(exc)
+                log.warning("round %d: %s not selected: %s", round, d.client_id, exc)
+                continue
+            clients.append(ClientInfo(d.client_id, d.profile, d.num_samples, budget))
+        selected = [d for d in selected if d.client_id not in excluded]
         allocation = self.policy.allocate(round, clients)
         rs = RoundState(round, fp, allocation, StreamingAverage(self.global_state))
+        rs.excluded = excluded
+        rs.offline_grace_s = cfg.offline_grace_s
         rs.started = time.monotonic()
         self.round_state = rs
         all_float = {name: 32 for name in self.global_state}
@@ -268,6 +399,8 @@ class Coordinator:
                 options=self.policy.client_options(),
             )
             tasks[device.client_id] = encode(task, compress=cfg.compress and device.accepts_zstd)
+        for client_id, reason in excluded.items():
+            tasks[client_id] = encode(NoticeMessage(cfg.run_id, client_id, round, reason))
         # The broker fans the retained global model out to every selected device.
         rs.downlink_bytes = len(glob) * len(selected) + sum(len(t) for t in tasks.values())
         return glob, tasks
@@ -315,14 +448,17 @@ class Coordinator:
             "collect_seconds": collected - rs.started,
             "emulated_seconds": rs.emulated_s,
             "rejected": dict(self.rejected),
+            "excluded": dict(rs.excluded),
+            "dropped": dict(rs.dropped),
         }
 
     def _run_round(self, conn: Connection, round: int, selected: list[DeviceRecord]) -> dict:
         glob, tasks = self.begin_round(round, selected)
+        assert self.round_state is not None
+        self.round_state.global_frame, self.round_state.task_frames = glob, tasks
         conn.publish(self.topics.global_model, glob, qos=1, retain=True)
         for client_id, task in tasks.items():
             conn.publish(self.topics.task(client_id), task, qos=1)
-        assert self.round_state is not None
         self._drain(self.round_state.started + self.config.round_deadline_s, self.round_complete)
         return self.finish_round()
 
@@ -337,7 +473,8 @@ class Coordinator:
                 f"{cfg.registration_timeout_s:.0f} s; start more agents or lower min_clients"
             )
 
-    def _save_model(self, round: int) -> None:
+    def _checkpoint(self, round: int, cumulative_uplink: int) -> None:
+        """Save the model (for export) and a resumable checkpoint, each atomically."""
         glob = GlobalModelMessage(
             self.config.run_id,
             round,
@@ -345,7 +482,35 @@ class Coordinator:
             fingerprint(self.global_state),
             encode_state(self.global_state, {}),
         )
-        write_atomic(self.out_dir / "global_model.msgpack", encode(glob))
+        frame = encode(glob)
+        write_atomic(self.out_dir / "global_model.msgpack", frame)
+        ckpt = Checkpoint(
+            run_id=self.config.run_id,
+            round=round,
+            global_frame=frame,
+            policy_state=self.policy.state_dict(),
+            devices=list(self.registry.devices.values()),
+            rng_state=self.rng.getstate(),
+            cumulative_uplink_bytes=cumulative_uplink,
+            rejected=dict(self.rejected),
+        )
+        save_checkpoint(self.out_dir, ckpt)
+
+    def _restore(self) -> Checkpoint:
+        ckpt = load_checkpoint(self.out_dir)
+        if ckpt.run_id != self.config.run_id:
+            raise FedmpqError(
+                f"{self.out_dir} holds a checkpoint of run {ckpt.run_id!r}, not "
+                f"{self.config.run_id!r}; pass --run-id {ckpt.run_id}"
+            )
+        glob = ckpt.global_model()
+        self.global_state = decode_state(glob.tensors)
+        self.policy.load_state_dict(ckpt.policy_state)
+        self.registry.devices = {d.client_id: d for d in ckpt.devices}
+        self.rng.setstate(ckpt.rng_state)
+        self.rejected = Counter(ckpt.rejected)
+        log.info("resumed after round %d from model %s", ckpt.round, glob.fingerprint)
+        return ckpt
 
     def _release_model(self, conn: Connection, round: int) -> None:
         """Write final_bits.json and publish the ONNX model, retained (model_release)."""
@@ -361,7 +526,9 @@ class Coordinator:
         """Run every round and return the metrics rows (round 0 is the initial model)."""
         cfg = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        ckpt = self._restore() if self.resume else None
+        done = ckpt.round if ckpt is not None else None
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl", keep_through=done)
         loop = MqttLoop()
         loop.start()
         conn = Connection(
@@ -373,25 +540,28 @@ class Coordinator:
             protocol=self.protocol,
             max_payload=cfg.max_message_bytes,
         )
+        self.conn = conn
         try:
             conn.connect()
             if not conn.wait_connected(30.0):
                 raise FedmpqError(
                     f"cannot connect to the broker at {self.broker.host}:{self.broker.port}"
                 )
-            self._control(conn, "open", 0)
-            self._wait_for_devices()
-            loss, accuracy = self._evaluate()
-            cumulative = 0
-            row0: dict[str, Any] = {"round": 0, "accuracy": accuracy, "loss": loss}
-            self._emit(metrics, row0 | {"uplink_bytes": 0, "cumulative_uplink_bytes": 0})
-            for r in range(1, cfg.rounds + 1):
+            cumulative = ckpt.cumulative_uplink_bytes if ckpt is not None else 0
+            if ckpt is None:
+                loss, accuracy = self._evaluate()
+                row0: dict[str, Any] = {"round": 0, "accuracy": accuracy, "loss": loss}
+                self._emit(metrics, row0 | {"uplink_bytes": 0, "cumulative_uplink_bytes": 0})
+            for r in range((done or 0) + 1, cfg.rounds + 1):
+                self._wait_for_devices()  # e.g. the fleet is reconnecting after a broker restart
                 selected = self.registry.select(cfg.clients_per_round, self.rng)
                 row = self._run_round(conn, r, selected)
                 cumulative += row["uplink_bytes"]
                 row["cumulative_uplink_bytes"] = cumulative
-                self._save_model(r)
+                # Metrics first: a crash between the two repeats the round on resume,
+                # and resuming drops the logged rows past the checkpoint.
                 self._emit(metrics, row)
+                self._checkpoint(r, cumulative)
             self._release_model(conn, cfg.rounds)
             self._control(conn, "finished", cfg.rounds)
             plot_accuracy(metrics.rows, self.out_dir / "accuracy.png", title=self._title())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from edge_client.emulation import COMPUTE_TIMES, MEASURED, EmulatedDevice, raise_fd_limit
 from edge_client.model_store import default_model_dir
 from edge_client.profiling import measure_profile
 from edge_client.runtime import AgentOptions, AgentRuntime, Device
@@ -19,6 +20,7 @@ from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.data.partition import parse_partition, partition
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress
+from fedmpq.profiles import load_fleet
 from fedmpq.topics import Topics
 from fedmpq.wire.signing import load_keyring
 
@@ -67,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
         " default $FEDMPQ_MODEL_DIR or ~/.local/share/fedmpq",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument(
+        "--fleet",
+        type=Path,
+        help="emulate devices of this fleet mix or device profile (profiles/*.toml) instead"
+        " of reporting this machine; device INDEX gets the fleet's INDEX-th profile of"
+        " --num-partitions devices",
+    )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="with --fleet: delay each update by the emulated time instead of only reporting it",
+    )
+    p.add_argument(
+        "--compute-time",
+        choices=COMPUTE_TIMES,
+        default=MEASURED,
+        help="with --fleet: emulated compute is this host's CPU time x host/profile GFLOPS"
+        " (measured) or the task's FLOP count / profile GFLOPS (analytic)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -79,6 +100,9 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
         raise FedmpqError(f"devices {args.first_index}..{last - 1} need --num-partitions >= {last}")
     parts = partition(data.train.y, max(args.num_partitions, 1), scheme, seed=args.seed, **params)
     profile = measure_profile()
+    fleet = None
+    if args.fleet is not None:
+        fleet = load_fleet(args.fleet).assign(max(args.num_partitions, last), seed=args.seed)
     keys = load_keyring(args.keys) if args.keys else {}
     devices = []
     for index in range(args.first_index, last):
@@ -90,9 +114,17 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
         x, y = subset(data.train, parts[index]).tensors()
         if keys and client_id not in keys:
             raise FedmpqError(f"{args.keys} holds no key for device {client_id}")
-        devices.append(
-            Device(client_id, x, y, profile, seed=args.seed * 7919 + index, key=keys.get(client_id))
+        device = Device(
+            client_id, x, y, profile, seed=args.seed * 7919 + index, key=keys.get(client_id)
         )
+        if fleet is not None:
+            # The host's figure comes from the same probe a real device runs on itself.
+            seed = f"{args.seed}:{client_id}"
+            device.emulation = EmulatedDevice(
+                fleet[index], profile.gflops, seed, args.realtime, args.compute_time
+            )
+            device.profile = device.emulation.reported_profile()
+        devices.append(device)
     return devices, data.num_classes, data.in_shape
 
 
@@ -102,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     torch.set_num_threads(args.threads)
+    raise_fd_limit(2 * args.clients + 64)  # a socket per hosted device, plus files
     try:
         devices, num_classes, in_shape = make_devices(args)
         options = AgentOptions(

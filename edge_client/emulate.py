@@ -17,11 +17,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedmpq.broker import EmbeddedBroker, MosquittoBroker
+from edge_client.emulation import COMPUTE_TIMES, MEASURED, raise_fd_limit
+from fedmpq.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 from fedmpq.errors import FedmpqError
 from fedmpq.wire.signing import generate_keys, write_keyring
 
 KEY_FILE = "device_keys.toml"
+#: The embedded broker is one Python thread sharing a process with this command: at 1000
+#: devices it stops answering keep-alives (measured), so larger fleets get mosquitto.
+EMBEDDED_MAX_DEVICES = 200
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="run config (TOML) passed to the coordinator")
     p.add_argument(
         "--broker",
-        default="embedded",
-        help="embedded (in-process amqtt), mosquitto (start a local one) or mqtt://HOST:PORT",
+        help="embedded (in-process amqtt), mosquitto (start a local one) or mqtt://HOST:PORT;"
+        f" default: embedded up to {EMBEDDED_MAX_DEVICES} devices, mosquitto beyond",
     )
     p.add_argument("--workers", type=int, default=2, help="agent processes hosting the devices")
     p.add_argument("--out-dir", type=Path, help="default: runs/<run id>")
     p.add_argument("--run-id", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-deadline", type=float, default=600.0)
+    p.add_argument(
+        "--fleet",
+        type=Path,
+        help="fleet mix or device profile (profiles/*.toml): devices report and obey these"
+        " profiles (RAM, GFLOPS, links, churn, crashes); counts are scaled to --clients",
+    )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="with --fleet: delay updates by the emulated time (default: only report it)",
+    )
+    p.add_argument(
+        "--compute-time",
+        choices=COMPUTE_TIMES,
+        default=MEASURED,
+        help="with --fleet: emulated compute = host CPU time x host/profile GFLOPS (measured)"
+        " or FLOP count / profile GFLOPS (analytic)",
+    )
     return p
 
 
@@ -69,7 +91,7 @@ def _agent_command(
     count: int,
     out: Path,
 ) -> list[str]:
-    return [
+    command = [
         sys.executable, "-m", "edge_client",
         "--broker", url, "--protocol", protocol,
         "--clients", str(count), "--first-index", str(first), "--id-prefix", "device",
@@ -80,6 +102,10 @@ def _agent_command(
         "--keys", str(out / KEY_FILE),
         "--model-dir", str(out / "agent-model"),
     ]  # fmt: skip
+    if args.fleet:
+        command += ["--fleet", str(args.fleet), "--compute-time", args.compute_time]
+        command += ["--realtime"] if args.realtime else []
+    return command
 
 
 def _coordinator_command(
@@ -98,6 +124,19 @@ def _coordinator_command(
     if args.config:
         command += ["--config", str(args.config)]
     return command
+
+
+def _broker_spec(args: argparse.Namespace) -> str:
+    if args.broker:
+        return str(args.broker)
+    if args.clients <= EMBEDDED_MAX_DEVICES:
+        return "embedded"
+    if find_mosquitto() is None:
+        raise FedmpqError(
+            f"{args.clients} devices need mosquitto (apt-get install mosquitto) or --broker "
+            f"mqtt://HOST:PORT; the embedded broker holds up to {EMBEDDED_MAX_DEVICES}"
+        )
+    return "mosquitto"
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:
@@ -133,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or time.strftime("emulate-%Y%m%d-%H%M%S")
     out = args.out_dir or Path("runs") / run_id
     out.mkdir(parents=True, exist_ok=True)
+    # A local broker inherits this limit and holds a socket per device.
+    raise_fd_limit(2 * args.clients + 256)
     # Every emulated device is enrolled with its own key, as a real fleet would be.
     write_keyring(out / KEY_FILE, generate_keys(f"device-{i:04d}" for i in range(args.clients)))
     agents: list[subprocess.Popen[bytes]] = []
     try:
-        with broker_for(args.broker) as (url, protocol):
+        with broker_for(_broker_spec(args)) as (url, protocol):
             print(
                 f"broker {url} (MQTT {protocol}); {args.clients} devices in "
                 f"{min(args.workers, args.clients)} agent processes; logs in {out}"

@@ -8,6 +8,7 @@ message runs on the single worker thread, in arrival order.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,12 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_client.emulation import EmulatedDevice
+from edge_client.memory import fit_batch_size, free_memory_bytes
 from edge_client.model_store import ModelStore, ModelStoreError
 from edge_client.task import execute_task
 from fedmpq import __version__
-from fedmpq.errors import DecodeError, FedmpqError
+from fedmpq.errors import BudgetError, DecodeError, FedmpqError
 from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.resources import ModelCost, model_cost
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import DecodeLimits, decode, encode
 from fedmpq.wire.messages import (
@@ -38,6 +42,7 @@ from fedmpq.wire.messages import (
     DeviceProfile,
     GlobalModelMessage,
     ModelMessage,
+    NoticeMessage,
     RegisterMessage,
     StatusMessage,
     TaskMessage,
@@ -61,6 +66,9 @@ class Device:
     registered_run: str = ""
     last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
+    last_update: tuple[int, str, bytes] | None = None  # (round, global fingerprint, frame)
+    memory: dict[str, np.ndarray] = field(default_factory=dict)  # policy state (error feedback)
+    emulation: EmulatedDevice | None = None  # set when the device emulates a profile
 
 
 @dataclass
@@ -84,16 +92,18 @@ class GlobalModelCache:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._by_fp: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-        self._seen: OrderedDict[bytes, str] = OrderedDict()
+        self._seen: OrderedDict[bytes, int] = OrderedDict()  # payload digest -> its round
+        self.latest_round = 0  # round of the payload the last add() was given
 
     def add(self, payload: bytes, limits: DecodeLimits) -> GlobalModelMessage | None:
         """Decode and cache ``payload``; None if this exact payload was already cached."""
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest in self._seen:
+            self.latest_round = self._seen[digest]
             return None
         msg = decode(payload, GlobalModelMessage, limits)
         self._by_fp[msg.fingerprint] = decode_state(msg.tensors)
-        self._seen[digest] = msg.fingerprint
+        self._seen[digest] = self.latest_round = msg.round
         for cache in (self._by_fp, self._seen):
             while len(cache) > self.keep:
                 cache.popitem(last=False)
@@ -114,6 +124,8 @@ class AgentRuntime:
         self.stopped = threading.Event()
         self.models = GlobalModelCache()
         self._nets: dict[str, nn.Module] = {}
+        self._costs: dict[str, ModelCost] = {}
+        self._warmed: set[str] = set()  # models this process has trained once, untimed
         self._report_lock = threading.Lock()
         self._stored_model = ""
 
@@ -157,8 +169,18 @@ class AgentRuntime:
             elif kind == "global":
                 if self.models.add(payload, self.options.limits) is not None:
                     self._run_pending()
+                if device.emulation is not None:
+                    self._emulated_round(device, self.models.latest_round, len(payload))
             elif kind == "task":
-                self._on_task(device, decode(payload, TaskMessage, self.options.limits))
+                if device.emulation is not None:
+                    device.emulation.task_received(len(payload))
+                msg = decode(payload, None, self.options.limits)
+                if isinstance(msg, NoticeMessage):
+                    self._on_notice(device, msg)
+                elif isinstance(msg, TaskMessage):
+                    self._on_task(device, msg)
+                else:
+                    raise DecodeError(f"task topic: unexpected {type(msg).__name__}")
             elif kind == "model":
                 self._on_model(device, decode(payload, ModelMessage, self.options.limits))
         except (DecodeError, ModelStoreError) as exc:
@@ -189,11 +211,32 @@ class AgentRuntime:
         self._stored_model = msg.fingerprint
         log.info("%s: stored model of run %s at %s", device.client_id, msg.run_id, stored.path)
 
+    def _on_notice(self, device: Device, msg: NoticeMessage) -> None:
+        """The coordinator left this device out of a round: log why, answer "rejected"."""
+        if not self._wanted(msg.run_id) or msg.client_id != device.client_id:
+            return
+        assert device.connection is not None
+        log.warning("%s: not selected for round %d: %s", device.client_id, msg.round, msg.reason)
+        status = StatusMessage(device.client_id, "rejected", msg.round, msg.reason, time.time())
+        device.connection.publish(
+            self.topics.status(device.client_id), encode(status, key=device.key), qos=1
+        )
+
     def _on_task(self, device: Device, task: TaskMessage) -> None:
         if not self._wanted(task.run_id) or task.client_id != device.client_id:
             return
+        sent = device.last_update
+        if sent is not None and (task.round, task.model_fingerprint) == sent[:2]:
+            # The coordinator asks again (it restarted, or the broker lost our update):
+            # the same update again, which the coordinator aggregates at most once.
+            log.info("%s: re-sending update of round %d", device.client_id, task.round)
+            device.connection.publish(self.topics.update(device.client_id), sent[2], qos=1)
+            return
         if task.round <= device.last_round:
             log.info("%s: ignoring task for old round %d", device.client_id, task.round)
+            return
+        if device.emulation is not None and not device.emulation.online:
+            log.info("%s: emulated offline, task of round %d unseen", device.client_id, task.round)
             return
         device.pending = task
         self._run_pending()
@@ -212,10 +255,65 @@ class AgentRuntime:
             )
         return self._nets[model_name]
 
+    def _cost(self, model_name: str) -> ModelCost:
+        if model_name not in self._costs:
+            self._costs[model_name] = model_cost(self._net(model_name), self.options.in_shape)
+        return self._costs[model_name]
+
+    def _publish_status(self, device: Device, state: str, round: int, detail: str) -> None:
+        assert device.connection is not None
+        status = StatusMessage(device.client_id, state, round, detail, time.time())
+        device.connection.publish(
+            self.topics.status(device.client_id), encode(status, key=device.key), qos=1, retain=True
+        )
+
+    def _emulated_round(self, device: Device, round: int, global_bytes: int) -> None:
+        """Round ``round`` opened: announce the emulated device's availability for the next."""
+        assert device.emulation is not None
+        online = device.emulation.open_round(round, global_bytes)
+        if online is None:
+            return
+        self._publish_status(device, "online" if online else "offline", round + 1, "emulated churn")
+        self._report(
+            {"event": "availability", "client_id": device.client_id, "round": round + 1}
+            | {"online": online}
+        )
+
+    def _fit(self, device: Device, task: TaskMessage) -> TaskMessage | None:
+        """``task`` adapted to the device's free memory, or None (refused, status sent)."""
+        free = device.emulation.available_ram if device.emulation else free_memory_bytes()
+        try:
+            batch = fit_batch_size(task, self._cost(task.model_name), free)
+        except BudgetError as exc:
+            log.warning("%s: refused round %d: %s", device.client_id, task.round, exc)
+            self._publish_status(device, "rejected", task.round, str(exc))
+            self._report({"event": "rejected", "client_id": device.client_id, "round": task.round})
+            return None
+        if batch != task.batch_size:
+            log.info("%s: batch %d -> %d to fit memory", device.client_id, task.batch_size, batch)
+        return dataclasses.replace(task, batch_size=batch)
+
     def _train(self, device: Device, task: TaskMessage) -> None:
         global_state = self.models.get(task.model_fingerprint)
         assert global_state is not None and device.connection is not None
         device.last_round = task.round
+        emulation = device.emulation
+        if emulation is not None and emulation.crashes():
+            # What the broker would publish as the crashed board's last will.
+            self._publish_status(device, "offline", task.round, "crashed (emulated)")
+            self._report({"event": "crash", "client_id": device.client_id, "round": task.round})
+            return
+        fitted = self._fit(device, task)
+        if fitted is None:
+            return
+        task = fitted
+        if emulation is not None and task.model_name not in self._warmed:
+            # A process's first task pays one-off costs (lazy imports, kernel set-up) that a
+            # device training every round does not: pay them here, on one sample, untimed.
+            net = self._net(task.model_name)
+            execute_task(task, net, global_state, device.x[:1], device.y[:1], seed=0, memory={})
+            self._warmed.add(task.model_name)
+        cpu_start = time.thread_time()
         update, result = execute_task(
             task,
             self._net(task.model_name),
@@ -223,9 +321,27 @@ class AgentRuntime:
             device.x,
             device.y,
             seed=device.seed * 100_003 + task.round,
+            memory=device.memory,
         )
+        # With one torch thread training runs on this thread: its CPU time is the work,
+        # whatever else the host is doing; with more, only wall time says.
+        host_s = time.thread_time() - cpu_start if torch.get_num_threads() == 1 else result.seconds
         data = encode(update, compress=task.compress, key=device.key)
-        device.connection.publish(self.topics.update(device.client_id), data, qos=1)
+        delay, compute_s = 0.0, 0.0
+        if emulation is not None:
+            cost = self._cost(task.model_name)
+            compute_s = emulation.compute_seconds(host_s, cost, len(device.y), task.epochs)
+            # msgpack floats are fixed-width: re-encoding keeps the size the time counts.
+            update.usage.emulated_seconds = emulation.emulated_seconds(compute_s, len(data))
+            data = encode(update, compress=task.compress, key=device.key)
+            if emulation.realtime:
+                delay = update.usage.emulated_seconds - result.seconds
+        device.last_update = (task.round, task.model_fingerprint, data)
+        publish = partial(device.connection.publish, self.topics.update(device.client_id), data, 1)
+        if delay > 0:
+            threading.Timer(delay, publish).start()
+        else:
+            publish()
         log.info(
             "%s: round %d trained in %.2f s (loss %.3f), sent %d bytes",
             device.client_id,
@@ -240,8 +356,25 @@ class AgentRuntime:
                 "client_id": device.client_id,
                 "round": task.round,
                 "bytes": len(data),
+                "train_seconds": result.seconds,
+                "emulated_seconds": update.usage.emulated_seconds,
+                "batch_size": task.batch_size,
+                "profile": device.profile.profile_name,
             }
+            | self._emulation_report(device, host_s, compute_s)
         )
+
+    def _emulation_report(self, device: Device, host_s: float, compute_s: float) -> dict[str, Any]:
+        """What the emulated time was made of, for checking it against the profile."""
+        emulation = device.emulation
+        if emulation is None:
+            return {}
+        return {
+            "host_seconds": host_s,
+            "compute_seconds": compute_s,
+            "downlink_bytes": emulation.downlink_bytes,
+            "host_gflops": emulation.host_gflops,
+        }
 
     def _report(self, row: dict[str, Any]) -> None:
         if self.options.report_path is None:

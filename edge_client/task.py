@@ -6,7 +6,7 @@ benchmarks call it directly, so there is one implementation of what a device doe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 import torch
@@ -16,8 +16,7 @@ from edge_client.profiling import peak_rss_bytes
 from edge_client.training import TrainResult, train_local
 from fedmpq.policies import policy_class
 from fedmpq.state import load_numpy_state, state_to_numpy
-from fedmpq.wire.messages import KIND_DELTA, ResourceUsage, TaskMessage, UpdateMessage
-from fedmpq.wire.tensors import encode_state
+from fedmpq.wire.messages import ResourceUsage, TaskMessage, UpdateMessage
 
 
 def execute_task(
@@ -28,6 +27,7 @@ def execute_task(
     y: torch.Tensor,
     *,
     seed: int,
+    memory: MutableMapping[str, np.ndarray] | None = None,
 ) -> tuple[UpdateMessage, TrainResult]:
     """Train ``net`` from ``global_state`` on ``(x, y)`` as ``task`` says; return the update.
 
@@ -43,8 +43,13 @@ def execute_task(
         The device's local training data.
     seed
         Seeds the local data order (combine device and round so rounds differ).
+    memory
+        What the device keeps for its policy across rounds (e.g. error feedback);
+        None for none.
     """
     load_numpy_state(net, global_state)
+    policy = policy_class(task.policy)
+    hooks = policy.hooks(task.bits, task.scheme, task.per_channel, task.options, memory, seed)
     result = train_local(
         net,
         x,
@@ -57,22 +62,21 @@ def execute_task(
         learning_rate=task.learning_rate,
         momentum=task.options.get("momentum", 0.9),
         seed=seed,
+        hooks=hooks,
     )
-    local = state_to_numpy(net)
-    kind = policy_class(task.policy).update_kind
-    if kind == KIND_DELTA:
-        local = {name: w - global_state[name] for name, w in local.items()}
+    tensors, dropped = hooks.make_update(state_to_numpy(net), global_state, policy.update_kind)
     update = UpdateMessage(
         run_id=task.run_id,
         round=task.round,
         client_id=task.client_id,
         num_samples=len(y),
         model_fingerprint=task.model_fingerprint,
-        kind=kind,
-        tensors=encode_state(local, task.bits, task.scheme, per_channel=task.per_channel),
+        kind=policy.update_kind,
+        tensors=tensors,
         usage=ResourceUsage(
             train_seconds=result.seconds, peak_rss_bytes=peak_rss_bytes(), cpu_percent=0.0
         ),
         metrics={"loss": result.loss, "accuracy": result.accuracy},
+        bits_dropped=dropped,
     )
     return update, result

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
-from fedmpq.wire.messages import QUANT_BITS
+from fedmpq.policies.base import ClientHooks
 
 
 @dataclass(frozen=True)
@@ -35,15 +34,19 @@ def train_local(
     learning_rate: float,
     momentum: float = 0.9,
     seed: int = 0,
+    hooks: ClientHooks | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(x, y)`` with fake-quantized weights (STE).
 
     Layers assigned 1..8 bits train through ``FakeQuantize`` so the weights the
     coordinator reconstructs from the packed update are the weights the loss saw.
     The latent float weights are left in ``model`` for the caller to quantize.
+    ``hooks`` (the task's policy's :class:`ClientHooks`; default: plain QAT at ``bits``)
+    may replace the fake-quantization, add a regulariser and change the step.
     """
-    quantized = {name: b for name, b in bits.items() if b in QUANT_BITS}
-    attach_fake_quant(model, quantized, scheme, axis=0 if per_channel else -1)
+    if hooks is None:
+        hooks = ClientHooks(bits, scheme, per_channel)
+    hooks.attach(model)
     try:
         optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
         generator = torch.Generator().manual_seed(seed)
@@ -57,13 +60,14 @@ def train_local(
                 idx = order[start : start + batch_size]
                 logits = model(x[idx])
                 loss = F.cross_entropy(logits, y[idx])
+                penalty = hooks.penalty(model)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                (loss if penalty is None else loss + penalty).backward()
+                hooks.step(model, optimizer)
                 loss_sum += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(dim=1) == y[idx]).sum())
                 seen += len(idx)
         seconds = time.perf_counter() - started
     finally:
-        detach_fake_quant(model)
+        hooks.detach(model)
     return TrainResult(loss_sum / max(seen, 1), correct / max(seen, 1), seconds, int(seen) * epochs)

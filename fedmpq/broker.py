@@ -267,6 +267,11 @@ class MosquittoBroker(LocalBroker):
         self._dir: Path | None = None
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the running mosquitto (for measuring it), or None if stopped."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def log(self) -> str:
         """What mosquitto printed since its last start (for test failure messages)."""
         if self._dir is None:

@@ -14,18 +14,22 @@ from typing import Any, TypeVar
 from fedmpq.errors import ConfigError
 from fedmpq.policies.base import (
     BitAllocation,
+    ClientHooks,
     ClientInfo,
     ClientResult,
     LayerInfo,
     Policy,
+    PolicyContext,
 )
 
 __all__ = [
     "BitAllocation",
+    "ClientHooks",
     "ClientInfo",
     "ClientResult",
     "LayerInfo",
     "Policy",
+    "PolicyContext",
     "make_policy",
     "parse_policy",
     "policy_class",

@@ -4,10 +4,17 @@ A policy decides, each round, how many bits every quantizable layer gets on ever
 selected client, and learns from what the clients sent back.  It is a small object
 with clear hooks, in the spirit of Flower's ``Strategy``:
 
-* ``setup(layers)`` once, with the model's quantizable layers;
+* ``setup(layers, context)`` once, with the model's quantizable layers and a
+  :class:`PolicyContext` (held-out loss of a modified global model, for policies
+  that measure layer sensitivity);
 * ``allocate(round, clients)`` before each round;
 * ``observe(round, results)`` after each round;
 * ``state_dict()`` / ``load_state_dict()`` so a coordinator can checkpoint and resume.
+
+What a device does for a policy (train quantization-aware, add a regulariser, drop
+bit-planes, keep error-feedback memory, ...) is the policy's :class:`ClientHooks`
+class, named by ``Policy.hooks``; the agent's one task path
+(``edge_client.task.execute_task`` -> ``edge_client.training.train_local``) calls them.
 
 Policies live one per module in ``fedmpq.policies`` and register themselves with
 ``@register_policy``; adding a policy touches one file.
@@ -15,12 +22,25 @@ Policies live one per module in ``fedmpq.policies`` and register themselves with
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fedmpq.wire.messages import KIND_WEIGHTS, DeviceProfile
+import numpy as np
+import torch
+from torch import nn
+
+from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
+from fedmpq.wire.messages import (
+    KIND_DELTA,
+    KIND_WEIGHTS,
+    QUANT_BITS,
+    DeviceProfile,
+    TensorPayload,
+)
+from fedmpq.wire.tensors import encode_state
 
 
 @dataclass(frozen=True)
@@ -66,22 +86,120 @@ class BitAllocation:
         return sum(self.bits[layer.name] * layer.numel for layer in layers) / total
 
 
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the coordinator lends a policy: the current global model and a held-out loss.
+
+    ``heldout_loss(state)`` is the mean cross-entropy of a (modified) global state on a
+    small held-out sample the coordinator owns; ``scheme`` and ``per_channel`` say how
+    the run quantizes.
+    """
+
+    global_state: Callable[[], Mapping[str, np.ndarray]]
+    heldout_loss: Callable[[Mapping[str, np.ndarray]], float]
+    scheme: str
+    per_channel: bool
+
+
+class ClientHooks:
+    """What a device does for a policy during one task.
+
+    The default trains quantization-aware (STE fake-quant) at the assigned bits and
+    sends its weights (or, for ``KIND_DELTA`` policies, the delta to the global model)
+    at those bits.  Policies that do more subclass this and name the subclass in
+    ``Policy.hooks``.
+
+    Parameters
+    ----------
+    bits
+        Assigned per-layer bits (``TaskMessage.bits``).
+    scheme, per_channel
+        How the run quantizes.
+    options
+        The policy's ``client_options()`` as the task carried them.
+    memory
+        State the device keeps for this policy across rounds (e.g. error feedback);
+        the agent keeps one dict per device.
+    seed
+        Seeds any randomness of the update (e.g. stochastic rounding).
+    """
+
+    def __init__(
+        self,
+        bits: Mapping[str, int],
+        scheme: str,
+        per_channel: bool,
+        options: Mapping[str, float] | None = None,
+        memory: MutableMapping[str, np.ndarray] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.bits = dict(bits)
+        self.scheme = scheme
+        self.per_channel = per_channel
+        self.options = dict(options or {})
+        self.memory: MutableMapping[str, np.ndarray] = {} if memory is None else memory
+        self.seed = seed
+        self.axis = 0 if per_channel else -1
+
+    @property
+    def quantized(self) -> dict[str, int]:
+        """The layers assigned 1..8 bits."""
+        return {name: b for name, b in self.bits.items() if b in QUANT_BITS}
+
+    def attach(self, model: nn.Module) -> None:
+        """Before training: make the forward pass see the weights the wire will carry."""
+        attach_fake_quant(model, self.quantized, self.scheme, axis=self.axis)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the cross-entropy of every batch, or None."""
+        return None
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Apply one optimizer step after ``backward()``."""
+        optimizer.step()
+
+    def detach(self, model: nn.Module) -> None:
+        """After training: leave plain float weights in ``model`` for ``make_update``."""
+        detach_fake_quant(model)
+
+    def make_update(
+        self,
+        local: Mapping[str, np.ndarray],
+        global_state: Mapping[str, np.ndarray],
+        kind: str,
+    ) -> tuple[list[TensorPayload], dict[str, int]]:
+        """The update's tensors and the bit-planes dropped per layer (empty if none)."""
+        if kind == KIND_DELTA:
+            local = {name: w - global_state[name] for name, w in local.items()}
+        return encode_state(local, self.bits, self.scheme, per_channel=self.per_channel), {}
+
+
+def client_bits(client: ClientInfo, default: int) -> int:
+    """A client's uniform bit-width: its budget rounded down into 1..8, or ``default``."""
+    if client.budget_bits is None:
+        return default
+    return min(max(math.floor(client.budget_bits + 1e-9), 1), 8)
+
+
 class Policy(ABC):
     """Base class of bit-allocation policies.
 
     ``update_kind`` tells the clients what to send: their full weights or a delta to
-    the global model.
+    the global model; ``hooks`` is what a client does for this policy.
     """
 
     name: ClassVar[str]
     update_kind: ClassVar[str] = KIND_WEIGHTS
+    hooks: ClassVar[type[ClientHooks]] = ClientHooks
 
     def __init__(self) -> None:
         self.layers: list[LayerInfo] = []
+        self.context: PolicyContext | None = None
 
-    def setup(self, layers: Sequence[LayerInfo]) -> None:
+    def setup(self, layers: Sequence[LayerInfo], context: PolicyContext | None = None) -> None:
         """Called once with the model's quantizable layers, before the first round."""
         self.layers = list(layers)
+        self.context = context
 
     @abstractmethod
     def allocate(self, round: int, clients: Sequence[ClientInfo]) -> dict[str, BitAllocation]:

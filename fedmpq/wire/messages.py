@@ -220,6 +220,19 @@ class ModelMessage:
     bits: dict[str, int]
 
 
+@dataclass
+class NoticeMessage:
+    """The coordinator tells a device it is left out of a round, and why (coordinator ->
+    device, on its task topic), e.g. when its profile cannot fit even 1-bit training."""
+
+    MESSAGE_TYPE: ClassVar[str] = "notice"
+
+    run_id: str
+    client_id: str
+    round: int
+    reason: str
+
+
 #: Every top-level message type, by its wire name.
 MESSAGE_TYPES: dict[str, type] = {
     cls.MESSAGE_TYPE: cls
@@ -231,5 +244,6 @@ MESSAGE_TYPES: dict[str, type] = {
         StatusMessage,
         ControlMessage,
         ModelMessage,
+        NoticeMessage,
     )
 }

@@ -128,3 +128,17 @@ def test_signed_updates_only_from_their_own_device(tmp_path, data):
     row = coordinator.finish_round()
     assert row["participants"] == ["dev-a", "dev-b"]
     assert row["rejected"] == {"bad_signature": 2, "unknown_device": 1}
+
+
+def test_update_beyond_the_norm_bound_never_touches_the_model(tmp_path, data):
+    coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
+    coordinator.config.max_update_norm = 1e-6
+    before = {k: v.copy() for k, v in coordinator.global_state.items()}
+    selected = coordinator.registry.select(0, coordinator.rng)
+    glob, tasks = coordinator.begin_round(1, selected)
+    for cid, payload in run_clients(coordinator, data, glob, tasks).items():
+        coordinator.handle(coordinator.topics.update(cid), payload)
+    row = coordinator.finish_round()
+    assert row["rejected"] == {"norm": 2}
+    assert row["participants"] == []
+    assert all(np.array_equal(before[k], coordinator.global_state[k]) for k in before)

@@ -1,0 +1,394 @@
+"""Fleet scale: 10, 100 and 1000 emulated devices against one mosquitto on this machine.
+
+For each fleet size the benchmark starts a fresh mosquitto, an instrumented coordinator
+in its own process and the devices multiplexed onto ``--workers`` agent processes (the
+same command ``fedmpq emulate`` runs), emulating ``profiles/fleet-mixed.toml``; a tiny
+model (``cnn``, 105k parameters, 4-bit updates) keeps training out of the picture.  It
+measures
+
+* **connect + register**: agents launched -> every device registered (includes agent
+  start-up: python, torch, data set, probe), and the span of the registration burst
+  (first -> last registration received);
+* **per-round coordinator overhead**, excluding training and evaluation: selection,
+  task encoding and publishing, decoding, validating and aggregating every update,
+  closing the round -- i.e. the round's wall time minus the time the coordinator sat
+  waiting for devices and minus test-set evaluation;
+* **coordinator peak RSS** (``ru_maxrss`` of the coordinator process) and **broker
+  RSS** (psutil on mosquitto's pid, sampled every 0.2 s, peak);
+* **emulated round time** against the analytic time of the slowest participant:
+  FLOP-count compute (``fedmpq.resources.training_seconds`` at the profile's GFLOPS)
+  plus both transfers over its links; and against the emulation's own parts (measured
+  host compute stretched by host/profile GFLOPS plus transfers), which checks that the
+  coordinator's figure is the slowest device's.
+
+Run from the repository root::
+
+    python -m benchmarks.fleet_scale                 # 10, 100, 1000 devices
+    python -m benchmarks.fleet_scale --sizes 10 100  # fewer
+
+The machine is shared and small (2 cores): timings are noisy; ratios are from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edge_client.emulate import KEY_FILE, _agent_command, _split, _stop
+from edge_client.emulate import build_parser as emulate_parser
+from edge_client.emulation import COMPUTE_TIMES, MEASURED, round_seconds
+from fedmpq.broker import MosquittoBroker
+from fedmpq.data.datasets import load_dataset
+from fedmpq.data.partition import parse_partition, partition
+from fedmpq.models import build_model
+from fedmpq.profiles import load_fleet
+from fedmpq.resources import model_cost, training_seconds
+from fedmpq.wire.signing import generate_keys, write_keyring
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fleet_scale.json"
+FLEET = ROOT / "profiles" / "fleet-mixed.toml"
+MODEL = "cnn"
+DATASET = "fashion-mnist-small"
+PARTITION = "iid"
+SEED = 0
+MIB = 2**20
+
+
+# --- the coordinator process ------------------------------------------------------------
+def coordinator_child(spec: dict[str, Any]) -> None:
+    """Run an instrumented coordinator as ``spec`` says; write its measurements as JSON."""
+    import torch
+
+    from coordinator.config import RunConfig
+    from coordinator.server import Coordinator
+    from fedmpq.mqtt import BrokerAddress
+
+    torch.set_num_threads(1)
+
+    class TimedCoordinator(Coordinator):
+        """Times the coordinator's own work per round; never changes what it does."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.rounds: list[dict[str, Any]] = []
+            self.register_times: list[float] = []
+            self.registered_at = 0.0
+            self.cur: defaultdict[str, float] = defaultdict(float)
+            self.sizes: dict[str, Any] = {}
+            select = self.registry.select
+
+            def timed_select(*a: Any, **k: Any) -> Any:
+                start = time.perf_counter()
+                chosen = select(*a, **k)
+                self.cur["select"] += time.perf_counter() - start
+                return chosen
+
+            self.registry.select = timed_select  # type: ignore[method-assign]
+
+        def handle(self, topic: str, payload: bytes) -> None:
+            start = time.perf_counter()
+            super().handle(topic, payload)
+            self.cur["handle"] += time.perf_counter() - start
+            kind, client_id = self.topics.parse(topic) or ("", None)
+            if kind == "register":
+                self.register_times.append(time.time())
+            elif kind == "update" and self.round_state is not None:
+                self.sizes.setdefault("update", {})[client_id] = len(payload)
+
+        def _drain(self, until: float, done: Any) -> None:
+            start = time.perf_counter()
+            super()._drain(until, done)
+            self.cur["drain"] += time.perf_counter() - start
+
+        def _evaluate(self) -> tuple[float, float]:
+            start = time.perf_counter()
+            result = super()._evaluate()
+            self.cur["evaluate"] += time.perf_counter() - start
+            return result
+
+        def begin_round(self, round: int, selected: list[Any]) -> tuple[bytes, dict[str, bytes]]:
+            glob, tasks = super().begin_round(round, selected)
+            self.sizes = {"global": len(glob), "task": {c: len(t) for c, t in tasks.items()}}
+            return glob, tasks
+
+        def _wait_for_devices(self) -> None:
+            super()._wait_for_devices()
+            self.registered_at = time.time()
+
+        def _run_round(self, conn: Any, round: int, selected: list[Any]) -> dict[str, Any]:
+            select_s = self.cur["select"]
+            self.cur = defaultdict(float)
+            start = time.perf_counter()
+            row = super()._run_round(conn, round, selected)
+            total = time.perf_counter() - start
+            waiting = self.cur["drain"] - self.cur["handle"]
+            self.rounds.append(
+                {
+                    "round": round,
+                    "wall_s": total,
+                    "overhead_s": select_s + total - waiting - self.cur["evaluate"],
+                    "handle_s": self.cur["handle"],
+                    "evaluate_s": self.cur["evaluate"],
+                    "sizes": self.sizes,
+                    "row": row,
+                }
+            )
+            return row
+
+    config = RunConfig(
+        run_id=spec["run_id"],
+        model=MODEL,
+        dataset=DATASET,
+        rounds=spec["rounds"],
+        clients_per_round=spec["per_round"],
+        min_clients=spec["clients"],
+        registration_timeout_s=600.0,
+        round_deadline_s=120.0,
+        seed=SEED,
+        out_dir=spec["out"],
+        device_keys=spec["keys"],
+        publish_onnx=False,
+    )
+    coordinator = TimedCoordinator(config, BrokerAddress.parse(spec["url"]))
+    coordinator.run()
+    result = {
+        "registered_at": coordinator.registered_at,
+        "first_register": min(coordinator.register_times, default=0.0),
+        "last_register": max(coordinator.register_times, default=0.0),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rounds": coordinator.rounds,
+    }
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# --- the driver -------------------------------------------------------------------------
+class PeakRss:
+    """Samples a process's RSS on a thread until stopped; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def analytic_slowest(
+    clients: int, rounds: list[dict[str, Any]], samples: list[int]
+) -> list[dict[str, float]]:
+    """Per round: the emulated round time and the analytic time of the slowest participant
+    (FLOP-count compute at the profile's GFLOPS plus transfers of the bytes that moved)."""
+    specs = load_fleet(FLEET).assign(clients, seed=SEED)
+    data = load_dataset(DATASET)
+    cost = model_cost(build_model(MODEL, data.num_classes, data.in_shape), data.in_shape)
+    out = []
+    for r in rounds:
+        row, sizes = r["row"], r["sizes"]
+        slowest = 0.0
+        for cid in row["participants"]:
+            index = int(cid.rsplit("-", 1)[1])
+            spec = specs[index]
+            compute = training_seconds(cost, samples[index], 1, spec.gflops.value)
+            down = sizes["global"] + sizes["task"][cid]
+            slowest = max(slowest, round_seconds(spec, compute, down, sizes["update"][cid]))
+        out.append({"emulated_s": row["emulated_seconds"], "analytic_s": slowest})
+    return out
+
+
+def stretched_slowest(report: Path, clients: int) -> dict[int, float]:
+    """Per round: the slowest participant rebuilt from the agents' own report rows
+    (stretched measured compute + transfers), to check the coordinator's figure."""
+    specs = load_fleet(FLEET).assign(clients, seed=SEED)
+    slowest: dict[int, float] = defaultdict(float)
+    for line in report.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("event") != "update":
+            continue
+        spec = specs[int(row["client_id"].rsplit("-", 1)[1])]
+        t = round_seconds(spec, row["compute_seconds"], row["downlink_bytes"], row["bytes"])
+        slowest[row["round"]] = max(slowest[row["round"]], t)
+    return slowest
+
+
+def run_size(
+    clients: int, per_round: int, rounds: int, workers: int, compute_time: str, out: Path
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = f"scale-{clients}"
+    write_keyring(out / KEY_FILE, generate_keys(f"device-{i:04d}" for i in range(clients)))
+    result_path = out / "coordinator.json"
+    emulate_argv = ["--clients", str(clients), "--partition", PARTITION, "--dataset", DATASET]
+    emulate_argv += ["--seed", str(SEED), "--fleet", str(FLEET), "--compute-time", compute_time]
+    args = emulate_parser().parse_args(emulate_argv)
+    with MosquittoBroker() as broker:
+        assert broker.pid is not None
+        broker_rss = PeakRss(broker.pid)
+        spec = {
+            "run_id": run_id,
+            "rounds": rounds,
+            "per_round": per_round,
+            "clients": clients,
+            "out": str(out),
+            "keys": str(out / KEY_FILE),
+            "url": broker.url,
+            "result": str(result_path),
+        }
+        child_log = open(out / "coordinator.log", "wb")  # noqa: SIM115 (child owns it)
+        coordinator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.fleet_scale",
+                "--coordinator-child",
+                json.dumps(spec),
+            ],
+            stdout=child_log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        launched = time.time()
+        agents = []
+        for worker, (first, count) in enumerate(_split(clients, workers)):
+            cmd = _agent_command(args, broker.url, "5", run_id, first, count, out)
+            cmd[cmd.index("--log-level") + 1] = "WARNING"
+            log = open(out / f"agent-{worker}.log", "wb")  # noqa: SIM115 (child owns it)
+            agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        agent_rss = [PeakRss(agent.pid) for agent in agents]
+        try:
+            code = coordinator.wait(timeout=1800)
+            _stop(agents, timeout=30)
+        finally:
+            _stop([coordinator, *agents], timeout=0)
+        broker_peak = broker_rss.stop()
+        agent_peak = max(sampler.stop() for sampler in agent_rss)
+    if code != 0:
+        raise SystemExit(f"coordinator failed for {clients} devices: see {out}/coordinator.log")
+    measured = json.loads(result_path.read_text())
+    data = load_dataset(DATASET)
+    scheme, params = parse_partition(PARTITION)
+    samples = [len(p) for p in partition(data.train.y, clients, scheme, seed=SEED, **params)]
+    emulated = analytic_slowest(clients, measured["rounds"], samples)
+    rebuilt = stretched_slowest(out / "agents.jsonl", clients)
+    rows = measured["rounds"]
+    return {
+        "clients": clients,
+        "per_round": per_round,
+        "workers": workers,
+        "compute_time": compute_time,
+        "register_s": measured["registered_at"] - launched,
+        "register_burst_s": measured["last_register"] - measured["first_register"],
+        "overhead_s": [r["overhead_s"] for r in rows],
+        "round_wall_s": [r["wall_s"] for r in rows],
+        "participants": [len(r["row"]["participants"]) for r in rows],
+        "dropped": [len(r["row"].get("dropped", {})) for r in rows],
+        "coordinator_peak_rss_bytes": measured["peak_rss_bytes"],
+        "broker_peak_rss_bytes": broker_peak,
+        "agent_process_peak_rss_bytes": agent_peak,
+        "emulated_vs_analytic": emulated,
+        "emulated_vs_rebuilt": [
+            {"emulated_s": r["row"]["emulated_seconds"], "rebuilt_s": rebuilt[r["round"]]}
+            for r in rows
+        ],
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    base_rss = results[0]["coordinator_peak_rss_bytes"]
+    print(
+        f"\n{'devices':>7} {'/round':>6} {'register':>9} {'burst':>6} {'overhead/round':>15}"
+        f" {'coord RSS':>10} {'x first':>7} {'broker RSS':>10} {'agent RSS':>9}"
+        f" {'emul/analytic':>13}"
+    )
+    for r in results:
+        over = r["overhead_s"]
+        ratios = [e["emulated_s"] / e["analytic_s"] for e in r["emulated_vs_analytic"]]
+        print(
+            f"{r['clients']:>7} {r['per_round']:>6} {r['register_s']:>8.1f}s"
+            f" {r['register_burst_s']:>5.1f}s"
+            f" {sum(over) / len(over):>7.3f}s/{max(over):>5.3f}s"
+            f" {r['coordinator_peak_rss_bytes'] / MIB:>8.0f}M"
+            f" {r['coordinator_peak_rss_bytes'] / base_rss:>7.2f}"
+            f" {r['broker_peak_rss_bytes'] / MIB:>9.1f}M"
+            f" {r['agent_process_peak_rss_bytes'] / MIB:>8.0f}M"
+            f" {min(ratios):>6.2f}-{max(ratios):<6.2f}"
+        )
+    print(
+        "overhead/round: mean/max over rounds; x first: coordinator RSS over the first size's;"
+        " agent RSS: peak of the largest agent process;"
+        "\nemul/analytic: emulated round time over the FLOP-count analytic time of the slowest"
+        " participant (min-max over rounds)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet_scale", description=__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--per-round", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--compute-time", choices=COMPUTE_TIMES, default=MEASURED)
+    p.add_argument("--work-dir", type=Path, default=Path("runs") / "fleet_scale")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--coordinator-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.coordinator_child:
+        coordinator_child(json.loads(args.coordinator_child))
+        return 0
+    results = []
+    for clients in args.sizes:
+        per_round = min(args.per_round, clients)
+        print(f"{clients} devices, {per_round} per round, {args.workers} agent processes ...")
+        results.append(
+            run_size(
+                clients,
+                per_round,
+                args.rounds,
+                args.workers,
+                args.compute_time,
+                args.work_dir / f"{clients}-{args.compute_time}",
+            )
+        )
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
+                "model": MODEL,
+                "fleet": str(FLEET.relative_to(ROOT)),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

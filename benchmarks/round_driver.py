@@ -1,0 +1,112 @@
+"""Rounds in one process, through the real code: ``Coordinator.begin_round/handle/
+finish_round`` on one side, ``edge_client.task.execute_task`` on the other, joined by
+the real wire codec -- everything but the MQTT hop (covered by tests/integration).
+
+Each simulated device keeps its own policy memory (error feedback), as an agent's
+``Device.memory`` does.  The emulated wall time of a round is the slowest selected
+client's compute time (``fedmpq.resources.training_seconds`` at its profile's GFLOPS)
+plus its task + global model download and its update upload over its profile's
+links (``fedmpq.resources.transfer_seconds``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator.server import Coordinator
+from edge_client.task import execute_task
+from fedmpq.models import build_model
+from fedmpq.resources import training_seconds, transfer_seconds
+from fedmpq.wire.codec import decode, encode
+from fedmpq.wire.messages import (
+    DeviceProfile,
+    GlobalModelMessage,
+    NoticeMessage,
+    RegisterMessage,
+    TaskMessage,
+    UpdateMessage,
+)
+from fedmpq.wire.tensors import decode_state
+
+
+@dataclass
+class SimDevice:
+    """One simulated device: its data, profile and policy memory."""
+
+    client_id: str
+    x: torch.Tensor
+    y: torch.Tensor
+    profile: DeviceProfile
+    seed: int = 0
+    memory: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def register(coordinator: Coordinator, devices: list[SimDevice]) -> None:
+    """Register every device with the coordinator through its register topic."""
+    for d in devices:
+        msg = RegisterMessage(d.client_id, "sim", d.profile, len(d.y), True, time.time())
+        coordinator.handle(coordinator.topics.register(d.client_id), encode(msg))
+
+
+def run_round(
+    coordinator: Coordinator, devices: dict[str, SimDevice], round: int
+) -> dict[str, Any]:
+    """Run ``round`` for the coordinator's selection; return its metrics row, extended with
+    ``emulated_round_s``, ``sent_bits`` (per client, per layer, as sent) and
+    ``notices`` (clients told they were left out)."""
+    cfg = coordinator.config
+    selected = coordinator.registry.select(cfg.clients_per_round, coordinator.rng)
+    glob, tasks = coordinator.begin_round(round, selected)
+    state = decode_state(decode(glob, GlobalModelMessage).tensors)
+    nets: dict[str, nn.Module] = {}
+    slowest = 0.0
+    sent_bits: dict[str, dict[str, int]] = {}
+    notices: dict[str, str] = {}
+    for cid, raw in sorted(tasks.items()):
+        msg = decode(raw)
+        if isinstance(msg, NoticeMessage):
+            notices[cid] = msg.reason
+            continue
+        assert isinstance(msg, TaskMessage)
+        device = devices[cid]
+        if msg.model_name not in nets:
+            data = coordinator.data
+            nets[msg.model_name] = build_model(msg.model_name, data.num_classes, data.in_shape)
+        update, _ = execute_task(
+            msg,
+            nets[msg.model_name],
+            state,
+            device.x,
+            device.y,
+            seed=device.seed * 100_003 + round,
+            memory=device.memory,
+        )
+        payload = encode(update)
+        coordinator.handle(coordinator.topics.update(cid), payload)
+        sent_bits[cid] = {p.name: p.bits for p in decode(payload, UpdateMessage).tensors}
+        slowest = max(
+            slowest, emulated_seconds(coordinator, device, msg, len(glob) + len(raw), len(payload))
+        )
+    row = coordinator.finish_round()
+    row["emulated_round_s"] = slowest
+    row["sent_bits"] = sent_bits
+    row["notices"] = notices
+    return row
+
+
+def emulated_seconds(
+    coordinator: Coordinator, device: SimDevice, task: TaskMessage, down: int, up: int
+) -> float:
+    """Compute + download + upload time of one client's round on its profile."""
+    p = device.profile
+    compute = training_seconds(coordinator.cost, len(device.y), task.epochs, p.gflops)
+    latency = p.latency_s or 0.0
+    down_s = transfer_seconds(down, p.downlink_bps, latency) if p.downlink_bps else 0.0
+    up_s = transfer_seconds(up, p.uplink_bps, latency) if p.uplink_bps else 0.0
+    return compute + down_s + up_s
