@@ -8,6 +8,7 @@ network and every message is handled in arrival order.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import time
@@ -82,6 +83,7 @@ class RoundState:
     # Selected devices whose last will arrived -> when; gone for good after the grace.
     offline_since: dict[str, float] = field(default_factory=dict)
     offline_grace_s: float = 0.0
+    quorum_target: int = 0  # answers needed for the round to change the model
 
     def complete(self) -> bool:
         now = time.monotonic()
@@ -356,39 +358,65 @@ class Coordinator:
         """
         cfg = self.config
         fp = fingerprint(self.global_state)
-        clients, excluded = [], {}
-        for d in selected:
+        admitted, clients, excluded = self._admit(round, selected)
+        allocation = self.policy.allocate(round, clients)
+        rs = RoundState(round, fp, allocation, StreamingAverage(self.global_state))
+        rs.quorum_target = math.ceil(cfg.quorum * len(admitted))
+        rs.offline_grace_s = cfg.offline_grace_s
+        rs.started = time.monotonic()
+        self.round_state = rs
+        all_float = {name: 32 for name in self.global_state}
+        rs.global_frame = encode(
+            GlobalModelMessage(
+                cfg.run_id, round, cfg.model, fp, encode_state(self.global_state, all_float)
+            ),
+            compress=cfg.compress,
+        )
+        return rs.global_frame, self._tasks(rs, admitted, excluded)
+
+    def extend_round(self, devices: list[DeviceRecord]) -> dict[str, bytes]:
+        """Add ``devices`` to the open round (replacing ones that did not answer); return
+        their encoded tasks."""
+        rs = self.round_state
+        if rs is None:
+            raise FedmpqError("extend_round() without an open round")
+        admitted, clients, excluded = self._admit(rs.round, devices)
+        allocation = self.policy.allocate(rs.round, clients)
+        rs.selected.update(allocation)
+        return self._tasks(rs, admitted, excluded)
+
+    def _admit(
+        self, round: int, devices: list[DeviceRecord]
+    ) -> tuple[list[DeviceRecord], list[ClientInfo], dict[str, str]]:
+        """Split ``devices`` into those that can train (with their budgets) and those whose
+        profile cannot fit 1-bit training (with the reason)."""
+        admitted, clients, excluded = [], [], {}
+        for d in devices:
             try:
                 budget = self.client_budget(d)
             except BudgetError as exc:
                 excluded[d.client_id] = str(exc)
                 log.warning("round %d: %s not selected: %s", round, d.client_id, exc)
                 continue
+            admitted.append(d)
             clients.append(ClientInfo(d.client_id, d.profile, d.num_samples, budget))
-        selected = [d for d in selected if d.client_id not in excluded]
-        allocation = self.policy.allocate(round, clients)
-        rs = RoundState(round, fp, allocation, StreamingAverage(self.global_state))
-        rs.excluded = excluded
-        rs.offline_grace_s = cfg.offline_grace_s
-        rs.started = time.monotonic()
-        self.round_state = rs
-        all_float = {name: 32 for name in self.global_state}
-        glob = encode(
-            GlobalModelMessage(
-                cfg.run_id, round, cfg.model, fp, encode_state(self.global_state, all_float)
-            ),
-            compress=cfg.compress,
-        )
+        return admitted, clients, excluded
+
+    def _tasks(
+        self, rs: RoundState, admitted: list[DeviceRecord], excluded: dict[str, str]
+    ) -> dict[str, bytes]:
+        """Encode the tasks of ``admitted`` (and notices for ``excluded``) and count them."""
+        cfg = self.config
         tasks = {}
-        for device in selected:
+        for device in admitted:
             task = TaskMessage(
                 run_id=cfg.run_id,
-                round=round,
+                round=rs.round,
                 client_id=device.client_id,
                 model_name=cfg.model,
-                model_fingerprint=fp,
+                model_fingerprint=rs.fingerprint,
                 policy=self.policy.name,
-                bits=allocation[device.client_id].bits,
+                bits=rs.selected[device.client_id].bits,
                 scheme=cfg.scheme,
                 per_channel=cfg.per_channel,
                 epochs=cfg.training.epochs,
@@ -400,10 +428,13 @@ class Coordinator:
             )
             tasks[device.client_id] = encode(task, compress=cfg.compress and device.accepts_zstd)
         for client_id, reason in excluded.items():
-            tasks[client_id] = encode(NoticeMessage(cfg.run_id, client_id, round, reason))
+            tasks[client_id] = encode(NoticeMessage(cfg.run_id, client_id, rs.round, reason))
+        rs.excluded.update(excluded)
+        rs.task_frames.update(tasks)
         # The broker fans the retained global model out to every selected device.
-        rs.downlink_bytes = len(glob) * len(selected) + sum(len(t) for t in tasks.values())
-        return glob, tasks
+        rs.downlink_bytes += len(rs.global_frame) * len(admitted)
+        rs.downlink_bytes += sum(len(t) for t in tasks.values())
+        return tasks
 
     def round_complete(self) -> bool:
         """True once every selected client's update of the open round was aggregated."""
@@ -419,7 +450,7 @@ class Coordinator:
         collected = time.monotonic()
         selected = len(rs.selected)
         answered = len(rs.accepted)
-        counted = answered > 0 and answered >= self.config.quorum * selected
+        counted = answered > 0 and answered >= rs.quorum_target
         if counted:
             mean = rs.aggregate.mean()
             if self.policy.update_kind == KIND_DELTA:
@@ -454,12 +485,27 @@ class Coordinator:
 
     def _run_round(self, conn: Connection, round: int, selected: list[DeviceRecord]) -> dict:
         glob, tasks = self.begin_round(round, selected)
-        assert self.round_state is not None
-        self.round_state.global_frame, self.round_state.task_frames = glob, tasks
+        rs = self.round_state
+        assert rs is not None
         conn.publish(self.topics.global_model, glob, qos=1, retain=True)
         for client_id, task in tasks.items():
             conn.publish(self.topics.task(client_id), task, qos=1)
-        self._drain(self.round_state.started + self.config.round_deadline_s, self.round_complete)
+        self._drain(rs.started + self.config.round_deadline_s, self.round_complete)
+        spare = [d for d in self.registry.online() if d.client_id not in rs.task_frames]
+        missing = rs.quorum_target - len(rs.accepted)
+        if missing > 0 and spare:
+            # Short of quorum at the deadline: retry once with devices not asked yet.
+            spare.sort(key=lambda d: d.client_id)
+            retry = self.rng.sample(spare, min(missing, len(spare)))
+            log.warning(
+                "round %d: %d short of quorum, asking %s",
+                round,
+                missing,
+                [d.client_id for d in retry],
+            )
+            for client_id, task in self.extend_round(retry).items():
+                conn.publish(self.topics.task(client_id), task, qos=1)
+            self._drain(time.monotonic() + self.config.round_deadline_s, self.round_complete)
         return self.finish_round()
 
     def _wait_for_devices(self) -> None:

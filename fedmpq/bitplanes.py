@@ -182,13 +182,19 @@ class BitPlaneWeight(nn.Module):
         """Rescale plane gradients so one SGD step moves the weight as plain SGD would.
 
         ``dL/dP_k = unit * 2**k * dL/dw``, so an unscaled plane step moves ``w`` by
-        ``2 * unit**2 * sum_k 4**k`` times the plain step (about ``s**2``): local
-        training would stall.  Dividing by that factor restores the weight-space step.
+        ``unit**2 * sum_k 4**k`` times the plain step (about ``s**2``): local training
+        would stall.  Dividing by that factor restores the weight-space step.  Only the
+        planes of a weight's current sign move (both while its level is 0): otherwise a
+        magnitude could shrink through both P and N but grow through P alone, a bias
+        towards zero that compounds over rounds.
         """
         factor = 1.0 / (self.unit**2 * float((self.powers**2).sum()) + 1e-30)
-        for p in (self.positive, self.negative):
+        with torch.no_grad():
+            level = ((self.positive - self.negative) * self.powers).sum(0)
+        for p, inactive in ((self.positive, level < -0.5), (self.negative, level > 0.5)):
             if p.grad is not None:
                 p.grad.mul_(factor)
+                p.grad.masked_fill_(inactive, 0.0)
 
     def to_layer(self) -> PlaneLayer:
         """The integer sign-magnitude form the trained planes stand for."""

@@ -142,3 +142,22 @@ def test_update_beyond_the_norm_bound_never_touches_the_model(tmp_path, data):
     assert row["rejected"] == {"norm": 2}
     assert row["participants"] == []
     assert all(np.array_equal(before[k], coordinator.global_state[k]) for k in before)
+
+
+def test_short_of_quorum_a_replacement_device_completes_the_round(tmp_path, data):
+    coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
+    coordinator.config.quorum = 1.0
+    reg = RegisterMessage("dev-c", "test", PROFILE, 600, True, time.time())
+    coordinator.handle(coordinator.topics.register("dev-c"), encode(reg))
+    devices = coordinator.registry.devices
+    glob, tasks = coordinator.begin_round(1, [devices["dev-a"], devices["dev-b"]])
+    assert coordinator.round_state.quorum_target == 2
+    first = run_clients(coordinator, data, glob, tasks)
+    coordinator.handle(coordinator.topics.update("dev-a"), first["dev-a"])  # dev-b never answers
+    retry = coordinator.extend_round([devices["dev-c"]])
+    assert set(retry) == {"dev-c"}
+    second = run_clients(coordinator, data, glob, retry)
+    coordinator.handle(coordinator.topics.update("dev-c"), second["dev-c"])
+    row = coordinator.finish_round()
+    assert row["participants"] == ["dev-a", "dev-c"]
+    assert row["counted"] is True
