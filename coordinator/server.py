@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from coordinator.aggregation import StreamingAverage, update_norm
@@ -119,6 +120,7 @@ class Coordinator:
         # Work for the coordinator thread, in arrival order: messages and reconnect duties.
         self.inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self.conn: Connection | None = None
+        self._process = psutil.Process()
         self.rng = random.Random(config.seed)
 
         torch.manual_seed(config.seed)
@@ -190,7 +192,8 @@ class Coordinator:
             elif kind == "status":
                 status = decode(payload, StatusMessage, self.limits)
                 if status.client_id == client_id:
-                    self.registry.set_online(client_id, status.state != "offline")
+                    online, announced = status.state != "offline", status.round > 0
+                    self.registry.set_online(client_id, online, announced=announced)
                     self._drop_if_gone(status)
                     self._welcome_back(status)
             elif kind == "update":
@@ -476,6 +479,9 @@ class Coordinator:
             },
             "client_metrics": {cid: dict(r.metrics) for cid, r in sorted(rs.accepted.items())},
             "round_seconds": time.monotonic() - rs.started,
+            # For soak tests: a leak shows as growth round over round.
+            "coordinator_rss_bytes": self._process.memory_info().rss,
+            "coordinator_open_fds": self._process.num_fds(),
             "collect_seconds": collected - rs.started,
             "emulated_seconds": rs.emulated_s,
             "rejected": dict(self.rejected),
@@ -511,8 +517,9 @@ class Coordinator:
     def _wait_for_devices(self) -> None:
         cfg = self.config
         deadline = time.monotonic() + cfg.registration_timeout_s
-        self._drain(deadline, lambda: len(self.registry.online()) >= cfg.min_clients)
-        online = len(self.registry.online())
+        # Devices that announced they are away (churn, crash) are not waited for.
+        self._drain(deadline, lambda: len(self.registry.accounted_for()) >= cfg.min_clients)
+        online = len(self.registry.accounted_for())
         if online < cfg.min_clients:
             raise FedmpqError(
                 f"only {online} of the {cfg.min_clients} devices the run needs registered within "
