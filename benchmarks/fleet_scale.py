@@ -35,6 +35,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -124,8 +125,8 @@ def coordinator_child(spec: dict[str, Any]) -> None:
             return glob, tasks
 
         def _wait_for_devices(self) -> None:
-            super()._wait_for_devices()
-            self.registered_at = time.time()
+            super()._wait_for_devices()  # before every round: the first is registration
+            self.registered_at = self.registered_at or time.time()
 
         def _run_round(self, conn: Any, round: int, selected: list[Any]) -> dict[str, Any]:
             select_s = self.cur["select"]
@@ -238,7 +239,8 @@ def stretched_slowest(report: Path, clients: int) -> dict[int, float]:
 def run_size(
     clients: int, per_round: int, rounds: int, workers: int, compute_time: str, out: Path
 ) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # agents append to their report file
+    out.mkdir(parents=True)
     run_id = f"scale-{clients}"
     write_keyring(out / KEY_FILE, generate_keys(f"device-{i:04d}" for i in range(clients)))
     result_path = out / "coordinator.json"

@@ -17,6 +17,9 @@ class DeviceRecord:
     accepts_zstd: bool
     online: bool = True
     last_seen: float = 0.0
+    # Said itself that it is unavailable (a status for a round, e.g. churn or a crash),
+    # rather than lost its connection (its last will): not waited for.
+    away: bool = False
 
 
 class Registry:
@@ -32,11 +35,17 @@ class Registry:
         self.devices[msg.client_id] = record
         return record
 
-    def set_online(self, client_id: str, online: bool) -> None:
+    def set_online(self, client_id: str, online: bool, *, announced: bool = False) -> None:
+        """Record liveness; ``announced``: the device itself said so (not its will)."""
         record = self.devices.get(client_id)
         if record is not None:
             record.online = online
+            record.away = not online and announced
             record.last_seen = time.time()
+
+    def accounted_for(self) -> list[DeviceRecord]:
+        """Devices online or away by their own word: everyone not lost to a broken link."""
+        return [d for d in self.devices.values() if d.online or d.away]
 
     def online(self) -> list[DeviceRecord]:
         return [d for d in self.devices.values() if d.online]

@@ -148,10 +148,15 @@ class BitPlaneWeight(nn.Module):
         return int(self.powers.shape[0])
 
     def signed_levels(self) -> torch.Tensor:
-        """Integer weight levels in ``[-M, M]`` (rounded with a straight-through gradient)."""
+        """Integer weight levels (rounded with a straight-through gradient).
+
+        Planes within [0, 2] allow levels up to ``2M``: a weight may outgrow the scale it
+        started with (the scale is trained this way, as BSQ trains it); :meth:`to_layer`
+        re-quantizes such a layer to ``M`` levels with a larger scale.
+        """
         pos = _round_ste((self.positive * self.powers).sum(0))
         neg = _round_ste((self.negative * self.powers).sum(0))
-        return torch.clamp(pos - neg, -self.levels, self.levels)
+        return pos - neg
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         return self.signed_levels() * self.unit
@@ -200,9 +205,19 @@ class BitPlaneWeight(nn.Module):
         """The integer sign-magnitude form the trained planes stand for."""
         with torch.no_grad():
             signed = self.signed_levels().to(torch.int64).numpy()
+        magnitude = np.abs(signed)
+        unit = self.unit.numpy().copy()
+        # Slices whose weights grew past M levels get a larger scale (FedMPQ/BSQ's
+        # re-quantization): M levels again, rounded to nearest.
+        reduce = tuple(i for i, n in enumerate(unit.shape) if n == 1)
+        peak = magnitude.max(axis=reduce, keepdims=True, initial=0)
+        growth = np.where(peak > self.levels, peak / self.levels, 1.0)
+        if (growth > 1).any():
+            magnitude = np.rint(magnitude / growth).astype(np.int64)
+            unit = (unit * growth).astype(np.float32)
         return PlaneLayer(
-            magnitude=np.abs(signed),
-            negative=signed < 0,
-            unit=self.unit.numpy().copy(),
+            magnitude=magnitude,
+            negative=(signed < 0) & (magnitude > 0),
+            unit=unit,
             planes=self.planes,
         )

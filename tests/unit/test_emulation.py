@@ -133,7 +133,14 @@ PROFILE = load_profile(PROFILES / "rpi-4b-4gb.toml")
 
 
 def _coordinator(tmp_path) -> Coordinator:
-    config = RunConfig(run_id="drop", model="mlp", rounds=1, min_clients=3, out_dir=str(tmp_path))
+    config = RunConfig(
+        run_id="drop",
+        model="mlp",
+        rounds=1,
+        min_clients=3,
+        out_dir=str(tmp_path),
+        offline_grace_s=0,
+    )
     coordinator = Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
     reported = EmulatedDevice(PROFILE, 40.0, "s").reported_profile()
     for cid in ("a", "b", "c"):
@@ -162,3 +169,5 @@ def test_coordinator_stops_waiting_for_devices_that_drop_out(tmp_path):
     assert row["participants"] == [] and not row["counted"]
     # Offline devices are not selected for the next round; the one that refused is.
     assert [d.client_id for d in coordinator.registry.select(0, coordinator.rng)] == ["c"]
+    # "a" said it is away; "b" lost its link (will): only "b" is waited for.
+    assert {d.client_id for d in coordinator.registry.accounted_for()} == {"a", "c"}

@@ -175,3 +175,25 @@ def test_client_reports_dropped_planes_and_sends_fewer_bits():
     sent = {p.name: p.bits for p in tensors}
     assert dropped[name] > 0
     assert sent[name] == 6 - dropped[name]
+
+
+def test_weights_that_outgrow_the_scale_are_requantized_with_a_larger_scale():
+    w = np.array([[0.5, -1.0, 0.25, 0.0]], np.float32)
+    module = BitPlaneWeight(w, 3, -1)  # 2 planes, M = 3, unit = 1/3
+    with torch.no_grad():
+        module.positive[:, 0, 0] = 2.0  # level 6 = 2M: the weight doubled past the scale
+    layer = module.to_layer()
+    assert layer.magnitude.max() == 3  # back to M levels...
+    assert float(layer.unit.max()) == pytest.approx(2 / 3)  # ...with the scale doubled
+    np.testing.assert_allclose(layer.weight()[0, 0], 2.0, rtol=1e-6)
+
+
+def test_only_the_planes_of_a_weights_sign_move():
+    w = np.array([[0.9, -0.9]], np.float32)
+    module = BitPlaneWeight(w, 4, -1)
+    out = module(torch.from_numpy(w)).sum()
+    out.backward()
+    module.precondition_()
+    assert float(module.negative.grad[:, 0, 0].abs().sum()) == 0.0  # positive weight
+    assert float(module.positive.grad[:, 0, 1].abs().sum()) == 0.0  # negative weight
+    assert float(module.positive.grad[:, 0, 0].abs().sum()) > 0.0
