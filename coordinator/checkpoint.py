@@ -17,9 +17,9 @@ from typing import Any
 
 import msgpack
 
-from coordinator.metrics import write_atomic
 from coordinator.registry import DeviceRecord
 from fedmpq.errors import ConfigError, DecodeError
+from fedmpq.fileio import write_atomic
 from fedmpq.wire.codec import decode
 from fedmpq.wire.messages import DeviceProfile, GlobalModelMessage
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from coordinator.export import ExportError, build_onnx, fake_quant_model, torch_logits
-from coordinator.metrics import write_atomic
 from coordinator.model_release import input_spec, read_final_bits
 from fedmpq.data.datasets import load_dataset
 from fedmpq.errors import FedmpqError
+from fedmpq.fileio import write_atomic
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.wire.codec import decode
 from fedmpq.wire.messages import SCHEME_SYMMETRIC, GlobalModelMessage

@@ -20,9 +20,9 @@ from torch import nn
 
 from coordinator.config import RunConfig
 from coordinator.export import ExportedModel, InputSpec
-from coordinator.metrics import write_atomic
 from fedmpq.data.datasets import DatasetSplit
 from fedmpq.errors import ConfigError, FedmpqError
+from fedmpq.fileio import write_atomic
 from fedmpq.policies import BitAllocation
 from fedmpq.wire.codec import encode
 from fedmpq.wire.messages import ModelMessage

@@ -25,12 +25,13 @@ import torch
 from coordinator.aggregation import StreamingAverage, update_norm
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.config import RunConfig
-from coordinator.metrics import MetricsLog, plot_accuracy, write_atomic
+from coordinator.metrics import MetricsLog, plot_accuracy
 from coordinator.registry import DeviceRecord, Registry
 from fedmpq.budget import RoundDemand, budget_bits
 from fedmpq.data.datasets import load_dataset
 from fedmpq.errors import BudgetError, DecodeError, FedmpqError
 from fedmpq.evaluation import evaluate
+from fedmpq.fileio import write_atomic
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
 from fedmpq.policies import (

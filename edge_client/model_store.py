@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmpq.errors import FedmpqError
+from fedmpq.fileio import write_atomic
 
 CURRENT = "current.json"
 
@@ -56,16 +57,6 @@ def default_model_dir() -> Path:
 def sha256_hex(data: bytes) -> str:
     """The model fingerprint: SHA-256 of the ONNX bytes, lower-case hex."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A per-process temporary name: several agent processes may share one directory.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class ModelStore:
@@ -115,7 +106,7 @@ class ModelStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{actual}.onnx"
         if not path.exists():
-            _write_atomic(path, onnx_bytes)
+            write_atomic(path, onnx_bytes)
         stored = StoredModel(
             path=path,
             fingerprint=actual,
@@ -128,7 +119,7 @@ class ModelStore:
             bits={str(k): int(v) for k, v in info["bits"].items()},
         )
         record = asdict(stored) | {"path": path.name}
-        _write_atomic(self.directory / CURRENT, json.dumps(record, indent=1).encode())
+        write_atomic(self.directory / CURRENT, json.dumps(record, indent=1).encode())
         for old in self.directory.glob("*.onnx"):
             if old != path:
                 old.unlink(missing_ok=True)
