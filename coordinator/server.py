@@ -45,7 +45,14 @@ from fedmpq.policies import (
 from fedmpq.resources import model_cost
 from fedmpq.state import fingerprint, load_numpy_state, state_to_numpy
 from fedmpq.topics import Topics
-from fedmpq.wire.codec import DecodeLimits, decode, decode_envelope, encode, verify_envelope
+from fedmpq.wire.codec import (
+    DecodeLimits,
+    Envelope,
+    decode_body,
+    decode_envelope,
+    encode,
+    verify_envelope,
+)
 from fedmpq.wire.messages import (
     KIND_DELTA,
     ControlMessage,
@@ -181,24 +188,26 @@ class Coordinator:
             return
         kind, client_id = parsed
         try:
-            if kind in ("register", "status", "update") and not self._authentic(client_id, payload):
+            # Parsed once: the signature is checked on the envelope, then the body decoded.
+            env = decode_envelope(payload, self.limits)
+            if kind in ("register", "status", "update") and not self._authentic(client_id, env):
                 return
             if kind == "register":
-                msg = decode(payload, RegisterMessage, self.limits)
+                msg = decode_body(env, RegisterMessage, self.limits)
                 if msg.client_id != client_id:
                     self._reject("spoofed", client_id, f"registers as {msg.client_id!r}")
                     return
                 self.registry.register(msg)
                 log.info("registered %s (%d samples)", client_id, msg.num_samples)
             elif kind == "status":
-                status = decode(payload, StatusMessage, self.limits)
+                status = decode_body(env, StatusMessage, self.limits)
                 if status.client_id == client_id:
                     online, announced = status.state != "offline", status.round > 0
                     self.registry.set_online(client_id, online, announced=announced)
                     self._drop_if_gone(status)
                     self._welcome_back(status)
             elif kind == "update":
-                self._handle_update(client_id or "", payload)
+                self._handle_update(client_id or "", env, len(payload))
         except DecodeError as exc:
             self._reject("malformed", client_id, str(exc))
 
@@ -230,7 +239,7 @@ class Coordinator:
             if task is not None:
                 self.conn.publish(self.topics.task(status.client_id), task, qos=1)
 
-    def _authentic(self, client_id: str | None, payload: bytes) -> bool:
+    def _authentic(self, client_id: str | None, env: Envelope) -> bool:
         """With device keys configured, a device's frame must be signed with its own key."""
         if self.device_keys is None:
             return True
@@ -238,7 +247,7 @@ class Coordinator:
         if key is None:
             self._reject("unknown_device", client_id, "no key enrolled for this device")
             return False
-        if not verify_envelope(decode_envelope(payload, self.limits), key):
+        if not verify_envelope(env, key):
             self._reject("bad_signature", client_id, "signature does not match the device key")
             return False
         return True
@@ -247,8 +256,8 @@ class Coordinator:
         self.rejected[reason] += 1
         log.warning("rejected %s message from %s: %s", reason, client_id, detail)
 
-    def _handle_update(self, client_id: str, payload: bytes) -> None:
-        msg = decode(payload, UpdateMessage, self.limits)
+    def _handle_update(self, client_id: str, env: Envelope, frame_bytes: int) -> None:
+        msg = decode_body(env, UpdateMessage, self.limits)
         rs = self.round_state
         problem = self._update_problem(msg, client_id, rs)
         if problem is not None:
@@ -272,9 +281,9 @@ class Coordinator:
         rs.accepted[client_id] = ClientResult(
             client_id, msg.num_samples, sent_bits, dict(msg.bits_dropped), dict(msg.metrics)
         )
-        rs.uplink_bytes += len(payload)
+        rs.uplink_bytes += frame_bytes
         rs.emulated_s = max(rs.emulated_s, msg.usage.emulated_seconds)
-        log.info("round %d: update from %s (%d bytes)", rs.round, client_id, len(payload))
+        log.info("round %d: update from %s (%d bytes)", rs.round, client_id, frame_bytes)
 
     def _update_problem(
         self, msg: UpdateMessage, client_id: str, rs: RoundState | None

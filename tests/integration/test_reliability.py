@@ -7,11 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from coordinator.checkpoint import load_checkpoint
 from coordinator.metrics import read_metrics
+from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.topics import Topics
 from fedmpq.wire.codec import decode
 from fedmpq.wire.messages import GlobalModelMessage
 
@@ -42,16 +45,25 @@ def _coordinator(url: str, run_id: str, out: Path, rounds: int, *extra: str) -> 
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
 
 
-def _wait_for_round(out: Path, round: int, proc: subprocess.Popen) -> None:
-    """Poll the metrics file (what an operator would watch) until ``round`` is logged."""
-    deadline = time.monotonic() + DEADLINE_S
-    path = out / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists() and any(r["round"] >= round for r in read_metrics(path)):
-            return
-        assert proc.poll() is None, f"coordinator exited early with {proc.returncode}"
-        time.sleep(0.2)  # polling a file with a deadline, not synchronising on time
-    raise AssertionError(f"round {round} not reached within {DEADLINE_S} s")
+def _wait_for_round(url: str, run_id: str, round: int, proc: subprocess.Popen) -> None:
+    """Wait until round ``round`` is complete: the coordinator publishes the global model
+    of round ``round + 1`` only after logging and checkpointing ``round``."""
+    reached = threading.Event()
+
+    def on_message(_conn: Connection, _topic: str, payload: bytes) -> None:
+        msg = decode(payload, GlobalModelMessage)
+        if msg.run_id == run_id and msg.round > round:
+            reached.set()
+
+    with MqttLoop() as loop:
+        watcher = Connection(loop, BrokerAddress.parse(url), "test-watcher", on_message=on_message)
+        watcher.subscribe(Topics().global_model)
+        watcher.connect()
+        deadline = time.monotonic() + DEADLINE_S
+        while not reached.wait(timeout=1.0):
+            assert proc.poll() is None, f"coordinator exited early with {proc.returncode}"
+            assert time.monotonic() < deadline, f"round {round} not done within {DEADLINE_S} s"
+        watcher.close()
 
 
 def _finish(procs: list[subprocess.Popen]) -> None:
@@ -68,7 +80,7 @@ def test_coordinator_kill_9_then_resume_continues_byte_identical(module_mosquitt
     agents = _agents(url, run_id, tmp_path, 2)
     try:
         first = _coordinator(url, run_id, tmp_path, 4)
-        _wait_for_round(tmp_path, 2, first)
+        _wait_for_round(url, run_id, 2, first)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
         ckpt = load_checkpoint(tmp_path)
@@ -94,7 +106,7 @@ def test_broker_restart_mid_training_loses_no_update(mosquitto, tmp_path):
     agents = _agents(url, run_id, tmp_path, 2)
     coordinator = _coordinator(url, run_id, tmp_path, 4)
     try:
-        _wait_for_round(tmp_path, 1, coordinator)
+        _wait_for_round(url, run_id, 1, coordinator)
         mosquitto.stop()
         mosquitto.start()
         _finish([coordinator, *agents])
