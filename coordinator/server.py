@@ -55,6 +55,7 @@ from fedmpq.wire.codec import (
 )
 from fedmpq.wire.messages import (
     KIND_DELTA,
+    STATUS_CONNECTED,
     ControlMessage,
     GlobalModelMessage,
     NoticeMessage,
@@ -230,14 +231,17 @@ class Coordinator:
             log.info("round %d: %s dropped out (%s)", rs.round, status.client_id, status.state)
 
     def _welcome_back(self, status: StatusMessage) -> None:
-        """A selected device that is online again within the grace gets its task again."""
+        """A selected device that (re)connected while its round is open gets its task again:
+        the broker may have lost the task or the update.  The device answers a task it
+        already answered with the same update, which is aggregated at most once."""
         rs = self.round_state
         if rs is None or status.state != "online" or self.conn is None:
             return
-        if rs.offline_since.pop(status.client_id, None) is not None:
-            task = rs.task_frames.get(status.client_id)
-            if task is not None:
-                self.conn.publish(self.topics.task(status.client_id), task, qos=1)
+        rs.offline_since.pop(status.client_id, None)
+        task = rs.task_frames.get(status.client_id)
+        reconnected = status.detail == STATUS_CONNECTED
+        if reconnected and task is not None and status.client_id not in rs.accepted:
+            self.conn.publish(self.topics.task(status.client_id), task, qos=1)
 
     def _authentic(self, client_id: str | None, env: Envelope) -> bool:
         """With device keys configured, a device's frame must be signed with its own key."""

@@ -38,6 +38,7 @@ from fedmpq.resources import ModelCost, model_cost
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import DecodeLimits, decode, encode
 from fedmpq.wire.messages import (
+    STATUS_CONNECTED,
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,
@@ -141,7 +142,9 @@ class AgentRuntime:
     # --- worker thread -----------------------------------------------------------------
     def _announce(self, device: Device) -> None:
         assert device.connection is not None
-        status = StatusMessage(device.client_id, "online", device.last_round, "", time.time())
+        status = StatusMessage(
+            device.client_id, "online", device.last_round, STATUS_CONNECTED, time.time()
+        )
         device.connection.publish(
             self.topics.status(device.client_id), encode(status, key=device.key), qos=1, retain=True
         )

@@ -163,10 +163,20 @@ class UpdateMessage:
     bits_dropped: dict[str, int] = field(default_factory=dict)
 
 
+#: ``StatusMessage.detail`` of the announcement a device makes on every (re)connect.
+STATUS_CONNECTED = "connected"
+
+
 @dataclass
 class StatusMessage:
     """Liveness and state of a device (device -> coordinator, retained; also the
-    device's MQTT last will, with ``state == "offline"``)."""
+    device's MQTT last will, with ``state == "offline"``).
+
+    On every (re)connect a device announces ``state == "online"`` with
+    ``detail == STATUS_CONNECTED``: the coordinator then re-sends the task of an open
+    round the device was selected for and has not answered, since a broker restart
+    may have lost it.
+    """
 
     MESSAGE_TYPE: ClassVar[str] = "status"
 
