@@ -33,7 +33,7 @@ from coordinator.server import Coordinator
 from fedmpq.data.datasets import subset
 from fedmpq.data.partition import partition
 from fedmpq.mqtt import BrokerAddress
-from fedmpq.wire.messages import DeviceProfile
+from fedmpq.wire.messages import OBSERVER_MSE, OBSERVERS, DeviceProfile
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = 10
@@ -70,6 +70,7 @@ class Run:
     rounds: int
     epochs: int
     train_samples: int  # 0: the whole training split
+    observer: str = OBSERVER_MSE
     seed: int = 0
 
 
@@ -86,6 +87,7 @@ def run_one(run: Run) -> dict[str, Any]:
             out_dir=tmp,
             publish_onnx=False,
             seed=run.seed,
+            observer=run.observer,
             policy=dict(POLICIES[run.policy]),
             budgets=[float(b) for b in BUDGETS[run.setting]],
             training=TrainingConfig(epochs=run.epochs, batch_size=32, learning_rate=0.05),
@@ -105,7 +107,13 @@ def run_one(run: Run) -> dict[str, Any]:
         register(coordinator, list(devices.values()))
         _, accuracy = coordinator._evaluate()
         history: list[dict[str, Any]] = [
-            {"round": 0, "accuracy": accuracy, "uplink_bytes": 0, "emulated_round_s": 0.0}
+            {
+                "round": 0,
+                "accuracy": accuracy,
+                "uplink_bytes": 0,
+                "emulated_round_s": 0.0,
+                "emulated_upload_s": 0.0,
+            }
         ]
         started = time.perf_counter()
         for r in range(1, run.rounds + 1):
@@ -121,6 +129,7 @@ def run_one(run: Run) -> dict[str, Any]:
                         "client_bits",
                         "sent_bits",
                         "emulated_round_s",
+                        "emulated_upload_s",
                     )
                 }
             )
@@ -133,6 +142,7 @@ def summarise(result: dict[str, Any], target: float) -> dict[str, Any]:
     rounds = hist[1:]
     cumulative = np.cumsum([h["uplink_bytes"] for h in hist])
     elapsed = np.cumsum([h["emulated_round_s"] for h in hist])
+    uploading = np.cumsum([h["emulated_upload_s"] for h in hist])
     hit = next((i for i, h in enumerate(hist) if h["accuracy"] >= target), None)
     bits = [np.mean(list(h["client_bits"].values())) for h in rounds]
     return {
@@ -145,6 +155,9 @@ def summarise(result: dict[str, Any], target: float) -> dict[str, Any]:
         "target_acc": target,
         "rounds_to_target": hit,
         "time_to_target_s": None if hit is None else float(elapsed[hit]),
+        "upload_time_to_target_s": None if hit is None else float(uploading[hit]),
+        # Of float32's round time, what no update size can remove (compute + download).
+        "fixed_share": 1.0 - float(uploading[-1] / max(elapsed[-1], 1e-12)),
         "wall_s": result["wall_s"],
     }
 
@@ -161,8 +174,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["uplink_reduction"] = ref["uplink_mb_per_round"] / max(
             row["uplink_mb_per_round"], 1e-12
         )
-        t, t_ref = row["time_to_target_s"], ref["time_to_target_s"]
-        row["time_speedup"] = None if t is None or t_ref is None else t_ref / max(t, 1e-12)
+        for key, out in (
+            ("time_to_target_s", "time_speedup"),
+            ("upload_time_to_target_s", "upload_speedup"),
+        ):
+            t, t_ref = row[key], ref[key]
+            row[out] = None if t is None or t_ref is None else t_ref / max(t, 1e-12)
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -175,8 +192,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Settings: {json.dumps(meta)}",
         "",
         "| data | alpha | budgets | policy | final acc | best acc | avg bits | uplink MB "
-        "| MB/round | uplink ÷ | target | rounds to target | time to target (s) | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MB/round | uplink ÷ | target | rounds to target | time to target (s) | speedup "
+        "| upload time to target (s) | upload speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -185,7 +203,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['uplink_mb']:.2f} | {r['uplink_mb_per_round']:.3f} "
             f"| {r['uplink_reduction']:.1f}x | {r['target_acc']:.4f} "
             f"| {fmt(r['rounds_to_target'], 'd')} | {fmt(r['time_to_target_s'], '.1f')} "
-            f"| {fmt(r['time_speedup'], '.2f')} |"
+            f"| {fmt(r['time_speedup'], '.2f')} | {fmt(r['upload_time_to_target_s'], '.1f')} "
+            f"| {fmt(r['upload_speedup'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -272,7 +291,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alphas", type=float, nargs="+", help="Dirichlet alphas")
     parser.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=list(POLICIES))
     parser.add_argument("--fashion-mnist", metavar="DIR", help="full Fashion-MNIST idx files")
-    parser.add_argument("--cifar10", metavar="DIR", help="CIFAR-10 binary batches")
+    parser.add_argument(
+        "--cifar10", metavar="DIR", help="CIFAR-10: binary batches, or train/ test/ class folders"
+    )
+    parser.add_argument(
+        "--observer",
+        choices=sorted(OBSERVERS),
+        default=OBSERVER_MSE,
+        help="how symmetric scales are chosen, for every policy (default mse)",
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--only-dataset", action="store_true", help="skip the shipped data set")
     parser.add_argument("--train-samples", type=int, help="subsample the training split")
     parser.add_argument(
         "--target-frac",
@@ -289,15 +318,18 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or ("mlp" if quick else "cnn")
     alphas = args.alphas or ([0.5] if quick else [0.5, 0.1])
     samples = args.train_samples if args.train_samples is not None else (3000 if quick else 0)
-    datasets = ["fashion-mnist-small"]
+    datasets = [] if args.only_dataset else ["fashion-mnist-small"]
     if args.fashion_mnist:
         datasets.append(f"idx:{args.fashion_mnist}")
     if args.cifar10:
-        datasets.append(f"cifar10-bin:{args.cifar10}")
+        binary = (Path(args.cifar10) / "data_batch_1.bin").exists()
+        datasets.append(f"{'cifar10-bin' if binary else 'folder'}:{args.cifar10}")
+    if not datasets:
+        parser.error("--only-dataset needs --fashion-mnist or --cifar10")
     if "float32" not in args.policies:
         parser.error("float32 is the reference of every ratio; keep it in --policies")
     runs = [
-        Run(dataset, model, alpha, setting, policy, rounds, 1, samples)
+        Run(dataset, model, alpha, setting, policy, rounds, args.epochs, samples, args.observer)
         for dataset in datasets
         for alpha in alphas
         for setting in BUDGETS
@@ -322,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         "quick": quick,
         "model": model,
         "rounds": rounds,
-        "epochs": 1,
+        "epochs": args.epochs,
+        "observer": args.observer,
         "clients": CLIENTS,
         "budgets": BUDGETS,
         "train_samples": samples or "all",

@@ -59,13 +59,14 @@ def run_round(
 ) -> dict[str, Any]:
     """Run ``round`` for the coordinator's selection; return its metrics row, extended with
     ``emulated_round_s``, ``sent_bits`` (per client, per layer, as sent) and
-    ``notices`` (clients told they were left out)."""
+    ``notices`` (clients told they were left out) and ``emulated_upload_s`` (the
+    slowest upload)."""
     cfg = coordinator.config
     selected = coordinator.registry.select(cfg.clients_per_round, coordinator.rng)
     glob, tasks = coordinator.begin_round(round, selected)
     state = decode_state(decode(glob, GlobalModelMessage).tensors)
     nets: dict[str, nn.Module] = {}
-    slowest = 0.0
+    slowest = slowest_upload = 0.0
     sent_bits: dict[str, dict[str, int]] = {}
     notices: dict[str, str] = {}
     for cid, raw in sorted(tasks.items()):
@@ -90,11 +91,14 @@ def run_round(
         payload = encode(update)
         coordinator.handle(coordinator.topics.update(cid), payload)
         sent_bits[cid] = {p.name: p.bits for p in decode(payload, UpdateMessage).tensors}
-        slowest = max(
-            slowest, emulated_seconds(coordinator, device, msg, len(glob) + len(raw), len(payload))
+        compute, down, up = emulated_seconds(
+            coordinator, device, msg, len(glob) + len(raw), len(payload)
         )
+        slowest = max(slowest, compute + down + up)
+        slowest_upload = max(slowest_upload, up)
     row = coordinator.finish_round()
     row["emulated_round_s"] = slowest
+    row["emulated_upload_s"] = slowest_upload
     row["sent_bits"] = sent_bits
     row["notices"] = notices
     return row
@@ -102,11 +106,11 @@ def run_round(
 
 def emulated_seconds(
     coordinator: Coordinator, device: SimDevice, task: TaskMessage, down: int, up: int
-) -> float:
-    """Compute + download + upload time of one client's round on its profile."""
+) -> tuple[float, float, float]:
+    """Compute, download and upload time of one client's round on its profile."""
     p = device.profile
     compute = training_seconds(coordinator.cost, len(device.y), task.epochs, p.gflops)
     latency = p.latency_s or 0.0
     down_s = transfer_seconds(down, p.downlink_bps, latency) if p.downlink_bps else 0.0
     up_s = transfer_seconds(up, p.uplink_bps, latency) if p.uplink_bps else 0.0
-    return compute + down_s + up_s
+    return compute, down_s, up_s

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmpq.errors import ConfigError
-from fedmpq.wire.messages import SCHEME_AFFINE, SCHEME_SYMMETRIC
+from fedmpq.wire.messages import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_AFFINE, SCHEME_SYMMETRIC
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,6 +61,9 @@ class RunConfig:
     quorum: float = 0.0  # fraction of selected clients that must answer for a round to count
     seed: int = 0
     scheme: str = SCHEME_SYMMETRIC
+    # How symmetric scales are chosen: max|w|, or the clip of least squared error
+    # (much better at 2-3 bits; see fedmpq.quant).
+    observer: str = OBSERVER_MINMAX
     per_channel: bool = True
     compress: bool = False
     max_message_bytes: int = 64 * 2**20
@@ -91,6 +94,11 @@ class RunConfig:
             (self.round_deadline_s > 0, "round_deadline_s must be > 0"),
             (0.0 <= self.quorum <= 1.0, "quorum must be within 0..1"),
             (self.scheme in (SCHEME_SYMMETRIC, SCHEME_AFFINE), "scheme: symmetric or affine"),
+            (
+                self.observer == OBSERVER_MINMAX
+                or (self.observer == OBSERVER_MSE and self.scheme == SCHEME_SYMMETRIC),
+                "observer: minmax, or mse with the symmetric scheme",
+            ),
             ("name" in self.policy, "[policy] needs a name"),
             (self.training.epochs >= 1, "training.epochs must be >= 1"),
             (self.training.batch_size >= 1, "training.batch_size must be >= 1"),

@@ -19,10 +19,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
-from coordinator.aggregation import StreamingAverage, update_norm
+from coordinator.aggregation import StreamingAverage, start_error, update_norm
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.config import RunConfig
 from coordinator.metrics import MetricsLog, plot_accuracy
@@ -55,6 +56,7 @@ from fedmpq.wire.codec import (
 )
 from fedmpq.wire.messages import (
     KIND_DELTA,
+    QUANT_BITS,
     STATUS_CONNECTED,
     ControlMessage,
     GlobalModelMessage,
@@ -94,6 +96,8 @@ class RoundState:
     offline_since: dict[str, float] = field(default_factory=dict)
     offline_grace_s: float = 0.0
     quorum_target: int = 0  # answers needed for the round to change the model
+    # (layer, bits) -> global weight minus its quantization at those bits (anchored policies)
+    start_errors: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def complete(self) -> bool:
         now = time.monotonic()
@@ -145,7 +149,11 @@ class Coordinator:
         # A small held-out sample for policies that measure sensitivity (FedLQ).
         self.x_heldout, self.y_heldout = self.x_test[:HELDOUT], self.y_test[:HELDOUT]
         context = PolicyContext(
-            lambda: self.global_state, self._heldout_loss, config.scheme, config.per_channel
+            lambda: self.global_state,
+            self._heldout_loss,
+            config.scheme,
+            config.per_channel,
+            config.observer,
         )
         self.policy.setup(self.layers, context)
         self.round_state: RoundState | None = None
@@ -274,6 +282,8 @@ class Coordinator:
         if shapes != expected:
             self._reject("shape", client_id, "tensor names or shapes differ from the model")
             return
+        if self.policy.anchored:
+            tensors = self._anchor(rs, client_id, tensors)
         bound = self.config.max_update_norm
         if bound > 0:
             norm = update_norm(tensors, self.global_state, msg.kind)
@@ -288,6 +298,24 @@ class Coordinator:
         rs.uplink_bytes += frame_bytes
         rs.emulated_s = max(rs.emulated_s, msg.usage.emulated_seconds)
         log.info("round %d: update from %s (%d bytes)", rs.round, client_id, frame_bytes)
+
+    def _anchor(
+        self, rs: RoundState, client_id: str, tensors: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Re-base a client's quantized layers on the global weights it started from (see
+        ``coordinator.aggregation.start_error``)."""
+        cfg = self.config
+        for name, bits in rs.selected[client_id].bits.items():
+            if bits not in QUANT_BITS:
+                continue
+            error = rs.start_errors.get((name, bits))
+            if error is None:
+                error = start_error(
+                    self.global_state[name], bits, cfg.scheme, cfg.per_channel, cfg.observer
+                )
+                rs.start_errors[(name, bits)] = error
+            tensors[name] = tensors[name] + error
+        return tensors
 
     def _update_problem(
         self, msg: UpdateMessage, client_id: str, rs: RoundState | None
@@ -442,6 +470,7 @@ class Coordinator:
                 deadline_s=cfg.round_deadline_s,
                 compress=cfg.compress and device.accepts_zstd,
                 options=self.policy.client_options(),
+                observer=cfg.observer,
             )
             tasks[device.client_id] = encode(task, compress=cfg.compress and device.accepts_zstd)
         for client_id, reason in excluded.items():

@@ -49,7 +49,9 @@ def execute_task(
     """
     load_numpy_state(net, global_state)
     policy = policy_class(task.policy)
-    hooks = policy.hooks(task.bits, task.scheme, task.per_channel, task.options, memory, seed)
+    hooks = policy.hooks(
+        task.bits, task.scheme, task.per_channel, task.options, memory, seed, task.observer
+    )
     result = train_local(
         net,
         x,

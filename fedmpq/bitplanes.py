@@ -13,7 +13,8 @@ during training).  At initialisation the planes are exactly the bits of
 training the planes are floats clipped to [0, 2] (the least significant plane starts
 with the weight's sub-level fraction added, so rounding the planes' sum gives exactly
 the quantized weight); the forward pass rounds each magnitude sum to an integer with a
-straight-through estimator.
+straight-through estimator, and re-quantizes a slice whose levels grew past ``M`` to
+``M`` levels, so the loss sees the weights the wire will carry.
 
 After training, :func:`drop_planes` removes bit-planes that carry (almost) nothing:
 an empty most significant plane (the step stays, the scale ``s' = unit * M'``
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from fedmpq.quant import quantize, symmetric_to_signed
-from fedmpq.wire.messages import SCHEME_SYMMETRIC
+from fedmpq.wire.messages import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_SYMMETRIC
 
 #: FedMPQ drops a least significant plane when at most this fraction of its bits are set.
 LSB_DENSITY = 0.02
@@ -55,7 +56,7 @@ def _unit_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return (shape[0],) + (1,) * (len(shape) - 1) if axis == 0 else (1,) * len(shape)
 
 
-def to_planes(w: np.ndarray, bits: int, axis: int) -> PlaneLayer:
+def to_planes(w: np.ndarray, bits: int, axis: int, observer: str = OBSERVER_MINMAX) -> PlaneLayer:
     """Quantize ``w`` symmetrically at ``bits`` (2..8) wire bits into sign-magnitude form.
 
     Parameters
@@ -66,10 +67,12 @@ def to_planes(w: np.ndarray, bits: int, axis: int) -> PlaneLayer:
         Wire bits including the sign; ``bits - 1`` magnitude planes.
     axis
         -1 for one scale per tensor, 0 for one per output channel.
+    observer
+        How the scale is chosen (``fedmpq.quant``): FedMPQ's ``max|w|`` by default.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bit-planes need 2..8 wire bits (sign + >= 1 plane), got {bits}")
-    q = quantize(w, bits, SCHEME_SYMMETRIC, axis=axis)
+    q = quantize(w, bits, SCHEME_SYMMETRIC, axis=axis, observer=observer)
     signed = symmetric_to_signed(q.codes, bits).astype(np.int64)
     levels = (1 << (bits - 1)) - 1
     unit = (q.scale / np.float32(levels)).astype(np.float32)
@@ -121,19 +124,26 @@ class BitPlaneWeight(nn.Module):
     unit: torch.Tensor  # step s / M, broadcastable to the weight
     powers: torch.Tensor  # 2**k, shape (planes, 1, ..., 1)
 
-    def __init__(self, w: np.ndarray, bits: int, axis: int) -> None:
+    def __init__(
+        self, w: np.ndarray, bits: int, axis: int, observer: str = OBSERVER_MINMAX
+    ) -> None:
         super().__init__()
-        layer = to_planes(w, bits, axis)
+        layer = to_planes(w, bits, axis, observer)
+        self.axis = axis
         levels = (1 << layer.planes) - 1
         # The magnitude in levels before rounding; its integer part goes into the planes
         # and its fraction onto the least significant plane, so the planes start exactly
-        # where the float weight is (rounding them gives the quantized weight) and small
-        # local steps are not lost to a fresh rounding every round.
+        # where the float weight is and small local steps are not lost to a fresh
+        # rounding every round.  A weight beyond a clipped scale (observer "mse") starts
+        # at up to 2M with every plane at exact / M, as it would have grown in training.
         scale = layer.unit * np.float32(levels)
         exact = np.abs(w.astype(np.float32)) / np.where(scale > 0, scale, 1) * np.float32(levels)
+        exact = np.minimum(exact, np.float32(2 * levels))
         whole = np.minimum(np.floor(exact), levels).astype(np.int64)
         bit_planes = plane_bits(whole, layer.planes).astype(np.float32)
-        bit_planes[0] += (exact - whole).astype(np.float32)
+        bit_planes[0] += np.minimum(exact - whole, 1.0)
+        over = exact > levels
+        bit_planes = np.where(over, exact / np.float32(levels), bit_planes).astype(np.float32)
         planes = torch.from_numpy(bit_planes)
         negative = torch.from_numpy(w < 0)
         self.levels = levels
@@ -151,15 +161,27 @@ class BitPlaneWeight(nn.Module):
         """Integer weight levels (rounded with a straight-through gradient).
 
         Planes within [0, 2] allow levels up to ``2M``: a weight may outgrow the scale it
-        started with (the scale is trained this way, as BSQ trains it); :meth:`to_layer`
-        re-quantizes such a layer to ``M`` levels with a larger scale.
+        started with (the scale is trained this way, as BSQ trains it); the forward pass
+        and :meth:`to_layer` re-quantize such a slice to ``M`` levels.
         """
         pos = _round_ste((self.positive * self.powers).sum(0))
         neg = _round_ste((self.negative * self.powers).sum(0))
         return pos - neg
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self.signed_levels() * self.unit
+        """The weight as it will be sent: slices grown past ``M`` levels re-quantized.
+
+        The loss must see what the wire carries; training against the grown
+        (up to ``2M``-level) weights and sending their re-quantization lost ~10 points
+        at two wire bits.  The gradient passes straight through the re-quantization.
+        """
+        levels = self.signed_levels()
+        w = levels * self.unit
+        with torch.no_grad():
+            sent = self._fit(levels.to(torch.int64).numpy())
+        if sent is None:
+            return w
+        return w + (torch.from_numpy(sent.weight()) - w).detach()
 
     def plane_norms(self) -> torch.Tensor:
         """``||[P_k; N_k]||_2`` for every plane k: the groups of FedMPQ's group lasso."""
@@ -167,15 +189,36 @@ class BitPlaneWeight(nn.Module):
         flat_n = self.negative.reshape(self.planes, -1)
         return torch.sqrt((flat_p**2).sum(1) + (flat_n**2).sum(1) + 1e-12)
 
+    def add_lasso_grad_(self, strength: float) -> None:
+        """Add the gradient of ``strength * sum_k ||[P_k; N_k]||_2`` to the planes' grads."""
+        with torch.no_grad():
+            norms = self.plane_norms().reshape((-1,) + (1,) * (self.positive.dim() - 1))
+            for p in (self.positive, self.negative):
+                lasso = p * (strength / norms)
+                if p.grad is None:
+                    p.grad = lasso
+                else:
+                    p.grad.add_(lasso)
+
     def clip_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Keep every plane value within [0, 2] (BSQ's constraint) after a step.
 
-        Momentum that keeps pushing a clipped value out of range is cleared, or it would
-        pile up while clipped and delay the plane's turn when the gradient reverses.
+        What clipping a plane takes off a weight's level goes onto its other planes
+        that have room, least significant first: a step spreads over the planes in
+        proportion to ``2**k``, so the most significant plane hits 0 or 2 first and,
+        clipped, would stall a weight's move towards zero.  Momentum that keeps pushing
+        a clipped value out of range is cleared, or it would pile up while clipped and
+        delay the plane's turn when the gradient reverses.
         """
         with torch.no_grad():
             for p in (self.positive, self.negative):
+                wanted = (p * self.powers).sum(0)
                 p.clamp_(0.0, 2.0)
+                residual = wanted - (p * self.powers).sum(0)
+                for k in range(self.planes):
+                    add = torch.clamp(residual / 2.0**k, min=-p[k], max=2.0 - p[k])
+                    p[k].add_(add)
+                    residual -= add * 2.0**k
                 state = optimizer.state.get(p, {}) if optimizer is not None else {}
                 buf = state.get("momentum_buffer")
                 if isinstance(buf, torch.Tensor):
@@ -205,19 +248,29 @@ class BitPlaneWeight(nn.Module):
         """The integer sign-magnitude form the trained planes stand for."""
         with torch.no_grad():
             signed = self.signed_levels().to(torch.int64).numpy()
+        fitted = self._fit(signed)
+        if fitted is not None:
+            return fitted
+        return PlaneLayer(np.abs(signed), signed < 0, self.unit.numpy().copy(), self.planes)
+
+    def _fit(self, signed: np.ndarray) -> PlaneLayer | None:
+        """``signed`` levels with every slice grown past ``M`` re-quantized; None if none grew.
+
+        The re-quantization (FedMPQ/BSQ's) takes the scale of least squared error.
+        Stretching the grid to the new peak instead rounds every level-1 weight of a
+        one-plane layer grown to level 2 to zero (0.5 rounds to even).
+        """
         magnitude = np.abs(signed)
-        unit = self.unit.numpy().copy()
-        # Slices whose weights grew past M levels get a larger scale (FedMPQ/BSQ's
-        # re-quantization): M levels again, rounded to nearest.
+        unit = self.unit.numpy()
         reduce = tuple(i for i, n in enumerate(unit.shape) if n == 1)
-        peak = magnitude.max(axis=reduce, keepdims=True, initial=0)
-        growth = np.where(peak > self.levels, peak / self.levels, 1.0)
-        if (growth > 1).any():
-            magnitude = np.rint(magnitude / growth).astype(np.int64)
-            unit = (unit * growth).astype(np.float32)
+        grown = magnitude.max(axis=reduce, keepdims=True, initial=0) > self.levels
+        if not grown.any():
+            return None
+        layer = PlaneLayer(magnitude, signed < 0, unit, self.planes)
+        refit = to_planes(layer.weight(), self.planes + 1, self.axis, OBSERVER_MSE)
         return PlaneLayer(
-            magnitude=magnitude,
-            negative=(signed < 0) & (magnitude > 0),
-            unit=unit,
+            magnitude=np.where(grown, refit.magnitude, magnitude),
+            negative=np.where(grown, refit.negative, signed < 0),
+            unit=np.where(grown, refit.unit, unit).astype(np.float32),
             planes=self.planes,
         )

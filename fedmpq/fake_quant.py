@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from fedmpq.errors import ConfigError
 from fedmpq.quant import check_quant_args, dequantize, quantize
-from fedmpq.wire.messages import FLOAT_BITS, SCHEME_SYMMETRIC
+from fedmpq.wire.messages import FLOAT_BITS, OBSERVER_MINMAX, SCHEME_SYMMETRIC
 
 __all__ = ["FakeQuantize", "attach_fake_quant", "detach_fake_quant", "fake_quantize"]
 
@@ -41,10 +41,10 @@ class _QuantizeStraightThrough(torch.autograd.Function):
     """Forward: the numpy quantize/dequantize round trip.  Backward: identity."""
 
     @staticmethod
-    def forward(w: torch.Tensor, bits: int, scheme: str, axis: int) -> torch.Tensor:
+    def forward(w: torch.Tensor, bits: int, scheme: str, axis: int, observer: str) -> torch.Tensor:
         # .to() is a no-op (no copy) for the usual CPU float32 weight.
         w_np = w.detach().to(device="cpu", dtype=torch.float32).numpy()
-        w_hat = dequantize(quantize(w_np, bits, scheme, axis=axis))
+        w_hat = dequantize(quantize(w_np, bits, scheme, axis=axis, observer=observer))
         return torch.from_numpy(w_hat).to(device=w.device, dtype=w.dtype)
 
     @staticmethod
@@ -53,11 +53,15 @@ class _QuantizeStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return grad_output, None, None, None
+        return grad_output, None, None, None, None
 
 
 def fake_quantize(
-    w: torch.Tensor, bits: int, scheme: str = SCHEME_SYMMETRIC, axis: int = -1
+    w: torch.Tensor,
+    bits: int,
+    scheme: str = SCHEME_SYMMETRIC,
+    axis: int = -1,
+    observer: str = OBSERVER_MINMAX,
 ) -> torch.Tensor:
     """Quantize and dequantize ``w`` in the forward pass, pass gradients straight through.
 
@@ -72,11 +76,14 @@ def fake_quantize(
         ``SCHEME_SYMMETRIC`` (default) or ``SCHEME_AFFINE``.
     axis : int
         -1 for one scale per tensor, else the channel axis with one scale per slice.
+    observer : str
+        How a symmetric scale is chosen: ``"minmax"`` (default) or ``"mse"``.
 
     Returns
     -------
     torch.Tensor
-        ``dequantize(quantize(w, bits, scheme, axis=axis))`` with round to nearest;
+        ``dequantize(quantize(w, bits, scheme, axis=axis, observer=observer))`` with
+        round to nearest;
         its gradient with respect to ``w`` is the identity.
 
     Raises
@@ -86,7 +93,7 @@ def fake_quantize(
     """
     if bits in FLOAT_BITS and not isinstance(bits, bool):
         return w
-    out: torch.Tensor = _QuantizeStraightThrough.apply(w, bits, scheme, axis)
+    out: torch.Tensor = _QuantizeStraightThrough.apply(w, bits, scheme, axis, observer)
     return out
 
 
@@ -101,6 +108,8 @@ class FakeQuantize(torch.nn.Module):
         ``SCHEME_SYMMETRIC`` (default) or ``SCHEME_AFFINE``.
     axis : int
         -1 for one scale per tensor, else the channel axis (0 = output channels).
+    observer : str
+        How a symmetric scale is chosen: ``"minmax"`` (default) or ``"mse"``.
 
     Raises
     ------
@@ -109,20 +118,27 @@ class FakeQuantize(torch.nn.Module):
         tensor on the first forward pass).
     """
 
-    def __init__(self, bits: int, scheme: str = SCHEME_SYMMETRIC, axis: int = -1) -> None:
+    def __init__(
+        self,
+        bits: int,
+        scheme: str = SCHEME_SYMMETRIC,
+        axis: int = -1,
+        observer: str = OBSERVER_MINMAX,
+    ) -> None:
         super().__init__()
         if bits not in FLOAT_BITS or isinstance(bits, bool):
             check_quant_args(bits, scheme)
         self.bits = bits
         self.scheme = scheme
         self.axis = axis
+        self.observer = observer
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        """Return ``fake_quantize(w, self.bits, self.scheme, self.axis)``."""
-        return fake_quantize(w, self.bits, self.scheme, self.axis)
+        """Return ``fake_quantize(w, self.bits, self.scheme, self.axis, self.observer)``."""
+        return fake_quantize(w, self.bits, self.scheme, self.axis, self.observer)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scheme={self.scheme}, axis={self.axis}"
+        return f"bits={self.bits}, scheme={self.scheme}, axis={self.axis}, observer={self.observer}"
 
 
 def attach_fake_quant(
@@ -130,6 +146,7 @@ def attach_fake_quant(
     bits: Mapping[str, int],
     scheme: str = SCHEME_SYMMETRIC,
     axis: int = 0,
+    observer: str = OBSERVER_MINMAX,
 ) -> None:
     """Fake-quantize the named parameters of ``model`` in place.
 
@@ -145,6 +162,8 @@ def attach_fake_quant(
     axis : int
         Channel axis for per-channel scales (default 0, output channels), or -1
         for one scale per tensor.
+    observer : str
+        How symmetric scales are chosen: ``"minmax"`` (default) or ``"mse"``.
 
     Raises
     ------
@@ -175,7 +194,7 @@ def attach_fake_quant(
                 f"cannot fake-quantize {name!r}: not a parameter of the model; "
                 f"known parameters: {sorted(known)}"
             )
-        targets.append((module, tensor_name, FakeQuantize(nbits, scheme, axis)))
+        targets.append((module, tensor_name, FakeQuantize(nbits, scheme, axis, observer)))
     for module, tensor_name, fake_quant in targets:
         parametrize.register_parametrization(module, tensor_name, fake_quant)
 

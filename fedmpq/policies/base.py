@@ -36,6 +36,7 @@ from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
 from fedmpq.wire.messages import (
     KIND_DELTA,
     KIND_WEIGHTS,
+    OBSERVER_MINMAX,
     QUANT_BITS,
     DeviceProfile,
     TensorPayload,
@@ -91,14 +92,15 @@ class PolicyContext:
     """What the coordinator lends a policy: the current global model and a held-out loss.
 
     ``heldout_loss(state)`` is the mean cross-entropy of a (modified) global state on a
-    small held-out sample the coordinator owns; ``scheme`` and ``per_channel`` say how
-    the run quantizes.
+    small held-out sample the coordinator owns; ``scheme``, ``per_channel`` and
+    ``observer`` say how the run quantizes.
     """
 
     global_state: Callable[[], Mapping[str, np.ndarray]]
     heldout_loss: Callable[[Mapping[str, np.ndarray]], float]
     scheme: str
     per_channel: bool
+    observer: str = OBSERVER_MINMAX
 
 
 class ClientHooks:
@@ -122,6 +124,8 @@ class ClientHooks:
         the agent keeps one dict per device.
     seed
         Seeds any randomness of the update (e.g. stochastic rounding).
+    observer
+        How symmetric scales are chosen (``TaskMessage.observer``).
     """
 
     def __init__(
@@ -132,8 +136,10 @@ class ClientHooks:
         options: Mapping[str, float] | None = None,
         memory: MutableMapping[str, np.ndarray] | None = None,
         seed: int = 0,
+        observer: str = OBSERVER_MINMAX,
     ) -> None:
         self.bits = dict(bits)
+        self.observer = observer
         self.scheme = scheme
         self.per_channel = per_channel
         self.options = dict(options or {})
@@ -148,7 +154,9 @@ class ClientHooks:
 
     def attach(self, model: nn.Module) -> None:
         """Before training: make the forward pass see the weights the wire will carry."""
-        attach_fake_quant(model, self.quantized, self.scheme, axis=self.axis)
+        attach_fake_quant(
+            model, self.quantized, self.scheme, axis=self.axis, observer=self.observer
+        )
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the cross-entropy of every batch, or None."""
@@ -171,7 +179,15 @@ class ClientHooks:
         """The update's tensors and the bit-planes dropped per layer (empty if none)."""
         if kind == KIND_DELTA:
             local = {name: w - global_state[name] for name, w in local.items()}
-        return encode_state(local, self.bits, self.scheme, per_channel=self.per_channel), {}
+        return self.encode(local, self.bits), {}
+
+    def encode(
+        self, state: Mapping[str, np.ndarray], bits: Mapping[str, int]
+    ) -> list[TensorPayload]:
+        """``state`` as the wire carries it: ``bits`` per layer, the task's quantizer."""
+        return encode_state(
+            state, bits, self.scheme, per_channel=self.per_channel, observer=self.observer
+        )
 
 
 def client_bits(client: ClientInfo, default: int) -> int:
@@ -186,15 +202,22 @@ class Policy(ABC):
 
     ``update_kind`` tells the clients what to send: their full weights or a delta to
     the global model; ``hooks`` is what a client does for this policy.
+
+    ``anchored`` (for weight updates) makes the coordinator aggregate each client's
+    change from the quantized model it started from: it adds ``w - Q_b(w)`` (the
+    global weight's own quantization error at the client's assigned bits) back to
+    the client's layer before averaging.  Plain weight averaging instead folds that
+    error, large at two bits, into the model every round.
     """
 
     name: ClassVar[str]
     update_kind: ClassVar[str] = KIND_WEIGHTS
     hooks: ClassVar[type[ClientHooks]] = ClientHooks
 
-    def __init__(self) -> None:
+    def __init__(self, anchored: bool = False) -> None:
         self.layers: list[LayerInfo] = []
         self.context: PolicyContext | None = None
+        self.anchored = anchored
 
     def setup(self, layers: Sequence[LayerInfo], context: PolicyContext | None = None) -> None:
         """Called once with the model's quantizable layers, before the first round."""

@@ -86,9 +86,14 @@ class FedLQPolicy(Policy):
     name = "fedlq"
 
     def __init__(
-        self, bits: float = 4, probe_bits: int = 2, every: int = 5, floor: float = 1e-4
+        self,
+        bits: float = 4,
+        probe_bits: int = 2,
+        every: int = 5,
+        floor: float = 1e-4,
+        anchored: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(anchored)
         if not MIN_BITS <= bits <= MAX_BITS or not MIN_BITS <= probe_bits <= MAX_BITS:
             raise ConfigError("fedlq policy: bits and probe_bits must be within 1..8")
         if every < 1:
@@ -115,6 +120,7 @@ class FedLQPolicy(Policy):
                 self.probe_bits,
                 ctx.scheme,
                 per_channel=ctx.per_channel,
+                observer=ctx.observer,
             )
             modified = dict(state)
             modified[layer.name] = decode_tensor(probe)

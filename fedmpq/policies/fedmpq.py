@@ -51,7 +51,6 @@ from fedmpq.policies.base import (
     Policy,
 )
 from fedmpq.wire.messages import KIND_DELTA, TensorPayload
-from fedmpq.wire.tensors import encode_state
 
 MIN_BITS, MAX_BITS = 1, 8
 
@@ -121,26 +120,26 @@ class FedMPQHooks(ClientHooks):
             weight = module.weight
             assert isinstance(weight, torch.Tensor)
             w = weight.detach().numpy()
-            planes = BitPlaneWeight(w, bits, self.axis)
+            planes = BitPlaneWeight(w, bits, self.axis, self.observer)
             parametrize.register_parametrization(module, "weight", planes, unsafe=True)
             self._planes[name] = (module, planes)
-        attach_fake_quant(model, sign_only, self.scheme, axis=self.axis)
+        attach_fake_quant(model, sign_only, self.scheme, axis=self.axis, observer=self.observer)
         sizes = {n: p.positive[0].numel() for n, (_, p) in self._planes.items()}
         total = sum(sizes.values()) or 1
         # Weight of a layer's group lasso: its share N_l * n_l of the model's bits.
         self._coef = {n: sizes[n] * p.planes / total for n, (_, p) in self._planes.items()}
         self._trained: dict[str, PlaneLayer] = {}
 
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        strength = self.options.get("lambda", 1e-3)
-        if not self._planes or strength == 0:
-            return None
-        terms = [self._coef[n] * p.plane_norms().sum() for n, (_, p) in self._planes.items()]
-        return strength * torch.stack(terms).sum()
-
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        for _, planes in self._planes.values():
+        # The group lasso's gradient joins after the preconditioner: that rescaling
+        # makes a cross-entropy step move a weight as plain SGD would, and applied to
+        # the lasso it would multiply its strength by ~1/unit**2, a different amount
+        # per layer (it shrank every weight towards zero, round after round).
+        strength = self.options.get("lambda", 1e-3)
+        for name, (_, planes) in self._planes.items():
             planes.precondition_()
+            if strength:
+                planes.add_lasso_grad_(strength * self._coef[name])
         optimizer.step()
         for _, planes in self._planes.values():
             planes.clip_(optimizer)
@@ -168,7 +167,7 @@ class FedMPQHooks(ClientHooks):
             weights[name] = kept.weight()
             bits[name] = kept.planes + 1
             dropped[name] = trained.planes - kept.planes
-        return encode_state(weights, bits, self.scheme, per_channel=self.per_channel), dropped
+        return self.encode(weights, bits), dropped
 
 
 @register_policy
@@ -183,13 +182,23 @@ class FedMPQPolicy(Policy):
         Group-lasso strength sent to the clients (``options["lambda"]``).
     lsb_density
         A least significant plane with at most this fraction of set bits is dropped.
+    anchored
+        Aggregate each client's change from the quantized global model it started
+        from (see ``Policy``), not its weights.  On by default: with two-bit clients
+        it gained 2-4 points in the benchmark; the fixed baseline gains nothing.
     """
 
     name = "fedmpq"
     hooks = FedMPQHooks
 
-    def __init__(self, bits: float = 4, lam: float = 1e-3, lsb_density: float = 0.02) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        bits: float = 4,
+        lam: float = 1e-3,
+        lsb_density: float = 0.02,
+        anchored: bool = True,
+    ) -> None:
+        super().__init__(anchored)
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ConfigError(f"fedmpq policy: bits must be within 1..8, got {bits}")
         self.bits = float(bits)

@@ -21,8 +21,8 @@ class FixedPolicy(Policy):
 
     name = "fixed"
 
-    def __init__(self, bits: int = 4, use_budget: bool = False) -> None:
-        super().__init__()
+    def __init__(self, bits: int = 4, use_budget: bool = False, anchored: bool = False) -> None:
+        super().__init__(anchored)
         if bits not in QUANT_BITS:
             raise ConfigError(f"fixed policy: bits must be 1..8, got {bits}")
         self.bits = bits

@@ -54,6 +54,7 @@ class QSGDHooks(ClientHooks):
             per_channel=self.per_channel,
             rounding=Rounding.STOCHASTIC,
             rng=np.random.default_rng(self.seed),
+            observer=self.observer,
         )
         sent = decode_state(tensors)
         for name in self.quantized:

@@ -36,6 +36,7 @@ from fedmpq.errors import DecodeError
 from fedmpq.packing import packed_nbytes
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
+    OBSERVERS,
     QUANT_BITS,
     SCHEME_AFFINE,
     SCHEME_FLOAT,
@@ -547,6 +548,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (RegisterMessage, "num_samples"): _NON_NEGATIVE,
     (TaskMessage, "bits"): _each_value(_one_of(VALID_BITS)),
     (TaskMessage, "scheme"): _one_of(frozenset({SCHEME_SYMMETRIC, SCHEME_AFFINE})),
+    (TaskMessage, "observer"): _one_of(OBSERVERS),
     (TaskMessage, "epochs"): _NON_NEGATIVE,
     (TaskMessage, "batch_size"): _within(1),
     (TaskMessage, "learning_rate"): _NON_NEGATIVE,

@@ -28,6 +28,11 @@ SCHEME_AFFINE = "affine"  # asymmetric min-max with integer zero point (torch.ao
 SCHEME_FLOAT = "float"  # float16 / float32 pass-through
 SCHEMES = frozenset({SCHEME_SYMMETRIC, SCHEME_AFFINE, SCHEME_FLOAT})
 
+#: ``TaskMessage.observer`` values: how a symmetric scale ``s`` is chosen.
+OBSERVER_MINMAX = "minmax"  # s = max|w| (FedMPQ; every weight within the grid)
+OBSERVER_MSE = "mse"  # s = the clip of |w| that minimises the squared quantization error
+OBSERVERS = frozenset({OBSERVER_MINMAX, OBSERVER_MSE})
+
 #: ``UpdateMessage.kind`` values: what the tensors of an update are.
 KIND_WEIGHTS = "weights"  # the client's local model (FedAvg, FedMPQ)
 KIND_DELTA = "delta"  # local model minus the global model it started from (QSGD)
@@ -96,7 +101,8 @@ class TaskMessage:
     names it by ``model_fingerprint``.  ``bits`` maps each quantizable layer name to
     its bit-width for this client and round, quantized with ``scheme`` (one scale per
     output channel when ``per_channel``).  ``options`` carries the policy's
-    client-side settings (e.g. a regulariser strength), all numeric.
+    client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
+    says how symmetric scales are chosen, in training and in the update alike.
     """
 
     MESSAGE_TYPE: ClassVar[str] = "task"
@@ -116,6 +122,7 @@ class TaskMessage:
     deadline_s: float
     compress: bool
     options: dict[str, float] = field(default_factory=dict)
+    observer: str = OBSERVER_MINMAX
 
 
 @dataclass

@@ -15,6 +15,7 @@ from fedmpq.packing import pack_bits, unpack_bits
 from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize
 from fedmpq.wire.messages import (
     FLOAT_BITS,
+    OBSERVER_MINMAX,
     SCHEME_AFFINE,
     SCHEME_FLOAT,
     SCHEME_SYMMETRIC,
@@ -33,6 +34,7 @@ def encode_tensor(
     per_channel: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     rng: np.random.Generator | None = None,
+    observer: str = OBSERVER_MINMAX,
 ) -> TensorPayload:
     """Quantize and pack ``w`` at ``bits`` (1..8), or store it as float16/float32.
 
@@ -50,6 +52,8 @@ def encode_tensor(
         One scale per output channel (axis 0) for tensors of two or more dimensions.
     rounding, rng
         Round to nearest, or stochastically with ``rng`` (unbiased; for QSGD-style updates).
+    observer
+        How a symmetric scale is chosen: ``"minmax"`` or ``"mse"`` (see ``fedmpq.quant``).
     """
     shape = [int(d) for d in w.shape]
     if bits in FLOAT_BITS or scheme == SCHEME_FLOAT:
@@ -57,7 +61,7 @@ def encode_tensor(
         data = np.ascontiguousarray(w, dtype=_FLOAT_DTYPES[width]).tobytes()
         return TensorPayload(name, shape, width, SCHEME_FLOAT, -1, b"", b"", data)
     axis = 0 if per_channel and w.ndim >= 2 else -1
-    q = quantize(w, bits, scheme, axis=axis, rounding=rounding, rng=rng)
+    q = quantize(w, bits, scheme, axis=axis, rounding=rounding, rng=rng, observer=observer)
     return TensorPayload(
         name=name,
         shape=shape,
@@ -97,6 +101,7 @@ def encode_state(
     per_channel: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     rng: np.random.Generator | None = None,
+    observer: str = OBSERVER_MINMAX,
 ) -> list[TensorPayload]:
     """Encode a whole state dict; tensors not named in ``bits`` travel as float32."""
     return [
@@ -108,6 +113,7 @@ def encode_state(
             per_channel=per_channel,
             rounding=rounding,
             rng=rng,
+            observer=observer,
         )
         for name, w in state.items()
     ]

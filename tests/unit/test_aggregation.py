@@ -38,3 +38,15 @@ def test_mean_of_nothing_is_an_error():
         assert "no update" in str(exc)
     else:
         raise AssertionError("mean() of no updates must raise")
+
+
+def test_start_error_re_bases_an_untrained_client_on_the_global_weights():
+    from coordinator.aggregation import start_error
+    from fedmpq.quant import dequantize, quantize
+
+    w = np.random.default_rng(0).standard_normal((6, 50)).astype(np.float32)
+    for observer in ("minmax", "mse"):
+        sent = dequantize(quantize(w, 2, axis=0, observer=observer))  # trained nothing
+        error = start_error(w, 2, "symmetric", True, observer)
+        np.testing.assert_allclose(sent + error, w, atol=1e-6)
+        assert float(np.abs(error).max()) > 0.1  # two bits lose a lot: that is the point

@@ -33,6 +33,7 @@ from fedmpq.wire.codec import (
 )
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
+    OBSERVERS,
     QUANT_BITS,
     SCHEME_AFFINE,
     SCHEME_FLOAT,
@@ -105,6 +106,7 @@ OVERRIDES: dict[tuple[type, str], st.SearchStrategy[Any]] = {
     (ModelMessage, "bits"): st.dictionaries(NAMES, st.sampled_from(sorted(VALID_BITS)), max_size=4),
     (ModelMessage, "num_classes"): st.integers(2, 2**16),
     (TaskMessage, "scheme"): st.sampled_from([SCHEME_SYMMETRIC, SCHEME_AFFINE]),
+    (TaskMessage, "observer"): st.sampled_from(sorted(OBSERVERS)),
     (TaskMessage, "batch_size"): st.integers(1, 2**16),
     (StatusMessage, "round"): st.integers(-1, 2**63),
     (DeviceProfile, "cpu_count"): st.integers(1, 1024),

@@ -139,19 +139,40 @@ def test_dense_planes_and_the_last_plane_are_kept():
     assert drop_planes(dense).planes == 3
 
 
-def test_group_lasso_has_a_gradient_on_every_plane():
+def test_group_lasso_gradient_is_the_plane_norms_gradient():
+    rng = np.random.default_rng(0)
+    module = BitPlaneWeight(rng.normal(size=(4, 6)).astype(np.float32), 4, 0)
+    (0.3 * module.plane_norms().sum()).backward()
+    expected = (module.positive.grad.clone(), module.negative.grad.clone())
+    module.positive.grad, module.negative.grad = None, None
+    module.add_lasso_grad_(0.3)
+    torch.testing.assert_close(module.positive.grad, expected[0])
+    torch.testing.assert_close(module.negative.grad, expected[1])
+    grad = module.positive.grad + module.negative.grad
+    assert grad.reshape(module.planes, -1).abs().sum(1).gt(0).all()  # every plane
+
+
+def test_client_step_adds_the_lasso_after_preconditioning():
     torch.manual_seed(0)
     model = build_model("mlp", 10, (1, 28, 28))
     bits = dict.fromkeys(quantizable_layers(model), 4)
     hooks = FedMPQHooks(bits, "symmetric", True, {"lambda": 1e-3})
     hooks.attach(model)
     try:
-        penalty = hooks.penalty(model)
-        assert penalty is not None and float(penalty.detach()) > 0
-        penalty.backward()
-        for _, planes in hooks._planes.values():
-            grad = planes.positive.grad + planes.negative.grad
-            assert grad.reshape(planes.planes, -1).abs().sum(1).gt(0).all()
+        assert hooks.penalty(model) is None  # the lasso is applied in step(), not via autograd
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        before = {
+            n: (p.positive.detach().clone(), p.plane_norms().detach())
+            for n, (_, p) in hooks._planes.items()
+        }
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)  # no cross-entropy gradient
+        hooks.step(model, optimizer)
+        for name, (_, planes) in hooks._planes.items():
+            start, norms = before[name]
+            shape = (-1,) + (1,) * (start.dim() - 1)
+            expected = start - 1e-3 * hooks._coef[name] * start / norms.reshape(shape)
+            torch.testing.assert_close(planes.positive.detach(), expected.clamp(0, 2))
     finally:
         hooks.detach(model)
     assert set(dict(model.named_parameters())) >= set(bits)
@@ -183,9 +204,25 @@ def test_weights_that_outgrow_the_scale_are_requantized_with_a_larger_scale():
     with torch.no_grad():
         module.positive[:, 0, 0] = 2.0  # level 6 = 2M: the weight doubled past the scale
     layer = module.to_layer()
+    trained = np.array([[2.0, -1.0, 1 / 3, 0.0]], np.float32)  # levels 6, -3, 1, 0
     assert layer.magnitude.max() == 3  # back to M levels...
-    assert float(layer.unit.max()) == pytest.approx(2 / 3)  # ...with the scale doubled
-    np.testing.assert_allclose(layer.weight()[0, 0], 2.0, rtol=1e-6)
+    assert float(layer.unit.max()) > 1 / 3  # ...with a larger scale...
+    stretched = np.rint(np.array([6, -3, 1, 0]) / 2) * (2 / 3)  # the grid stretched to 2.0
+    error = float(np.square(layer.weight() - trained).sum())
+    assert error <= float(np.square(stretched - trained).sum())  # ...and no worse a fit
+
+
+def test_a_grown_one_plane_layer_keeps_its_level_one_weights():
+    # 2 wire bits: one plane, M = 1.  One weight grows to level 2; stretching the grid
+    # to it would round every level-1 weight (0.5 of the new step) to zero.
+    w = np.array([[1.0, 1.0, -1.0, 1.0, 0.0, 1.0]], np.float32)
+    module = BitPlaneWeight(w, 2, -1)
+    with torch.no_grad():
+        module.positive[0, 0, 0] = 2.0
+    layer = module.to_layer()
+    assert layer.magnitude.max() == 1
+    assert int(np.count_nonzero(layer.magnitude)) == 5
+    assert float(layer.unit.max()) < 2.0  # not the grid stretched to the peak
 
 
 def test_only_the_planes_of_a_weights_sign_move():
@@ -197,3 +234,36 @@ def test_only_the_planes_of_a_weights_sign_move():
     assert float(module.negative.grad[:, 0, 0].abs().sum()) == 0.0  # positive weight
     assert float(module.positive.grad[:, 0, 1].abs().sum()) == 0.0  # negative weight
     assert float(module.positive.grad[:, 0, 0].abs().sum()) > 0.0
+
+
+def test_clipping_a_plane_moves_its_share_onto_planes_with_room():
+    module = BitPlaneWeight(np.array([[0.5, 0.5]], np.float32), 4, -1)  # 3 planes
+    with torch.no_grad():
+        # Planes (LSB first) after a step: level 10 with the MSB at 2.5, and level -1
+        # with the MSB at -0.5.
+        module.positive.copy_(torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]], [[2.5, -0.5]]]))
+    module.clip_()
+    assert float(module.positive.min()) >= 0.0 and float(module.positive.max()) <= 2.0
+    levels = (module.positive * module.powers).sum(0)
+    # 10 is reachable within [0, 2] per plane (LSB 2, MSB 2); -1 is not, 0 is closest.
+    torch.testing.assert_close(levels, torch.tensor([[10.0, 0.0]]))
+
+
+def test_the_loss_sees_the_weights_that_will_be_sent():
+    w = np.random.default_rng(3).standard_normal((4, 30)).astype(np.float32)
+    for bits in (2, 4):
+        module = BitPlaneWeight(w, bits, 0)
+        with torch.no_grad():
+            module.positive.mul_(1.6)  # grow every positive weight past M on most slices
+        forward = module(torch.from_numpy(w)).detach().numpy()
+        np.testing.assert_allclose(forward, module.to_layer().weight(), rtol=1e-6)
+
+
+def test_weights_beyond_a_clipped_scale_start_above_m():
+    w = np.array([[0.1, -0.2, 0.15, 0.12, -0.18, 0.2, 1.0]], np.float32)  # one outlier
+    module = BitPlaneWeight(w, 3, -1, observer="mse")  # M = 3; the scale clips the outlier
+    levels = (module.positive - module.negative) * module.powers
+    start = levels.sum(0).detach().numpy()[0]
+    assert 3.0 < start[-1] <= 6.0  # the outlier starts beyond M, up to 2M
+    unit = float(module.unit.reshape(-1)[0])
+    np.testing.assert_allclose(start * unit, w[0], rtol=1e-5)  # every weight exactly

@@ -366,3 +366,57 @@ def test_quantized_tensor_rejects_inconsistent_fields():
         QuantizedTensor(codes.astype(np.int8), 4, SCHEME_SYMMETRIC, -1, one, no_zp)
     with pytest.raises(QuantizationError, match="bits"):
         QuantizedTensor(codes, 12, SCHEME_SYMMETRIC, -1, one, no_zp)
+
+
+# --- the "mse" observer ------------------------------------------------------------------
+
+
+def squared_error(w: np.ndarray, q: QuantizedTensor) -> float:
+    return float(np.square(w.astype(np.float64) - dequantize(q)).sum())
+
+
+@settings(max_examples=200, deadline=None)
+@given(tensors_and_axis(), BITS)
+def test_mse_observer_never_fits_worse_than_minmax(wa: tuple[np.ndarray, int], bits: int):
+    w, axis = wa
+    q = quantize(w, bits, SCHEME_SYMMETRIC, axis=axis, observer="mse")
+    check_fields(q, w, bits, SCHEME_SYMMETRIC, axis)
+    assert np.all(q.scale <= np.abs(w).max(initial=0.0) * (1 + REL_TOL))  # a clip, never wider
+    minmax = quantize(w, bits, SCHEME_SYMMETRIC, axis=axis)
+    tol = 1e-5 * float(np.square(w.astype(np.float64)).sum()) + 1e-30
+    assert squared_error(w, q) <= squared_error(w, minmax) + tol
+    assert np.all(dequantize(q)[w == 0] == 0) or bits == 1  # zero stays exact
+
+
+def test_mse_observer_keeps_most_two_bit_weights_of_a_gaussian_layer():
+    w = np.random.default_rng(0).standard_normal((8, 784)).astype(np.float32)
+    zeros = {
+        obs: float(np.mean(dequantize(quantize(w, 2, axis=0, observer=obs)) == 0))
+        for obs in ("minmax", "mse")
+    }
+    assert zeros["minmax"] > 0.85  # max|w| is ~3.3 sigma: ternary zeroes almost everything
+    assert zeros["mse"] < 0.6
+
+
+def test_mse_observer_one_bit_scale_is_the_mean_magnitude():
+    w = np.array([[0.5, -1.5, 2.0, -4.0]], np.float32)
+    q = quantize(w, 1, axis=0, observer="mse")
+    np.testing.assert_allclose(q.scale, [2.0])
+    np.testing.assert_allclose(dequantize(q), [[2.0, -2.0, 2.0, -2.0]])
+
+
+def test_mse_observer_with_stochastic_rounding_stays_in_range():
+    w = np.random.default_rng(1).standard_normal((4, 200)).astype(np.float32)
+    for bits in (1, 2, 4):
+        q = quantize(
+            w, bits, axis=0, observer="mse", rounding="stochastic", rng=np.random.default_rng(2)
+        )
+        assert np.all(np.abs(dequantize(q)) <= q.scale[:, None] * (1 + REL_TOL))
+
+
+def test_unknown_observer_and_affine_mse_are_rejected():
+    w = np.ones(4, np.float32)
+    with pytest.raises(QuantizationError, match="observer"):
+        quantize(w, 4, SCHEME_SYMMETRIC, observer="histogram")
+    with pytest.raises(QuantizationError, match="minmax"):
+        quantize(w, 4, SCHEME_AFFINE, observer="mse")
