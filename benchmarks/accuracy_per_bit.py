@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         help="how symmetric scales are chosen, for every policy (default mse)",
     )
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument(
+        "--settings", nargs="+", choices=sorted(BUDGETS), default=list(BUDGETS), help="budgets"
+    )
     parser.add_argument("--only-dataset", action="store_true", help="skip the shipped data set")
     parser.add_argument("--train-samples", type=int, help="subsample the training split")
     parser.add_argument(
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         Run(dataset, model, alpha, setting, policy, rounds, args.epochs, samples, args.observer)
         for dataset in datasets
         for alpha in alphas
-        for setting in BUDGETS
+        for setting in args.settings
         for policy in args.policies
         if not (policy == "float32" and setting != "hetero")  # float32 ignores budgets
     ]

@@ -46,7 +46,7 @@ from typing import Any
 
 import psutil
 
-from edge_client.emulate import KEY_FILE, _agent_command, _split, _stop
+from edge_client.emulate import KEY_FILE, agent_command, split_range, stop_processes
 from edge_client.emulate import build_parser as emulate_parser
 from edge_client.emulation import COMPUTE_TIMES, MEASURED, round_seconds
 from fedmpq.broker import MosquittoBroker
@@ -275,17 +275,17 @@ def run_size(
         )
         launched = time.time()
         agents = []
-        for worker, (first, count) in enumerate(_split(clients, workers)):
-            cmd = _agent_command(args, broker.url, "5", run_id, first, count, out)
+        for worker, (first, count) in enumerate(split_range(clients, workers)):
+            cmd = agent_command(args, broker.url, "5", run_id, first, count, out)
             cmd[cmd.index("--log-level") + 1] = "WARNING"
             log = open(out / f"agent-{worker}.log", "wb")  # noqa: SIM115 (child owns it)
             agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
         agent_rss = [PeakRss(agent.pid) for agent in agents]
         try:
             code = coordinator.wait(timeout=1800)
-            _stop(agents, timeout=30)
+            stop_processes(agents, timeout=30)
         finally:
-            _stop([coordinator, *agents], timeout=0)
+            stop_processes([coordinator, *agents], timeout=0)
         broker_peak = broker_rss.stop()
         agent_peak = max(sampler.stop() for sampler in agent_rss)
     if code != 0:

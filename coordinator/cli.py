@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--round-deadline", type=float, dest="round_deadline_s")
     p.add_argument("--topic-prefix")
+    p.add_argument(
+        "--observer",
+        choices=["minmax", "mse"],
+        help="how symmetric scales are chosen: max|w| or the clip of least error",
+    )
     p.add_argument("--device-keys", help="key file (fedmpq keys): accept only signed device frames")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -62,6 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "round_deadline_s",
         "topic_prefix",
         "device_keys",
+        "observer",
     ]
     values: dict[str, Any] = {key: getattr(args, key) for key in keys}
     if args.policy:

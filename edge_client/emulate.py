@@ -82,7 +82,7 @@ def broker_for(spec: str) -> Iterator[tuple[str, str]]:
         yield spec, "5"
 
 
-def _agent_command(
+def agent_command(
     args: argparse.Namespace,
     url: str,
     protocol: str,
@@ -91,6 +91,7 @@ def _agent_command(
     count: int,
     out: Path,
 ) -> list[str]:
+    """The command line of one agent process serving devices ``first .. first+count-1``."""
     command = [
         sys.executable, "-m", "edge_client",
         "--broker", url, "--protocol", protocol,
@@ -139,7 +140,7 @@ def _broker_spec(args: argparse.Namespace) -> str:
     return "mosquitto"
 
 
-def _split(total: int, parts: int) -> list[tuple[int, int]]:
+def split_range(total: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous (first, count) ranges that cover ``total`` in ``parts`` near-equal pieces."""
     parts = max(1, min(parts, total))
     base, extra = divmod(total, parts)
@@ -151,7 +152,8 @@ def _split(total: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _stop(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait up to ``timeout`` s in all for ``processes`` to exit, then terminate, then kill."""
     deadline = time.monotonic() + timeout
     for proc in processes:
         try:
@@ -183,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"broker {url} (MQTT {protocol}); {args.clients} devices in "
                 f"{min(args.workers, args.clients)} agent processes; logs in {out}"
             )
-            for worker, (first, count) in enumerate(_split(args.clients, args.workers)):
+            for worker, (first, count) in enumerate(split_range(args.clients, args.workers)):
                 log_file = open(out / f"agent-{worker}.log", "wb")  # noqa: SIM115 (child owns it)
-                cmd = _agent_command(args, url, protocol, run_id, first, count, out)
+                cmd = agent_command(args, url, protocol, run_id, first, count, out)
                 agents.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
             with open(out / "coordinator.log", "wb") as coordinator_log:
                 coordinator = subprocess.run(
@@ -193,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                     stderr=coordinator_log,
                     check=False,
                 )
-            _stop(agents, timeout=30)
+            stop_processes(agents, timeout=30)
     except FedmpqError as exc:
         print(f"fedmpq emulate: {exc}", file=sys.stderr)
         return 2
     finally:
-        _stop(agents, timeout=0)
+        stop_processes(agents, timeout=0)
     if coordinator.returncode != 0:
         print(
             f"fedmpq emulate: the coordinator failed; see {out / 'coordinator.log'}",

@@ -2,17 +2,20 @@
 
 Client side (:class:`FedMPQHooks`): every layer with ``b >= 2`` wire bits trains as
 ``b - 1`` magnitude bit-planes (``fedmpq.bitplanes``; ``b == 1`` layers keep the sign
-only and train through plain STE fake-quant).  The loss adds FedMPQ's group lasso over
-bit-planes, weighted by each layer's share of the model's bits::
+only and train through plain STE fake-quant).  The objective adds FedMPQ's group lasso
+over bit-planes, weighted by each layer's share of the model's bits::
 
     lambda * sum_l (N_l * n_l) * sum_k ||plane_{l,k}||_2 / sum_l N_l
+
+(its gradient is added in :meth:`FedMPQHooks.step`, after the preconditioner).
 
 After training, empty most significant planes and least significant planes with
 <= 2% set bits are dropped; the client sends the layer at the remaining bits and
 reports how many it dropped (``UpdateMessage.bits_dropped``).
 
-Server side (:class:`FedMPQPolicy`): the next round starts from the clients' mean
-per-layer bits; layers are ranked by ``p_l = N_l / sum N * round(mean dropped_l + 1)``
+Server side (:class:`FedMPQPolicy`): updates are aggregated anchored (each client's
+change from the quantized model it started from; see ``Policy``).  The next round
+starts from the clients' mean per-layer bits; layers are ranked by ``p_l = N_l / sum N * round(mean dropped_l + 1)``
 and each client's allocation is moved to its budget -- bits come off the
 highest-priority layers while the average is above the budget, and go onto the
 lowest-priority layers (at most 8) while one more bit still fits.
@@ -21,10 +24,12 @@ Wire bits are FedMPQ's magnitude bits plus the sign: ``b = n + 1``.  Where this
 implementation has to choose (see ``fedmpq.bitplanes``): plane gradients are
 preconditioned so a step moves a weight as plain SGD would, only the planes of a
 weight's current sign move, the least significant plane starts with the weight's
-sub-level fraction, and levels may grow to 2M during training (the layer is then
-re-quantized with a larger scale).  Without the last three, local training lost
-accuracy round after round in the benchmark (scales could only shrink, magnitudes
-were biased towards zero).
+sub-level fraction, a clipped plane's share of a step moves onto the weight's other
+planes, and levels may grow to 2M during training (a grown slice is re-quantized to
+M levels in the forward pass already, so the loss sees what is sent).  Without the
+growth, local training lost accuracy round after round in the benchmark (scales
+could only shrink); without the re-quantization in the forward pass, two-bit
+clients sent far worse weights than they had trained.
 """
 
 from __future__ import annotations

@@ -602,6 +602,8 @@ BODY_CASES = [
     ("task bits", "task", ("bits", "conv.weight"), 12,
      "task.bits['conv.weight']: 12 is not one of"),
     ("task scheme", "task", ("scheme",), "float", "task.scheme: 'float' is not one of"),
+    ("task observer", "task", ("observer",), "histogram",
+     "task.observer: 'histogram' is not one of"),
     ("status round -2", "status", ("round",), -2, "status.round: -2 must be at least -1"),
     ("batch size 0", "task", ("batch_size",), 0, "task.batch_size: 0 must be at least 1"),
     ("no cpus", "register", ("profile", "cpu_count"), 0,

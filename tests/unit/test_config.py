@@ -24,6 +24,8 @@ def test_toml_with_overrides(tmp_path):
         ("colour = 'red'\n", "unknown setting"),
         ("[training]\nbatch = 3\n", "unknown setting"),
         ("quorum = 2.0\n", "quorum"),
+        ("observer = 'histogram'\n", "observer: minmax, or mse"),
+        ("scheme = 'affine'\nobserver = 'mse'\n", "mse with the symmetric scheme"),
         ("rounds = [\n", "not valid TOML"),
     ],
 )

@@ -201,3 +201,13 @@ def test_training_through_ste_reduces_loss_and_detach_keeps_latent_weights():
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_mse_observer_forward_equals_numpy_quantizer(bits: int):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(bits))
+    out = FakeQuantize(bits, SCHEME_SYMMETRIC, axis=0, observer="mse")(w)
+    expected = dequantize(quantize(w.numpy(), bits, SCHEME_SYMMETRIC, axis=0, observer="mse"))
+    np.testing.assert_array_equal(out.numpy(), expected)
+    minmax = FakeQuantize(bits, SCHEME_SYMMETRIC, axis=0)(w)
+    assert float(((out - w) ** 2).sum()) <= float(((minmax - w) ** 2).sum()) + 1e-6

@@ -107,3 +107,41 @@ def test_budgets_outside_1_to_8_are_config_errors(tmp_path):
 def test_notice_round_trips_through_the_codec():
     notice = NoticeMessage("run", "dev-1", 3, "too small")
     assert decode(encode(notice), NoticeMessage) == notice
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_anchored_aggregation_keeps_what_quantizing_the_start_lost(tmp_path, anchored):
+    from fedmpq.wire.messages import ResourceUsage, UpdateMessage
+    from fedmpq.wire.tensors import decode_state, encode_state
+
+    coordinator = coordinator_for(
+        tmp_path, {"name": "fixed", "bits": 2, "anchored": anchored}, observer="mse"
+    )
+    reg = RegisterMessage("dev-0", "test", STRONG, 100, True, time.time())
+    coordinator.handle(coordinator.topics.register("dev-0"), encode(reg))
+    start = dict(coordinator.global_state)
+    _, tasks = coordinator.begin_round(1, coordinator.registry.online())
+    task = decode(tasks["dev-0"])
+    assert task.observer == "mse"
+    # A client that learned nothing sends its quantized starting point back.
+    tensors = encode_state(start, task.bits, observer=task.observer)
+    update = UpdateMessage(
+        "unit",
+        1,
+        "dev-0",
+        100,
+        task.model_fingerprint,
+        "weights",
+        tensors,
+        ResourceUsage(0.0, 0, 0.0),
+        {},
+    )
+    coordinator.handle(coordinator.topics.update("dev-0"), encode(update))
+    coordinator.finish_round()
+    quantized = decode_state(tensors)
+    for name in task.bits:
+        if anchored:  # nothing learned, nothing changed
+            np.testing.assert_allclose(coordinator.global_state[name], start[name], atol=1e-6)
+        else:  # the model became its own 2-bit quantization
+            np.testing.assert_allclose(coordinator.global_state[name], quantized[name], rtol=1e-6)
+            assert not np.allclose(quantized[name], start[name])
