@@ -45,7 +45,13 @@ from fedmpq.models import quantizable_layers
 from fedmpq.packing import pack_bits
 from fedmpq.quant import quantize, symmetric_to_signed
 from fedmpq.state import load_numpy_state
-from fedmpq.wire.messages import FLOAT_BITS, QUANT_BITS, SCHEME_AFFINE, SCHEME_SYMMETRIC
+from fedmpq.wire.messages import (
+    FLOAT_BITS,
+    OBSERVER_MINMAX,
+    QUANT_BITS,
+    SCHEME_AFFINE,
+    SCHEME_SYMMETRIC,
+)
 
 __all__ = [
     "ExportError",
@@ -142,7 +148,15 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
-    def weight(self, name: str, w: np.ndarray, bits: int, scheme: str, axis: int) -> str:
+    def weight(
+        self,
+        name: str,
+        w: np.ndarray,
+        bits: int,
+        scheme: str,
+        axis: int,
+        observer: str = OBSERVER_MINMAX,
+    ) -> str:
         """Add weight ``name`` at ``bits`` bits; returns the float tensor's name."""
         self.ideal_weight_bytes += (w.size * bits + 7) // 8
         if bits in FLOAT_BITS:
@@ -151,7 +165,7 @@ class _Graph:
         width = storage_bits(bits)
         signed_type, unsigned_type, opset = _STORAGE[width]
         self.opset = max(self.opset, opset)
-        q = quantize(w, bits, scheme, axis=axis)
+        q = quantize(w, bits, scheme, axis=axis, observer=observer)
         if scheme == SCHEME_SYMMETRIC:
             values = symmetric_to_signed(q.codes, bits)
             scale = q.scale / np.float32(max((1 << (bits - 1)) - 1, 1))
@@ -209,12 +223,13 @@ def _add_layer(
     bits: Mapping[str, int],
     scheme: str,
     axis: int,
+    observer: str,
 ) -> str:
     """Append ``module`` applied to tensor ``x``; returns its output tensor's name."""
     out = name or type(module).__name__.lower()
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         wname = f"{name}.weight"
-        w = g.weight(wname, state[wname], bits[wname], scheme, axis)
+        w = g.weight(wname, state[wname], bits[wname], scheme, axis, observer)
         inputs = [x, w]
         if module.bias is not None:
             inputs.append(g.const(f"{name}.bias", state[f"{name}.bias"]))
@@ -274,6 +289,7 @@ def build_onnx(
     scheme: str = SCHEME_SYMMETRIC,
     per_channel: bool = True,
     metadata: Mapping[str, str] | None = None,
+    observer: str = OBSERVER_MINMAX,
 ) -> ExportedModel:
     """Build the ONNX graph of ``model`` with ``state``'s weights at ``bits``.
 
@@ -293,6 +309,8 @@ def build_onnx(
         One scale per output channel (default) rather than per tensor.
     metadata
         Extra ``metadata_props`` to store (e.g. run id, round).
+    observer
+        How symmetric scales are chosen (``"minmax"`` or ``"mse"``), as in the run.
 
     Returns
     -------
@@ -328,7 +346,7 @@ def build_onnx(
     x = g.node("Add", [g.node("Mul", [INPUT_NAME, gain], "input_scaled"), offset], "input_norm")
     axis = 0 if per_channel else -1
     for name, module in _chain(model):
-        x = _add_layer(g, name, module, x, state, bits, scheme, axis)
+        x = _add_layer(g, name, module, x, state, bits, scheme, axis, observer)
     g.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
     graph = helper.make_graph(
         g.nodes,
@@ -373,11 +391,13 @@ def fake_quant_model(
     *,
     scheme: str = SCHEME_SYMMETRIC,
     per_channel: bool = True,
+    observer: str = OBSERVER_MINMAX,
 ) -> nn.Module:
     """``model`` loaded with ``state`` and fake-quantized at ``bits``, in eval mode:
     the torch reference the exported graph must agree with."""
     load_numpy_state(model, state)
-    attach_fake_quant(model, dict(bits), scheme, axis=0 if per_channel else -1)
+    axis = 0 if per_channel else -1
+    attach_fake_quant(model, dict(bits), scheme, axis=axis, observer=observer)
     return model.eval()
 
 

@@ -24,7 +24,7 @@ from fedmpq.errors import FedmpqError
 from fedmpq.fileio import write_atomic
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.wire.codec import decode
-from fedmpq.wire.messages import SCHEME_SYMMETRIC, GlobalModelMessage
+from fedmpq.wire.messages import OBSERVER_MINMAX, SCHEME_SYMMETRIC, GlobalModelMessage
 from fedmpq.wire.tensors import decode_state
 
 #: Largest accepted top-1 accuracy gap between onnxruntime and torch, in points.
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--bits-file", type=Path, help="JSON {layer: bits}")
     p.add_argument("--dataset", help="data set spec (default: the run's, else fashion-mnist-small)")
     p.add_argument("--scheme", choices=["symmetric", "affine"], help="default: the run's")
+    p.add_argument("--observer", choices=["minmax", "mse"], help="default: the run's")
     p.add_argument("--per-tensor", action="store_true", help="one scale per tensor")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime parity check")
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted |logit difference|")
@@ -98,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         bits = _bits(args, record, quantizable_layers(model))
         scheme = args.scheme or record.get("scheme", SCHEME_SYMMETRIC)
         per_channel = not args.per_tensor and bool(record.get("per_channel", True))
+        observer = args.observer or record.get("observer", OBSERVER_MINMAX)
         spec = input_spec(data)
         meta = {"run_id": glob.run_id, "round": str(glob.round), "model_name": glob.model_name}
         exported = build_onnx(
-            model, state, bits, spec, scheme=scheme, per_channel=per_channel, metadata=meta
+            model,
+            state,
+            bits,
+            spec,
+            scheme=scheme,
+            per_channel=per_channel,
+            metadata=meta,
+            observer=observer,
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, exported.onnx_bytes)
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             bits,
             scheme=scheme,
             per_channel=per_channel,
+            observer=observer,
         )
         result = validate(exported.onnx_bytes, reference, data.test.x, x_norm, y.numpy())
     except FedmpqError as exc:

@@ -109,6 +109,7 @@ def release_model(
         "model": config.model,
         "dataset": config.dataset,
         "scheme": config.scheme,
+        "observer": config.observer,
         "per_channel": config.per_channel,
         "bits": bits,
     }
@@ -128,6 +129,7 @@ def release_model(
             scheme=config.scheme,
             per_channel=config.per_channel,
             metadata=meta,
+            observer=config.observer,
         )
     except (ImportError, FedmpqError) as exc:
         log.warning("not publishing an ONNX model: %s", exc)

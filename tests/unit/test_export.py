@@ -91,6 +91,26 @@ def test_onnxruntime_matches_torch_fake_quant(data, trained_cnn, bits):
         assert acc_ours > 0.5  # the trained model survives export
 
 
+def test_mse_observer_exports_what_it_trained_and_beats_minmax_at_two_bits(data, trained_cnn):
+    layers = quantizable_layers(build_model("cnn", data.num_classes, data.in_shape))
+    allocation = dict.fromkeys(layers, 2)
+    x_norm, y = data.test.tensors()
+    accuracy = {}
+    for observer in ("minmax", "mse"):
+        exported = _export("cnn", data, trained_cnn, allocation, observer=observer)
+        reference = fake_quant_model(
+            build_model("cnn", data.num_classes, data.in_shape),
+            trained_cnn,
+            allocation,
+            observer=observer,
+        )
+        ref = torch_logits(reference, x_norm)
+        ours = _ort_logits(exported.onnx_bytes, data.test.x)
+        assert np.abs(ours - ref).max() < 1e-4
+        accuracy[observer] = (ours.argmax(1) == y.numpy()).mean()
+    assert accuracy["mse"] > accuracy["minmax"] + 0.05
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_weights_are_stored_as_packed_integers(data, bits):
     torch.manual_seed(1)
