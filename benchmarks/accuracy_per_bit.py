@@ -7,10 +7,14 @@ client computes at 10 GFLOPS (``fedmpq.resources.training_seconds``), downloads 
 10 Mbit/s and uploads at 1 Mbit/s; a round takes as long as its slowest client.
 
     python -m benchmarks.accuracy_per_bit --quick     # CI smoke test, < 5 min on 2 cores
-    python -m benchmarks.accuracy_per_bit             # the full setting
-    python -m benchmarks.accuracy_per_bit --fashion-mnist DIR --cifar10 DIR
+    python -m benchmarks.accuracy_per_bit             # the full setting (~25 min)
+    python -m benchmarks.accuracy_per_bit --fashion-mnist DIR --cifar10 DIR \
+        --only-dataset --alphas 0.5 --settings hetero --train-samples 15000
 
-Writes ``benchmarks/results/accuracy_per_bit.{json,md}`` and PNG plots next to them.
+Every policy quantizes with the same observer (``--observer``, default ``mse``).
+``--cifar10`` takes the binary batches or ``train/``/``test/`` class folders (JPEGs).
+Writes ``accuracy_per_bit.{json,md}`` and PNG plots into ``--out``
+(default ``benchmarks/results/``).
 """
 
 from __future__ import annotations
