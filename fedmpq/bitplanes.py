@@ -141,7 +141,7 @@ class BitPlaneWeight(nn.Module):
         exact = np.minimum(exact, np.float32(2 * levels))
         whole = np.minimum(np.floor(exact), levels).astype(np.int64)
         bit_planes = plane_bits(whole, layer.planes).astype(np.float32)
-        bit_planes[0] += np.minimum(exact - whole, 1.0)
+        bit_planes[0] += exact - whole
         over = exact > levels
         bit_planes = np.where(over, exact / np.float32(levels), bit_planes).astype(np.float32)
         planes = torch.from_numpy(bit_planes)

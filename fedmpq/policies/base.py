@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
+from fedmpq.quant import Rounding
 from fedmpq.wire.messages import (
     KIND_DELTA,
     KIND_WEIGHTS,
@@ -182,11 +183,22 @@ class ClientHooks:
         return self.encode(local, self.bits), {}
 
     def encode(
-        self, state: Mapping[str, np.ndarray], bits: Mapping[str, int]
+        self,
+        state: Mapping[str, np.ndarray],
+        bits: Mapping[str, int],
+        rounding: Rounding = Rounding.NEAREST,
     ) -> list[TensorPayload]:
-        """``state`` as the wire carries it: ``bits`` per layer, the task's quantizer."""
+        """``state`` as the wire carries it: ``bits`` per layer, the task's quantizer
+        (stochastic rounding is seeded with ``seed``)."""
+        rng = None if rounding is Rounding.NEAREST else np.random.default_rng(self.seed)
         return encode_state(
-            state, bits, self.scheme, per_channel=self.per_channel, observer=self.observer
+            state,
+            bits,
+            self.scheme,
+            per_channel=self.per_channel,
+            rounding=rounding,
+            rng=rng,
+            observer=self.observer,
         )
 
 

@@ -20,7 +20,7 @@ from fedmpq.policies import register_policy
 from fedmpq.policies.base import BitAllocation, ClientHooks, ClientInfo, Policy, client_bits
 from fedmpq.quant import Rounding
 from fedmpq.wire.messages import KIND_DELTA, QUANT_BITS, TensorPayload
-from fedmpq.wire.tensors import decode_state, encode_state
+from fedmpq.wire.tensors import decode_state
 
 #: Error-feedback residuals live in the device's memory under this prefix.
 RESIDUAL = "qsgd.residual."
@@ -47,15 +47,7 @@ class QSGDHooks(ClientHooks):
             if name in self.quantized:
                 delta = delta + self.memory.get(RESIDUAL + name, 0.0)
             corrected[name] = delta.astype(np.float32)
-        tensors = encode_state(
-            corrected,
-            self.bits,
-            self.scheme,
-            per_channel=self.per_channel,
-            rounding=Rounding.STOCHASTIC,
-            rng=np.random.default_rng(self.seed),
-            observer=self.observer,
-        )
+        tensors = self.encode(corrected, self.bits, Rounding.STOCHASTIC)
         sent = decode_state(tensors)
         for name in self.quantized:
             self.memory[RESIDUAL + name] = corrected[name] - sent[name]
