@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fedmpq.errors import ConfigError
 
@@ -42,6 +43,30 @@ BROADCAST_KINDS = frozenset({GLOBAL, CONTROL, MODEL})
 RETAINED_KINDS = frozenset({STATUS, GLOBAL, CONTROL, MODEL})
 #: Every fedmpq topic is QoS 1: at-least-once, deduplicated by the message's round number.
 QOS = 1
+
+
+class PublishOptions(NamedTuple):
+    """How messages of one kind are published; pass as ``conn.publish(t, p, *opts)``."""
+
+    qos: int
+    retain: bool
+
+
+#: The one table every ``publish`` call takes its QoS and retain flag from, by kind.
+PUBLISH_OPTIONS = {
+    kind: PublishOptions(QOS, kind in RETAINED_KINDS)
+    for kind in (REGISTER, STATUS, TASK, UPDATE, GLOBAL, CONTROL, MODEL)
+}
+
+
+def publish_options(kind: str) -> PublishOptions:
+    """QoS and retain flag for messages of ``kind`` (``register``, ``status``, ...)."""
+    try:
+        return PUBLISH_OPTIONS[kind]
+    except KeyError:
+        known = sorted(PUBLISH_OPTIONS)
+        raise ConfigError(f"unknown topic kind {kind!r}; known: {known}") from None
+
 
 #: Payloads of the status topic; ``STATUS_OFFLINE`` is the device's last will.
 STATUS_ONLINE = b"online"
