@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,7 @@ class EmbeddedBroker(LocalBroker):
         self._stop_event = asyncio.Event()
         try:
             broker = broker_class(config)
+            _snapshot_iteration(broker)
             await broker.start()
         except Exception as exc:
             self._error = exc
@@ -211,6 +212,44 @@ class EmbeddedBroker(LocalBroker):
             aloop.call_soon_threadsafe(stop_event.set)
         thread.join(_STOP_TIMEOUT)
         self._thread = self._aloop = self._stop_event = None
+
+
+class SnapshotDict(dict[Any, Any]):
+    """A dict whose iteration walks a copy of its keys or items.
+
+    amqtt 0.12 awaits inside ``for topic in self._subscriptions`` while a device
+    connects, so devices subscribing meanwhile (a fleet starting) raised
+    ``RuntimeError: dictionary changed size during iteration``: the connecting device was
+    dropped and reconnected, re-sending what it had sent.  Iterating over a snapshot lets
+    the loop finish; entries added meanwhile are seen by the next walk.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(dict.keys(self)))
+
+    def keys(self) -> list[Any]:  # type: ignore[override]
+        return list(dict.keys(self))
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return list(dict.values(self))
+
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        return list(dict.items(self))
+
+
+#: amqtt broker attributes iterated across ``await`` points (see SnapshotDict).
+_AMQTT_SHARED_DICTS = ("_subscriptions", "_sessions", "_retained_messages")
+
+
+def _snapshot_iteration(broker: Any) -> None:
+    for name in _AMQTT_SHARED_DICTS:
+        current = getattr(broker, name, None)
+        if not isinstance(current, dict):
+            raise TransportError(
+                f"amqtt's Broker has no dict {name!r}: this amqtt version is not supported "
+                "by the embedded broker; install the pinned one (pip install fedmpq[demo])"
+            )
+        setattr(broker, name, SnapshotDict(current))
 
 
 def _import_amqtt_broker() -> Any:

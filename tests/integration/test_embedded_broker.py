@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+from collections import Counter
+from functools import partial
 
 import pytest
 
@@ -47,3 +50,65 @@ def test_embedded_broker_carries_a_2mb_message(mqtt_loop: MqttLoop) -> None:
 
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
         pass  # stopped: nothing listens any more
+
+
+def test_embedded_broker_serves_devices_that_connect_together(
+    mqtt_loop: MqttLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connecting device makes amqtt walk every subscription and await the retained
+    messages that match; devices subscribing meanwhile (a fleet starting) made it raise
+    "dictionary changed size during iteration", an unhandled error in the broker's
+    handling of the connecting device. Every device must connect once, get its message
+    through, and the broker must log no unhandled error."""
+    devices = [f"dev-{i}" for i in range(180)]
+    arrived: set[str] = set()
+    connects: Counter[str] = Counter()
+
+    def on_connect(client_id: str, conn: Connection) -> None:
+        connects[client_id] += 1
+
+    all_arrived = threading.Event()
+
+    def on_register(conn: Connection, topic: str, data: bytes) -> None:
+        arrived.add(topic.rsplit("/", 1)[1])
+        if arrived.issuperset(devices):
+            all_arrived.set()
+
+    def ignore(conn: Connection, topic: str, data: bytes) -> None:
+        pass
+
+    with EmbeddedBroker() as broker:
+        source = Connection(
+            mqtt_loop, broker.address, "source", on_message=ignore, protocol="3.1.1"
+        )
+        source.connect()
+        assert source.wait_connected(TIMEOUT)
+        for i in range(30):
+            source.publish(f"fedmpq/status/other-{i}", b"online", retain=True)
+        conns = [source]
+        for client_id in devices:
+            conn = Connection(
+                mqtt_loop,
+                broker.address,
+                client_id,
+                on_message=ignore,
+                on_connect=partial(on_connect, client_id),
+                protocol="3.1.1",
+            )
+            for topic in ("fedmpq/status/+", *(f"fedmpq/task/{client_id}-{n}" for n in range(20))):
+                conn.subscribe(topic)
+            conn.publish(f"fedmpq/register/{client_id}", b"hello", retain=True)
+            conn.connect()
+            conns.append(conn)
+        sink = Connection(
+            mqtt_loop, broker.address, "sink", on_message=on_register, protocol="3.1.1"
+        )
+        sink.subscribe("fedmpq/register/+")
+        sink.connect()
+        conns.append(sink)
+        assert all_arrived.wait(TIMEOUT), f"never served: {sorted(set(devices) - arrived)}"
+        assert {cid: n for cid, n in connects.items() if n != 1} == {}
+        unhandled = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert unhandled == []
+        for conn in conns:
+            conn.close()
