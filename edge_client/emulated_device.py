@@ -22,20 +22,20 @@ from fedmpq.wire.messages import DeviceProfile, TaskMessage
 
 
 class EmulatedDevice:
-    """``device`` as the profile of ``binding`` would behave (a :class:`Device`)."""
+    """The real device ``real`` behaving as the profile of ``binding`` says (a :class:`Device`)."""
 
-    def __init__(self, device: RealDevice, binding: ProfileBinding) -> None:
-        self.device = device
+    def __init__(self, real: RealDevice, binding: ProfileBinding) -> None:
+        self.real = real
         self.binding = binding
         self._profile = binding.reported_profile()
 
     @property
     def client_id(self) -> str:
-        return self.device.client_id
+        return self.real.client_id
 
     @property
     def key(self) -> bytes | None:
-        return self.device.key
+        return self.real.key
 
     @property
     def profile(self) -> DeviceProfile:
@@ -43,7 +43,7 @@ class EmulatedDevice:
 
     @property
     def num_samples(self) -> int:
-        return self.device.num_samples
+        return self.real.num_samples
 
     @property
     def online(self) -> bool:
@@ -68,15 +68,15 @@ class EmulatedDevice:
         fitted = fit_task(self.client_id, task, cost, self.binding.available_ram)
         if isinstance(fitted, Refused):
             return fitted
-        models.warm_up(fitted, global_state, self.device.x, self.device.y)
-        trained = self.device.train(fitted, global_state, models)
+        models.warm_up(fitted, global_state, self.real.x, self.real.y)
+        trained = self.real.train(fitted, global_state, models)
         compute_s = self.binding.compute_seconds(
             trained.host_seconds, cost, self.num_samples, fitted.epochs
         )
         usage = trained.update.usage
         usage.emulated_seconds = self.binding.emulated_seconds(compute_s, len(trained.frame))
         # msgpack floats are fixed-width: re-encoding keeps the size the time counts.
-        frame = self.device.encode(trained.update, fitted)
+        frame = self.real.encode(trained.update, fitted)
         delay = usage.emulated_seconds - trained.result.seconds if self.binding.realtime else 0.0
         timing = {
             "host_seconds": trained.host_seconds,
