@@ -41,7 +41,7 @@ class Availability:
 
 @dataclass(frozen=True)
 class Refused:
-    """The device will not run the task (status ``rejected``): it does not fit."""
+    """The device will not run the task (status ``rejected``), e.g. it does not fit its memory."""
 
     reason: str
 
