@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from edge_client.emulation import COMPUTE_TIMES, MEASURED, EmulatedDevice, raise_fd_limit
+from edge_client.device import Device, RealDevice
+from edge_client.emulated_device import EmulatedDevice
+from edge_client.emulation import COMPUTE_TIMES, MEASURED, ProfileBinding, raise_fd_limit
 from edge_client.model_store import default_model_dir
 from edge_client.profiling import measure_profile
-from edge_client.runtime import AgentOptions, AgentRuntime, Device
+from edge_client.runtime import AgentOptions, AgentRuntime
 from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.data.partition import parse_partition, partition
 from fedmpq.errors import FedmpqError
@@ -104,7 +106,7 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
     if args.fleet is not None:
         fleet = load_fleet(args.fleet).assign(max(args.num_partitions, last), seed=args.seed)
     keys = load_keyring(args.keys) if args.keys else {}
-    devices = []
+    devices: list[Device] = []
     for index in range(args.first_index, last):
         client_id = (
             args.client_id
@@ -114,17 +116,21 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
         x, y = subset(data.train, parts[index]).tensors()
         if keys and client_id not in keys:
             raise FedmpqError(f"{args.keys} holds no key for device {client_id}")
-        device = Device(
+        device = RealDevice(
             client_id, x, y, profile, seed=args.seed * 7919 + index, key=keys.get(client_id)
         )
-        if fleet is not None:
-            # The host's figure comes from the same probe a real device runs on itself.
-            seed = f"{args.seed}:{client_id}"
-            device.emulation = EmulatedDevice(
-                fleet[index], profile.gflops, seed, args.realtime, args.compute_time
-            )
-            device.profile = device.emulation.reported_profile()
-        devices.append(device)
+        if fleet is None:
+            devices.append(device)
+            continue
+        # The host's figure comes from the same probe a real device runs on itself.
+        binding = ProfileBinding(
+            fleet[index],
+            host_gflops=profile.gflops,
+            seed=f"{args.seed}:{client_id}",
+            realtime=args.realtime,
+            compute_time=args.compute_time,
+        )
+        devices.append(EmulatedDevice(device, binding))
     return devices, data.num_classes, data.in_shape
 
 

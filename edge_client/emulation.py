@@ -1,12 +1,13 @@
-"""An emulated device that obeys its profile (``fedmpq.profiles``), not the host's.
+"""What binds an emulated device to its profile (``fedmpq.profiles``), not the host's.
 
-What binds an emulated device to its profile:
+:class:`ProfileBinding` holds the rules and the seeded draws, without I/O or training;
+``edge_client.emulated_device.EmulatedDevice`` applies them around a real device.
 
 * **Reported profile** -- it registers with the profile's RAM, cores, GFLOPS, links and
-  name, never the host's (:meth:`EmulatedDevice.reported_profile`).
+  name, never the host's (:meth:`ProfileBinding.reported_profile`).
 * **Memory** -- a task is fitted into the profile's free RAM (RAM minus the OS share) by
   the same function a real device applies to its measured free RAM
-  (``edge_client.task.fit_batch_size``).
+  (``edge_client.memory.fit_batch_size``).
 * **Time** -- compute time is the host's CPU time for the task stretched by
   ``host_gflops / profile_gflops`` (the host's figure from the same matmul probe a real
   device runs), or, with ``compute_time="analytic"``, the task's FLOP count at the
@@ -14,7 +15,8 @@ What binds an emulated device to its profile:
   load, but blind to framework overhead too); each transfer takes
   ``latency + bytes / bandwidth`` (``fedmpq.resources.transfer_seconds``).
   The sum is reported as ``ResourceUsage.emulated_seconds``; the coordinator logs the
-  round's maximum beside real time.  Nothing sleeps unless ``realtime`` is set.
+  round's maximum beside real time.  Nothing waits unless ``realtime`` is set: then the
+  update is held back until the emulated time has passed.
 * **Churn** -- availability is a two-state Markov chain stepped once per round: an
   online device goes offline with probability ``1 / mean_session_rounds``; an offline
   one comes back with the probability that makes ``online_probability`` its long-run
@@ -43,14 +45,14 @@ from fedmpq.profiles import DeviceProfileSpec
 from fedmpq.resources import ModelCost, training_seconds, transfer_seconds
 from fedmpq.wire.messages import DeviceProfile
 
-#: ``EmulatedDevice.compute_time`` values.
+#: ``ProfileBinding.compute_time`` values.
 MEASURED = "measured"  # host CPU time x host GFLOPS / profile GFLOPS
 ANALYTIC = "analytic"  # FLOP count / profile GFLOPS (fedmpq.resources.training_seconds)
 COMPUTE_TIMES = (MEASURED, ANALYTIC)
 
 
 @dataclass
-class EmulatedDevice:
+class ProfileBinding:
     """Profile-bound behaviour of one emulated device (see the module docstring)."""
 
     spec: DeviceProfileSpec

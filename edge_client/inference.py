@@ -72,7 +72,10 @@ class Predictor:
             raise InferenceError(f"onnxruntime cannot load the model: {exc}") from exc
         (inp,) = self.session.get_inputs()
         self.input_name = inp.name
-        self.input_shape = tuple(int(d) for d in inp.shape[1:])
+        if len(inp.shape) != 4:
+            raise InferenceError(f"model input of shape {inp.shape}: expected (N, C, H, W)")
+        _, c, h, w = inp.shape
+        self.input_shape = (int(c), int(h), int(w))
 
     @classmethod
     def from_store(cls, directory: Path | None = None, *, threads: int = 1) -> Predictor:

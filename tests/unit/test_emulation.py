@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.config import RunConfig
 from coordinator.server import Coordinator
-from edge_client.emulation import ANALYTIC, EmulatedDevice, round_seconds
+from edge_client.emulation import ANALYTIC, ProfileBinding, round_seconds
 from edge_client.memory import fit_batch_size
 from fedmpq.errors import BudgetError, ConfigError
 from fedmpq.models import build_model
@@ -46,7 +46,7 @@ def _task(bits: int = 4, batch: int = 32) -> TaskMessage:
 
 
 def test_reports_the_profile_not_the_host(zero):
-    reported = EmulatedDevice(zero, host_gflops=40.0, seed="s").reported_profile()
+    reported = ProfileBinding(zero, host_gflops=40.0, seed="s").reported_profile()
     assert reported.profile_name == "rpi-zero-2w"
     assert reported.total_ram == 512 * 2**20
     assert reported.available_ram == (512 - 120) * 2**20
@@ -56,7 +56,7 @@ def test_reports_the_profile_not_the_host(zero):
 
 
 def test_compute_is_stretched_and_transfers_take_bytes_over_bandwidth(zero, cost):
-    device = EmulatedDevice(zero, host_gflops=51.0, seed="s")
+    device = ProfileBinding(zero, host_gflops=51.0, seed="s")
     device.open_round(1, global_bytes=3_000_000)
     device.task_received(1000)
     compute = device.compute_seconds(0.2, cost, samples=100, epochs=1)
@@ -66,14 +66,14 @@ def test_compute_is_stretched_and_transfers_take_bytes_over_bandwidth(zero, cost
     up = 0.005 + 8 * 250_000 / 25e6
     assert total == pytest.approx(down + 2.0 + up)
     assert total == pytest.approx(round_seconds(zero, 2.0, 3_001_000, 250_000))
-    analytic = EmulatedDevice(zero, 51.0, "s", compute_time=ANALYTIC)
+    analytic = ProfileBinding(zero, 51.0, "s", compute_time=ANALYTIC)
     assert analytic.compute_seconds(0.2, cost, 100, 1) == training_seconds(cost, 100, 1, 5.1)
     with pytest.raises(ConfigError, match="compute time"):
-        EmulatedDevice(zero, 51.0, "s", compute_time="guess")
+        ProfileBinding(zero, 51.0, "s", compute_time="guess")
 
 
 def test_churn_follows_availability_and_session_length(zero):
-    device = EmulatedDevice(zero, 40.0, seed="churn")
+    device = ProfileBinding(zero, 40.0, seed="churn")
     states, changes = [], 0
     for r in range(1, 20_001):
         if device.open_round(r, 0) is not None:
@@ -90,18 +90,18 @@ def test_churn_follows_availability_and_session_length(zero):
 
 def test_draws_are_seeded_and_crashes_follow_the_profile(zero):
     crashy = replace(zero, crash_probability=Figure(0.25, "test"))
-    a = EmulatedDevice(crashy, 40.0, seed="x")
-    b = EmulatedDevice(crashy, 40.0, seed="x")
+    a = ProfileBinding(crashy, 40.0, seed="x")
+    b = ProfileBinding(crashy, 40.0, seed="x")
     draws = [a.crashes() for _ in range(4000)]
     assert draws == [b.crashes() for _ in range(4000)]
     assert sum(draws) / len(draws) == pytest.approx(0.25, abs=0.03)
-    c = EmulatedDevice(crashy, 40.0, seed="y")
+    c = ProfileBinding(crashy, 40.0, seed="y")
     assert [c.crashes() for _ in range(4000)] != draws
 
 
 def test_round_one_is_online_and_a_crash_is_announced_back(zero):
     always_crash = replace(zero, crash_probability=Figure(1.0, "test"))
-    device = EmulatedDevice(always_crash, 40.0, seed="s")
+    device = ProfileBinding(always_crash, 40.0, seed="s")
     assert device.open_round(1, 0) in (None, False)
     assert device.online
     assert device.crashes()
@@ -123,10 +123,10 @@ def test_memory_fit_keeps_halves_or_refuses(cost):
 
 def test_memory_fit_uses_the_profile_free_ram(zero, cost):
     tiny = replace(zero, ram_mb=Figure(300, "test"), os_reserved_mb=Figure(160, "test"))
-    device = EmulatedDevice(tiny, 40.0, "s")
+    device = ProfileBinding(tiny, 40.0, "s")
     with pytest.raises(BudgetError):
         fit_batch_size(_task(), cost, device.available_ram)  # 140 MiB < the runtime alone
-    assert fit_batch_size(_task(), cost, EmulatedDevice(zero, 40.0, "s").available_ram) == 32
+    assert fit_batch_size(_task(), cost, ProfileBinding(zero, 40.0, "s").available_ram) == 32
 
 
 PROFILE = load_profile(PROFILES / "rpi-4b-4gb.toml")
@@ -142,7 +142,7 @@ def _coordinator(tmp_path) -> Coordinator:
         offline_grace_s=0,
     )
     coordinator = Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
-    reported = EmulatedDevice(PROFILE, 40.0, "s").reported_profile()
+    reported = ProfileBinding(PROFILE, 40.0, "s").reported_profile()
     for cid in ("a", "b", "c"):
         reg = RegisterMessage(cid, "test", reported, 600, True, time.time())
         coordinator.handle(coordinator.topics.register(cid), encode(reg))

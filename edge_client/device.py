@@ -1,0 +1,178 @@
+"""The device interface the agent runtime drives, and the real device behind it.
+
+The runtime (``edge_client.runtime``) owns the MQTT side: connections, topics, status and
+reports.  A device owns what happens on the board: what it registers with, whether it is
+there to see a task, and what running a task comes to (:data:`Outcome`).  A real device
+measures itself and trains; ``edge_client.emulated_device.EmulatedDevice`` wraps one and
+makes it obey a profile instead, so the runtime treats both alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from edge_client.memory import fit_batch_size, free_memory_bytes
+from edge_client.shared_models import ModelPool
+from edge_client.task import execute_task
+from edge_client.training import TrainResult
+from fedmpq.errors import BudgetError
+from fedmpq.resources import ModelCost
+from fedmpq.wire.codec import encode
+from fedmpq.wire.messages import DeviceProfile, TaskMessage, UpdateMessage
+
+log = logging.getLogger("fedmpq.agent")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """A device says ahead of a round whether it will be there (status ``online``/``offline``)."""
+
+    online: bool
+    round: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The device will not run the task (status ``rejected``), e.g. it does not fit its memory."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """The device went down during the task without answering (status ``offline``)."""
+
+    reason: str
+
+
+@dataclass
+class Trained:
+    """A task done: the update and its encoded, signed frame, ready to publish."""
+
+    update: UpdateMessage
+    frame: bytes
+    result: TrainResult
+    batch_size: int  # the batch size trained with, after fitting into memory
+    host_seconds: float  # this host's CPU time for the training (wall time with >1 thread)
+    delay: float = 0.0  # hold the frame back this many seconds before publishing it
+    timing: dict[str, float] = field(default_factory=dict)  # what an emulated time is made of
+
+
+#: What running a task comes to.
+Outcome = Trained | Refused | Crashed
+
+
+class Device(Protocol):
+    """What the agent runtime needs of a device, real or emulated."""
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def key(self) -> bytes | None:
+        """Signs every frame the device sends (``fedmpq.wire.signing``); None: unsigned."""
+
+    @property
+    def profile(self) -> DeviceProfile:
+        """What the device registers with."""
+
+    @property
+    def num_samples(self) -> int: ...
+
+    @property
+    def online(self) -> bool:
+        """Whether the device is there to see a task now."""
+
+    def round_opened(self, round: int, global_bytes: int) -> Availability | None:
+        """Round ``round``'s global model (``global_bytes`` long) arrived: what to announce
+        about the device's availability, or None for nothing."""
+
+    def task_arrived(self, nbytes: int) -> None:
+        """``nbytes`` arrived on the device's task topic (a task or a notice)."""
+
+    def run_task(
+        self, task: TaskMessage, global_state: Mapping[str, np.ndarray], models: ModelPool
+    ) -> Outcome:
+        """Run ``task`` from ``global_state`` on a network from ``models``."""
+
+
+def fit_task(
+    client_id: str, task: TaskMessage, cost: ModelCost, free_bytes: int
+) -> TaskMessage | Refused:
+    """``task`` with the batch size that fits in ``free_bytes``, or why it cannot run."""
+    try:
+        batch = fit_batch_size(task, cost, free_bytes)
+    except BudgetError as exc:
+        log.warning("%s: refused round %d: %s", client_id, task.round, exc)
+        return Refused(str(exc))
+    if batch != task.batch_size:
+        log.info("%s: batch %d -> %d to fit memory", client_id, task.batch_size, batch)
+    return replace(task, batch_size=batch)
+
+
+@dataclass
+class RealDevice:
+    """This board: its local data, the profile it measured, and its policy state."""
+
+    client_id: str
+    x: torch.Tensor
+    y: torch.Tensor
+    profile: DeviceProfile
+    seed: int = 0
+    key: bytes | None = None
+    memory: dict[str, np.ndarray] = field(default_factory=dict)  # policy state (error feedback)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    @property
+    def online(self) -> bool:
+        return True  # a board that is off receives nothing at all
+
+    def round_opened(self, round: int, global_bytes: int) -> Availability | None:
+        return None  # a real board's availability is its connection (and last will)
+
+    def task_arrived(self, nbytes: int) -> None:
+        pass
+
+    def run_task(
+        self, task: TaskMessage, global_state: Mapping[str, np.ndarray], models: ModelPool
+    ) -> Outcome:
+        fitted = fit_task(self.client_id, task, models.cost(task.model_name), free_memory_bytes())
+        if isinstance(fitted, Refused):
+            return fitted
+        return self.train(fitted, global_state, models)
+
+    def train(
+        self, task: TaskMessage, global_state: Mapping[str, np.ndarray], models: ModelPool
+    ) -> Trained:
+        """Train ``task`` as given (already fitted into memory) and encode the update."""
+        cpu_start = time.thread_time()
+        update, result = execute_task(
+            task,
+            models.net(task.model_name),
+            global_state,
+            self.x,
+            self.y,
+            seed=self.seed * 100_003 + task.round,
+            memory=self.memory,
+        )
+        # With one torch thread training runs on this thread: its CPU time is the work,
+        # whatever else the host is doing; with more, only wall time says.
+        one_thread = torch.get_num_threads() == 1
+        host_s = time.thread_time() - cpu_start if one_thread else result.seconds
+        frame = self.encode(update, task)
+        return Trained(update, frame, result, task.batch_size, host_s)
+
+    def encode(self, update: UpdateMessage, task: TaskMessage) -> bytes:
+        """``update`` as sent: compressed as ``task`` asks, signed with the device's key."""
+        return encode(update, compress=task.compress, key=self.key)

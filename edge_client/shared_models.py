@@ -1,0 +1,90 @@
+"""What the devices hosted by one process share: decoded global models and one network per
+architecture, so a process emulating hundreds of devices holds each model once."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_client.task import execute_task
+from fedmpq.models import build_model
+from fedmpq.resources import ModelCost, model_cost
+from fedmpq.wire.codec import DecodeLimits, decode
+from fedmpq.wire.messages import GlobalModelMessage, TaskMessage
+from fedmpq.wire.tensors import decode_state
+
+
+class GlobalModelCache:
+    """Decoded global models by fingerprint; identical payloads are decoded once even when
+    hundreds of emulated devices in this process each receive their own copy."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._by_fp: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._seen: OrderedDict[bytes, int] = OrderedDict()  # payload digest -> its round
+        self.latest_round = 0  # round of the payload the last add() was given
+
+    def add(self, payload: bytes, limits: DecodeLimits) -> GlobalModelMessage | None:
+        """Decode and cache ``payload``; None if this exact payload was already cached."""
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if digest in self._seen:
+            self.latest_round = self._seen[digest]
+            return None
+        msg = decode(payload, GlobalModelMessage, limits)
+        self._by_fp[msg.fingerprint] = decode_state(msg.tensors)
+        self._seen[digest] = self.latest_round = msg.round
+        for cache in (self._by_fp, self._seen):
+            while len(cache) > self.keep:
+                cache.popitem(last=False)
+        return msg
+
+    def get(self, fingerprint: str) -> dict[str, np.ndarray] | None:
+        return self._by_fp.get(fingerprint)
+
+
+class ModelPool:
+    """One network per architecture and its cost, built on first use; devices train on it in
+    turn (the runtime trains one task at a time)."""
+
+    def __init__(self, num_classes: int, in_shape: tuple[int, int, int]) -> None:
+        self.num_classes = num_classes
+        self.in_shape = in_shape
+        self._nets: dict[str, nn.Module] = {}
+        self._costs: dict[str, ModelCost] = {}
+        self._warmed: set[str] = set()  # architectures this process has trained once, untimed
+
+    def net(self, model_name: str) -> nn.Module:
+        """The shared network of ``model_name``; its weights are whatever was loaded last."""
+        if model_name not in self._nets:
+            self._nets[model_name] = build_model(model_name, self.num_classes, self.in_shape)
+        return self._nets[model_name]
+
+    def cost(self, model_name: str) -> ModelCost:
+        """Parameter, activation and FLOP counts of ``model_name`` (``fedmpq.resources``)."""
+        if model_name not in self._costs:
+            self._costs[model_name] = model_cost(self.net(model_name), self.in_shape)
+        return self._costs[model_name]
+
+    def warm_up(
+        self,
+        task: TaskMessage,
+        global_state: Mapping[str, np.ndarray],
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
+        """Train ``task`` once on the first sample of ``(x, y)``, the first time this process
+        meets its architecture.
+
+        A process's first task pays one-off costs (lazy imports, kernel set-up) that a device
+        training every round does not; whoever times training pays them here, untimed.
+        """
+        if task.model_name in self._warmed:
+            return
+        net = self.net(task.model_name)
+        execute_task(task, net, global_state, x[:1], y[:1], seed=0, memory={})
+        self._warmed.add(task.model_name)
