@@ -1,0 +1,185 @@
+"""The common integer grid of a round and the ring Z_(2**k) the masked codes live in.
+
+Grid
+----
+The coordinator announces, per layer, a ``scale`` (taken from the global model) and the
+grid's bits ``B``, the highest precision any selected device has for that layer.  A device
+at ``b`` bits quantizes with step ``scale / 2**(b - 1)`` (power-of-two steps, so every
+coarser grid is a subset of the finer ones; fedmpq's own symmetric step
+``scale / (2**(b - 1) - 1)`` does not nest):
+
+* ``b >= 2``: signed codes ``c`` with ``|c| <= 2**(b - 1) - 1`` (sign-magnitude, as sent
+  without secure aggregation); values beyond ``scale * (1 - 2**(1 - b))`` are clipped;
+* ``b == 1``: the sign only, ``c`` in ``{-1, +1}`` (``+-scale``, as fedmpq's 1-bit code).
+
+On the B-bit grid, code ``c`` is ``c * 2**(B - b)`` exactly, so codes from mixed precisions
+add up without rounding, and every lifted code satisfies ``|c| <= 2**(B - 1)``.
+
+Ring
+----
+A sum of ``n`` lifted codes lies in ``[-n * 2**(B-1), n * 2**(B-1)]``: ``n * 2**B + 1``
+values.  ``k = B + n.bit_length()`` is the smallest ring whose two's-complement range
+``[-2**(k-1), 2**(k-1))`` holds them all for every ``n`` (``n.bit_length() =
+floor(log2 n) + 1``, at most ``ceil(log2 n) + 1``); 4-bit codes from 10 devices need
+``k = 8``.  Masked codes are uniform in the ring and travel bit-packed at exactly ``k`` bits
+(:func:`pack_ring`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedmpq.errors import DecodeError
+from fedmpq.packing import pack_bits, packed_nbytes, unpack_bits
+from fedmpq.secagg.errors import SecAggError
+
+#: Widest ring: masks are uint32 words.
+MAX_RING_BITS = 32
+GRID_BITS = range(1, 9)
+
+
+def ring_bits(grid_bits: int, devices: int) -> int:
+    """Bits ``k`` of the ring that holds any sum of ``devices`` codes on a ``grid_bits`` grid."""
+    if grid_bits not in GRID_BITS:
+        raise SecAggError(f"grid bits must be in 1..8, got {grid_bits}")
+    if devices < 1:
+        raise SecAggError(f"a round needs at least one device, got {devices}")
+    k = grid_bits + devices.bit_length()
+    if k > MAX_RING_BITS:
+        raise SecAggError(f"{devices} devices at {grid_bits} bits need a {k}-bit ring (max 32)")
+    return k
+
+
+def max_code(bits: int) -> int:
+    """Largest ``|code|`` at ``bits`` bits: 1 for the sign-only bit, else ``2**(bits-1) - 1``."""
+    return 1 if bits == 1 else (1 << (bits - 1)) - 1
+
+
+def grid_codes(
+    values: np.ndarray, scale: float, bits: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Quantize ``values`` to signed ``bits``-bit codes on the grid of step ``scale / 2**(bits-1)``.
+
+    Parameters
+    ----------
+    values
+        Finite floats (an update, or weights), any shape.
+    scale
+        The layer's announced scale, > 0.
+    bits
+        The device's precision for the layer, 1..8.
+    rng
+        With a generator, stochastic rounding (unbiased); without, round to nearest.
+
+    Returns
+    -------
+    numpy.ndarray
+        int32 codes, ``values``' shape, clipped to ``+-max_code(bits)`` (``+-1`` for one bit).
+    """
+    _check_scale(scale)
+    if bits not in GRID_BITS:
+        raise SecAggError(f"bits must be in 1..8, got {bits}")
+    x = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise SecAggError("values to put on the grid must be finite")
+    if bits == 1:
+        return np.where(x < 0, -1, 1).astype(np.int32)
+    x = x * ((1 << (bits - 1)) / scale)
+    x = np.floor(x + rng.random(x.shape)) if rng is not None else np.rint(x)
+    top = max_code(bits)
+    return np.clip(x, -top, top).astype(np.int32)
+
+
+def lift(codes: np.ndarray, bits: int, grid_bits: int) -> np.ndarray:
+    """``codes`` at ``bits`` bits as codes on the ``grid_bits`` grid: times ``2**(grid_bits-bits)``.
+
+    Raises
+    ------
+    SecAggError
+        If ``bits > grid_bits`` or a code is outside ``+-max_code(bits)`` (or 0 at one bit).
+    """
+    if bits not in GRID_BITS or grid_bits not in GRID_BITS or bits > grid_bits:
+        raise SecAggError(f"cannot lift {bits}-bit codes onto a {grid_bits}-bit grid")
+    c = np.asarray(codes)
+    if c.dtype.kind not in "iu":
+        raise SecAggError(f"codes must be integers, got dtype {c.dtype}")
+    c = c.astype(np.int64)
+    top = max_code(bits)
+    if c.size and (int(c.min()) < -top or int(c.max()) > top or (bits == 1 and not c.all())):
+        raise SecAggError(f"a code is outside the {bits}-bit range +-{top}")
+    return c << (grid_bits - bits)
+
+
+def to_ring(codes: np.ndarray) -> np.ndarray:
+    """Signed codes as uint32 words (two's complement; reduce modulo ``2**k`` later)."""
+    return np.asarray(codes, dtype=np.int64).astype(np.uint32)
+
+
+def from_ring(words: np.ndarray, k: int) -> np.ndarray:
+    """The signed integers in ``[-2**(k-1), 2**(k-1))`` that uint32 ``words`` stand for mod 2**k."""
+    v = (np.asarray(words, dtype=np.uint32) & np.uint32(ring_mask(k))).astype(np.int64)
+    return v - ((v >> (k - 1)) << k)
+
+
+def ring_mask(k: int) -> int:
+    """``2**k - 1``: a uint32 word reduced modulo ``2**k`` is the word AND this."""
+    return (1 << k) - 1
+
+
+def dequantize_sum(codes: np.ndarray, scale: float, grid_bits: int) -> np.ndarray:
+    """The float sum of the updates whose grid codes sum to ``codes`` (float64)."""
+    _check_scale(scale)
+    return np.asarray(codes, dtype=np.float64) * (scale / (1 << (grid_bits - 1)))
+
+
+def ring_nbytes(count: int, k: int) -> int:
+    """Bytes :func:`pack_ring` makes of ``count`` words at ``k`` bits: ``ceil(count*k/8)``
+    up to one padding byte per byte plane."""
+    whole, rest = divmod(k, 8)
+    return count * whole + (packed_nbytes(count, rest) if rest else 0)
+
+
+def pack_ring(words: np.ndarray, k: int) -> bytes:
+    """Pack ring elements at ``k`` bits each (the low ``k`` bits of each uint32 word).
+
+    Layout: the low byte of every element (``count`` bytes), then the next byte, ..., then
+    the top ``k % 8`` bits of every element packed by :func:`fedmpq.packing.pack_bits`.
+    """
+    w = np.asarray(words, dtype=np.uint32).reshape(-1)
+    whole, rest = divmod(k, 8)
+    parts = [pack_bits((w >> (8 * i)).astype(np.uint8), 8, check=False) for i in range(whole)]
+    if rest:
+        top = ((w >> (8 * whole)) & np.uint32(ring_mask(rest))).astype(np.uint8)
+        parts.append(pack_bits(top, rest, check=False))
+    return b"".join(parts)
+
+
+def unpack_ring(data: bytes, k: int, count: int) -> np.ndarray:
+    """The uint32 ring elements (each below ``2**k``) that :func:`pack_ring` packed.
+
+    Raises
+    ------
+    DecodeError
+        If ``data`` is not :func:`ring_nbytes` long.
+    """
+    if not 1 <= k <= MAX_RING_BITS:
+        raise DecodeError(f"ring bits must be in 1..{MAX_RING_BITS}, got {k}")
+    if len(data) != ring_nbytes(count, k):
+        raise DecodeError(
+            f"{count} ring elements at {k} bits are {ring_nbytes(count, k)} bytes, got {len(data)}"
+        )
+    buf = np.frombuffer(data, dtype=np.uint8)
+    whole, rest = divmod(k, 8)
+    out = np.zeros(count, dtype=np.uint32)
+    for i in range(whole):
+        out |= buf[i * count : (i + 1) * count].astype(np.uint32) << (8 * i)
+    if rest:
+        out |= unpack_bits(buf[whole * count :], rest, count).astype(np.uint32) << (8 * whole)
+    return out
+
+
+def _check_scale(scale: float) -> None:
+    if not (math.isfinite(scale) and scale > 0):
+        raise SecAggError(f"a grid scale must be finite and > 0, got {scale}")
