@@ -18,6 +18,7 @@ import numpy as np
 
 from fedmpq.errors import DecodeError
 from fedmpq.secagg import crypto, shamir
+from fedmpq.secagg.device import SHARE_CIPHERTEXT_BYTES
 from fedmpq.secagg.errors import SecAggError
 from fedmpq.secagg.messages import (
     AdvertiseKeys,
@@ -32,8 +33,6 @@ from fedmpq.secagg.messages import (
 )
 from fedmpq.secagg.plan import plan_round
 from fedmpq.secagg.ring import dequantize_sum, from_ring, unpack_ring
-
-_CIPHERTEXT_BYTES = 2 * shamir.SHARE_BYTES + 16  # two shares and the Poly1305 tag
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class SecureAggregation:
         self._roster_closed = False
         self._shares: dict[str, ShareKeys] = {}
         self._members: tuple[str, ...] = ()  # U2
-        self._sum = np.zeros(self.plan.size, dtype=np.uint32)
+        self._sum = np.zeros(self.plan.size, dtype=self.plan.word_dtype)
         self._contributors: list[str] = []  # U3
         self._request: UnmaskRequest | None = None
         self._responses: dict[str, UnmaskResponse] = {}
@@ -99,9 +98,9 @@ class SecureAggregation:
         for s in msg.shares:
             if s.sender != msg.client_id:
                 raise SecAggError(f"{msg.client_id!r} sent a share in the name of {s.sender!r}")
-            if len(s.ciphertext) != _CIPHERTEXT_BYTES:
+            if len(s.ciphertext) != SHARE_CIPHERTEXT_BYTES:
                 raise DecodeError(
-                    f"a share ciphertext is {_CIPHERTEXT_BYTES} bytes, got {len(s.ciphertext)}"
+                    f"a share ciphertext is {SHARE_CIPHERTEXT_BYTES} bytes, got {len(s.ciphertext)}"
                 )
         self._shares[msg.client_id] = msg
 
@@ -182,7 +181,8 @@ class SecureAggregation:
         seed_shares, key_shares = self._collected_shares()
         for owner in request.survivors:
             seed = shamir.combine(seed_shares[owner], self.plan.threshold, crypto.SEED_BYTES)
-            np.subtract(flat, crypto.mask_words(seed, self.plan.size), out=flat)
+            self_mask = crypto.mask_words(seed, self.plan.size, self.plan.word_dtype)
+            np.subtract(flat, self_mask, out=flat)
         for owner in request.dropped:
             raw = shamir.combine(key_shares[owner], self.plan.threshold, crypto.KEY_BYTES)
             key = crypto.load_private_key(raw)

@@ -4,8 +4,8 @@
 * key derivation: HKDF-SHA256 of the X25519 secret, bound to the run, the round, the
   purpose and the pair of devices, so no derived key is ever used twice;
 * share transport: ChaCha20-Poly1305 (AEAD) under the pairwise derived key;
-* mask expansion: the ChaCha20 keystream of a 32-byte seed read as little-endian uint32
-  words, which are uniform modulo any ``2**k`` with ``k <= 32``.
+* mask expansion: the ChaCha20 keystream of a 32-byte seed read as little-endian unsigned
+  words (8, 16 or 32 bits), which are uniform modulo any ``2**k`` up to the word's width.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ PURPOSE_MASK = b"fedmpq-secagg/pairwise-mask"
 # Every seed and AEAD key is used for one stream or one message per direction, so the
 # ChaCha20 nonce can be constant; the AEAD nonce tells the two directions apart.
 _STREAM_NONCE = bytes(16)
-_WORD = np.dtype("<u4")
 
 
 def context(*parts: str | int) -> bytes:
@@ -119,13 +118,17 @@ def open_sealed(
         ) from None
 
 
-def mask_words(seed: bytes, count: int) -> np.ndarray:
-    """``count`` pseudo-random uint32 words expanded from a 32-byte ``seed``."""
+def mask_words(seed: bytes, count: int, dtype: np.dtype) -> np.ndarray:
+    """``count`` pseudo-random words of the unsigned ``dtype`` expanded from a 32-byte ``seed``.
+
+    The same seed gives the same stream, whatever ``dtype``'s byte order on the host.
+    """
     if len(seed) != SEED_BYTES:
         raise DecodeError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
     encryptor = Cipher(algorithms.ChaCha20(seed, _STREAM_NONCE), mode=None).encryptor()
     # The keystream is the encryption of zeros; the array is a read-only view of it.
-    return np.frombuffer(encryptor.update(bytes(4 * count)), dtype=_WORD)
+    word = np.dtype(dtype).newbyteorder("<")
+    return np.frombuffer(encryptor.update(bytes(word.itemsize * count)), dtype=word)
 
 
 def _aead_nonce(sender: int, receiver: int) -> bytes:

@@ -31,6 +31,8 @@ from fedmpq.secagg.plan import plan_round
 from fedmpq.secagg.ring import lift, pack_ring, ring_mask, to_ring
 
 _PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES  # self-seed share, then mask-key share
+#: Bytes of one :class:`EncryptedShare` ciphertext: two shares and the Poly1305 tag.
+SHARE_CIPHERTEXT_BYTES = _PLAINTEXT_BYTES + 16
 
 
 class DeviceSession:
@@ -177,7 +179,8 @@ class DeviceSession:
             )
 
         flat = self._lifted(codes, bits)
-        np.add(flat, crypto.mask_words(self._self_seed, self.plan.size), out=flat)
+        self_mask = crypto.mask_words(self._self_seed, self.plan.size, self.plan.word_dtype)
+        np.add(flat, self_mask, out=flat)
         for peer in members - {self.client_id}:
             seed = self.plan.pair_seed(
                 self.client_id, self._mask_key, peer, self._roster[peer].mask_key
@@ -192,7 +195,7 @@ class DeviceSession:
             self.plan.offsets[1:],
             strict=False,
         ):
-            words = flat[lo:hi] & np.uint32(ring_mask(k))
+            words = flat[lo:hi] & ring_mask(k)
             tensors.append(MaskedTensor(name=layer.name, ring_bits=k, data=pack_ring(words, k)))
         return MaskedInput(
             run_id=self.plan.run_id,
@@ -242,7 +245,7 @@ class DeviceSession:
         )
 
     def _lifted(self, codes: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> np.ndarray:
-        flat = np.empty(self.plan.size, dtype=np.uint32)
+        flat = np.empty(self.plan.size, dtype=self.plan.word_dtype)
         for layer, lo, hi in zip(
             self.plan.layers, self.plan.offsets, self.plan.offsets[1:], strict=False
         ):
@@ -251,5 +254,6 @@ class DeviceSession:
             c = np.asarray(codes[layer.name])
             if c.size != layer.size:
                 raise SecAggError(f"layer {layer.name!r} has {layer.size} codes, got {c.size}")
-            flat[lo:hi] = to_ring(lift(c.reshape(-1), bits[layer.name], layer.bits))
+            lifted = lift(c.reshape(-1), bits[layer.name], layer.bits)
+            flat[lo:hi] = to_ring(lifted, flat.dtype)
         return flat

@@ -11,13 +11,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedmpq.secagg import crypto
 from fedmpq.secagg.errors import SecAggError
 from fedmpq.secagg.messages import LayerGrid, SecAggSetup
-from fedmpq.secagg.ring import GRID_BITS, ring_bits
+from fedmpq.secagg.ring import GRID_BITS, ring_bits, word_dtype
 
 
 @dataclass(frozen=True)
 class RoundPlan:
     """A validated setup.  Layer ``i`` occupies ``flat[offsets[i]:offsets[i+1]]`` of the one
-    uint32 vector every device masks and the coordinator sums."""
+    vector of ``word_dtype`` words every device masks and the coordinator sums."""
 
     run_id: str
     round: int
@@ -26,6 +26,11 @@ class RoundPlan:
     layers: tuple[LayerGrid, ...]
     ring_bits: tuple[int, ...]
     offsets: tuple[int, ...]
+
+    @property
+    def word_dtype(self) -> np.dtype:
+        """Words wide enough for every layer's ring: the fewer bytes, the cheaper the masks."""
+        return word_dtype(max(self.ring_bits, default=1))
 
     @property
     def size(self) -> int:
@@ -74,7 +79,7 @@ class RoundPlan:
 
     def apply_pair_mask(self, flat: np.ndarray, seed: bytes, own: str, peer: str) -> None:
         """Add (lower index) or subtract (higher) the pair's mask to ``flat`` in place."""
-        mask = crypto.mask_words(seed, self.size)
+        mask = crypto.mask_words(seed, self.size, self.word_dtype)
         if self.index(own) < self.index(peer):
             np.add(flat, mask, out=flat)
         else:

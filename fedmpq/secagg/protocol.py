@@ -3,10 +3,10 @@ process, messages handed over as the MQTT topics would carry them.
 
 This is the reference for wiring the steps into the round engine, and what the tests and
 the benchmark run.  Devices can drop at each step: after advertising keys but before
-sharing them (never in the sum, never masked against), after sharing but before sending their masked input (not in
-the sum; their pairwise masks are removed from the survivors' inputs with their
-reconstructed mask key) or after sending it (in the sum; their self mask is removed with
-their reconstructed seed, they just do not help unmask).
+sharing them (never in the sum, never masked against), after sharing but before sending
+their masked input (not in the sum; their pairwise masks are removed from the survivors'
+inputs with their reconstructed mask key) or after sending it (in the sum; their self mask
+is removed with their reconstructed seed, they just do not help unmask).
 """
 
 from __future__ import annotations

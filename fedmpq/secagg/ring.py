@@ -35,7 +35,7 @@ from fedmpq.errors import DecodeError
 from fedmpq.packing import pack_bits, packed_nbytes, unpack_bits
 from fedmpq.secagg.errors import SecAggError
 
-#: Widest ring: masks are uint32 words.
+#: Widest ring: masks are at most uint32 words.
 MAX_RING_BITS = 32
 GRID_BITS = range(1, 9)
 
@@ -112,19 +112,31 @@ def lift(codes: np.ndarray, bits: int, grid_bits: int) -> np.ndarray:
     return c << (grid_bits - bits)
 
 
-def to_ring(codes: np.ndarray) -> np.ndarray:
-    """Signed codes as uint32 words (two's complement; reduce modulo ``2**k`` later)."""
-    return np.asarray(codes, dtype=np.int64).astype(np.uint32)
+def word_dtype(k: int) -> np.dtype:
+    """The narrowest unsigned dtype (8, 16 or 32 bits) that holds a ``k``-bit ring element.
+
+    Sums and masks wrap modulo the word's ``2**bits``, a multiple of ``2**k``, so working
+    in it and reducing at the end is working modulo ``2**k``.
+    """
+    if not 1 <= k <= MAX_RING_BITS:
+        raise SecAggError(f"ring bits must be in 1..{MAX_RING_BITS}, got {k}")
+    return np.dtype(np.uint8 if k <= 8 else np.uint16 if k <= 16 else np.uint32)
+
+
+def to_ring(codes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Signed codes as unsigned ``dtype`` words (two's complement; reduce mod ``2**k`` later)."""
+    return np.asarray(codes, dtype=np.int64).astype(dtype)
 
 
 def from_ring(words: np.ndarray, k: int) -> np.ndarray:
-    """The signed integers in ``[-2**(k-1), 2**(k-1))`` that uint32 ``words`` stand for mod 2**k."""
-    v = (np.asarray(words, dtype=np.uint32) & np.uint32(ring_mask(k))).astype(np.int64)
+    """The signed integers in ``[-2**(k-1), 2**(k-1))`` that unsigned ``words`` stand for
+    modulo ``2**k`` (int64)."""
+    v = np.asarray(words).astype(np.int64) & ring_mask(k)
     return v - ((v >> (k - 1)) << k)
 
 
 def ring_mask(k: int) -> int:
-    """``2**k - 1``: a uint32 word reduced modulo ``2**k`` is the word AND this."""
+    """``2**k - 1``: a word reduced modulo ``2**k`` is the word AND this."""
     return (1 << k) - 1
 
 
@@ -142,22 +154,25 @@ def ring_nbytes(count: int, k: int) -> int:
 
 
 def pack_ring(words: np.ndarray, k: int) -> bytes:
-    """Pack ring elements at ``k`` bits each (the low ``k`` bits of each uint32 word).
+    """Pack ring elements at ``k`` bits each (the low ``k`` bits of each unsigned word).
 
     Layout: the low byte of every element (``count`` bytes), then the next byte, ..., then
     the top ``k % 8`` bits of every element packed by :func:`fedmpq.packing.pack_bits`.
     """
-    w = np.asarray(words, dtype=np.uint32).reshape(-1)
+    w = np.asarray(words).reshape(-1)
+    if w.dtype.kind != "u":
+        raise SecAggError(f"ring elements must be unsigned words, got dtype {w.dtype}")
     whole, rest = divmod(k, 8)
     parts = [pack_bits((w >> (8 * i)).astype(np.uint8), 8, check=False) for i in range(whole)]
     if rest:
-        top = ((w >> (8 * whole)) & np.uint32(ring_mask(rest))).astype(np.uint8)
+        top = ((w >> (8 * whole)) & ring_mask(rest)).astype(np.uint8)
         parts.append(pack_bits(top, rest, check=False))
     return b"".join(parts)
 
 
 def unpack_ring(data: bytes, k: int, count: int) -> np.ndarray:
-    """The uint32 ring elements (each below ``2**k``) that :func:`pack_ring` packed.
+    """The ring elements (each below ``2**k``, as :func:`word_dtype` words) that
+    :func:`pack_ring` packed.
 
     Raises
     ------
@@ -172,11 +187,12 @@ def unpack_ring(data: bytes, k: int, count: int) -> np.ndarray:
         )
     buf = np.frombuffer(data, dtype=np.uint8)
     whole, rest = divmod(k, 8)
-    out = np.zeros(count, dtype=np.uint32)
+    dtype = word_dtype(k)
+    out = np.zeros(count, dtype=dtype)
     for i in range(whole):
-        out |= buf[i * count : (i + 1) * count].astype(np.uint32) << (8 * i)
+        out |= buf[i * count : (i + 1) * count].astype(dtype) << (8 * i)
     if rest:
-        out |= unpack_bits(buf[whole * count :], rest, count).astype(np.uint32) << (8 * whole)
+        out |= unpack_bits(buf[whole * count :], rest, count).astype(dtype) << (8 * whole)
     return out
 
 

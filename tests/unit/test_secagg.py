@@ -35,6 +35,7 @@ from fedmpq.secagg.ring import (
     ring_nbytes,
     to_ring,
     unpack_ring,
+    word_dtype,
 )
 
 LAYERS = [
@@ -265,8 +266,9 @@ def test_extreme_sums_never_overflow_the_ring(grid, n, data):
     bits = data.draw(st.integers(1, grid), label="device bits")
     sign = data.draw(st.sampled_from([-1, 1]), label="sign")
     extreme = lift(np.array([sign * max_code(bits)]), bits, grid)
-    # n copies added in uint32, wrapping as the coordinator's running sum does
-    words = np.add.reduce(np.full(n, to_ring(extreme)[0]), dtype=np.uint32, keepdims=True)
+    # n copies added in the ring's words, wrapping as the coordinator's running sum does
+    dtype = word_dtype(k)
+    words = np.add.reduce(np.full(n, to_ring(extreme, dtype)[0]), dtype=dtype, keepdims=True)
     assert from_ring(words, k)[0] == n * int(extreme[0])
     # k is the smallest such ring: n one-bit +1 codes need all of it
     top = n * 2 ** (grid - 1)
@@ -282,7 +284,7 @@ def test_four_bit_codes_from_ten_devices_use_an_eight_bit_ring():
 @given(k=st.integers(1, 32), count=st.integers(0, 100), seed=st.integers(0, 2**32 - 1))
 def test_ring_packing_round_trips_at_k_bits(k, count, seed):
     words = np.random.default_rng(seed).integers(0, 2**32, size=count, dtype=np.uint64)
-    words = (words & ring_mask(k)).astype(np.uint32)
+    words = (words & ring_mask(k)).astype(word_dtype(k))
     data = pack_ring(words, k)
     assert len(data) == ring_nbytes(count, k)
     assert len(data) <= math.ceil(count * k / 8) + 1
