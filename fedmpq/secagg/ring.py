@@ -4,13 +4,12 @@ Grid
 ----
 The coordinator announces, per layer, a ``scale`` (taken from the global model) and the
 grid's bits ``B``, the highest precision any selected device has for that layer.  A device
-at ``b`` bits quantizes with step ``scale / 2**(b - 1)`` (power-of-two steps, so every
-coarser grid is a subset of the finer ones; fedmpq's own symmetric step
-``scale / (2**(b - 1) - 1)`` does not nest):
-
-* ``b >= 2``: signed codes ``c`` with ``|c| <= 2**(b - 1) - 1`` (sign-magnitude, as sent
-  without secure aggregation); values beyond ``scale * (1 - 2**(1 - b))`` are clipped;
-* ``b == 1``: the sign only, ``c`` in ``{-1, +1}`` (``+-scale``, as fedmpq's 1-bit code).
+at ``b`` bits quantizes with step ``scale / 2**(b - 1)`` to signed codes ``c`` with
+``|c| <= 2**(b - 1)``, i.e. the values ``-scale .. +scale``.  The steps are powers of two so
+that every coarser grid is a subset of the finer ones (fedmpq's symmetric step
+``scale / (2**(b - 1) - 1)`` does not nest: its 2-bit and 4-bit grids share only 0 and
+``+-scale``).  The codes never travel at ``b`` bits (the masked input is ``k`` bits wide
+whatever ``b``), so the grid keeps both ends, ``2**b + 1`` levels, at no cost.
 
 On the B-bit grid, code ``c`` is ``c * 2**(B - b)`` exactly, so codes from mixed precisions
 add up without rounding, and every lifted code satisfies ``|c| <= 2**(B - 1)``.
@@ -53,14 +52,14 @@ def ring_bits(grid_bits: int, devices: int) -> int:
 
 
 def max_code(bits: int) -> int:
-    """Largest ``|code|`` at ``bits`` bits: 1 for the sign-only bit, else ``2**(bits-1) - 1``."""
-    return 1 if bits == 1 else (1 << (bits - 1)) - 1
+    """Largest ``|code|`` on a ``bits``-bit grid: ``2**(bits-1)``, the code of ``+-scale``."""
+    return 1 << (bits - 1)
 
 
 def grid_codes(
     values: np.ndarray, scale: float, bits: int, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """Quantize ``values`` to signed ``bits``-bit codes on the grid of step ``scale / 2**(bits-1)``.
+    """Quantize ``values`` to signed codes on the grid of step ``scale / 2**(bits-1)``.
 
     Parameters
     ----------
@@ -76,7 +75,7 @@ def grid_codes(
     Returns
     -------
     numpy.ndarray
-        int32 codes, ``values``' shape, clipped to ``+-max_code(bits)`` (``+-1`` for one bit).
+        int32 codes, ``values``' shape, clipped to ``+-max_code(bits)`` (``+-scale``).
     """
     _check_scale(scale)
     if bits not in GRID_BITS:
@@ -84,9 +83,7 @@ def grid_codes(
     x = np.asarray(values, dtype=np.float64)
     if not np.isfinite(x).all():
         raise SecAggError("values to put on the grid must be finite")
-    if bits == 1:
-        return np.where(x < 0, -1, 1).astype(np.int32)
-    x = x * ((1 << (bits - 1)) / scale)
+    x = x * (max_code(bits) / scale)
     x = np.floor(x + rng.random(x.shape)) if rng is not None else np.rint(x)
     top = max_code(bits)
     return np.clip(x, -top, top).astype(np.int32)
@@ -98,7 +95,7 @@ def lift(codes: np.ndarray, bits: int, grid_bits: int) -> np.ndarray:
     Raises
     ------
     SecAggError
-        If ``bits > grid_bits`` or a code is outside ``+-max_code(bits)`` (or 0 at one bit).
+        If ``bits > grid_bits`` or a code is outside ``+-max_code(bits)``.
     """
     if bits not in GRID_BITS or grid_bits not in GRID_BITS or bits > grid_bits:
         raise SecAggError(f"cannot lift {bits}-bit codes onto a {grid_bits}-bit grid")
@@ -107,7 +104,7 @@ def lift(codes: np.ndarray, bits: int, grid_bits: int) -> np.ndarray:
         raise SecAggError(f"codes must be integers, got dtype {c.dtype}")
     c = c.astype(np.int64)
     top = max_code(bits)
-    if c.size and (int(c.min()) < -top or int(c.max()) > top or (bits == 1 and not c.all())):
+    if c.size and (int(c.min()) < -top or int(c.max()) > top):
         raise SecAggError(f"a code is outside the {bits}-bit range +-{top}")
     return c << (grid_bits - bits)
 
