@@ -73,11 +73,18 @@ def load_private_key(data: bytes) -> X25519PrivateKey:
 
 
 def check_public_key(data: bytes) -> bytes:
-    """``data`` if it is a raw X25519 public key, else :class:`DecodeError`."""
+    """``data`` if it is a raw X25519 public key that agrees a non-zero secret.
+
+    Raises
+    ------
+    DecodeError
+        If ``data`` is not 32 bytes, or is a low-order point (every agreement with it would
+        give the all-zero secret, i.e. keys anyone can compute).
+    """
     try:
-        X25519PublicKey.from_public_bytes(data)
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
     except ValueError as exc:
-        raise DecodeError(f"not an X25519 public key: {exc}") from None
+        raise DecodeError(f"not a usable X25519 public key: {exc}") from None
     return data
 
 

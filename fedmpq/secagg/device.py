@@ -95,14 +95,12 @@ class DeviceSession:
             raise SecAggError(
                 f"{len(keys)} devices advertised keys; the threshold is {self.plan.threshold}"
             )
-        self._roster = keys
         indices = {cid: self.plan.index(cid) for cid in keys}
         threshold = self.plan.threshold
         seed_shares = shamir.split(self._self_seed, threshold, list(indices.values()))
         key_shares = shamir.split(
             crypto.private_bytes(self._mask_key), threshold, list(indices.values())
         )
-        self._held[self.client_id] = (seed_shares[self._index], key_shares[self._index])
         out = []
         for peer, entry in keys.items():
             if peer == self.client_id:
@@ -117,6 +115,9 @@ class DeviceSession:
                 self.plan.share_context(self.client_id, peer),
             )
             out.append(EncryptedShare(sender=self.client_id, receiver=peer, ciphertext=ciphertext))
+        # Only now, with every ciphertext made, does the device commit to this roster.
+        self._roster = keys
+        self._held[self.client_id] = (seed_shares[self._index], key_shares[self._index])
         return ShareKeys(
             run_id=self.plan.run_id, round=self.plan.round, client_id=self.client_id, shares=out
         )

@@ -420,3 +420,15 @@ def test_setups_that_cannot_be_secure_are_refused():
         SecureAggregation(SecAggSetup("run", 1, ["a", "b"], 2, [LayerGrid("x", 3, 9, 1.0)]))
     with pytest.raises(SecAggError):
         DeviceSession("stranger", SecAggSetup("run", 1, ["a", "b"], 2, LAYERS))
+
+
+def test_low_order_public_keys_are_rejected():
+    ids = _ids(3)
+    setup = SecAggSetup("run", 1, ids, 2, LAYERS)
+    server = SecureAggregation(setup)
+    honest = DeviceSession(ids[0], setup).advertise()
+    with pytest.raises(DecodeError, match="X25519"):
+        server.add_keys(replace(honest, mask_key=bytes(32)))  # the all-zero point
+    with pytest.raises(DecodeError, match="X25519"):
+        server.add_keys(replace(honest, cipher_key=b"short"))
+    server.add_keys(honest)  # the rejected copies left no trace
