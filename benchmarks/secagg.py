@@ -109,7 +109,7 @@ def bits_section(model: str) -> dict[str, Any]:
     protocol_up = 2 * KEY_BYTES + (n - 1) * SHARE_CIPHERTEXT_BYTES + n * SHARE_BYTES
     protocol_down = n * 2 * KEY_BYTES + (n - 1) * SHARE_CIPHERTEXT_BYTES
     flower = weights * FLOWER_RING_BITS // 8
-    rows = {
+    rows: dict[str, dict[str, float]] = {
         "plain_quantized": {"bits_per_weight": 8 * plain / weights, "uplink_bytes": plain},
         "secagg_ring": {
             "ring_bits": k,
