@@ -57,14 +57,16 @@ class SecureAggregation:
     method that produces the next outgoing messages.  Every ``add_*`` raises
     :class:`SecAggError` for a message that does not fit the step (wrong round, unknown
     or repeated sender, sender that dropped earlier) and :class:`DecodeError` for
-    malformed bytes; a rejected message changes nothing.
+    malformed bytes; a rejected message changes nothing.  Calling a closing method again
+    returns the same messages, to send again to a device that reconnected.
     """
 
     def __init__(self, setup: SecAggSetup) -> None:
         self.plan = plan_round(setup)
         self._keys: dict[str, AdvertiseKeys] = {}
-        self._roster_closed = False
+        self._roster: KeyRoster | None = None
         self._shares: dict[str, ShareKeys] = {}
+        self._inboxes: list[ForwardedShares] | None = None
         self._members: tuple[str, ...] = ()  # U2
         self._sum = np.zeros(self.plan.size, dtype=self.plan.word_dtype)
         self._contributors: list[str] = []  # U3
@@ -74,7 +76,7 @@ class SecureAggregation:
     # -- step 2: keys ------------------------------------------------------------------
     def add_keys(self, msg: AdvertiseKeys) -> None:
         """Take a device's advertised keys."""
-        self._open("keys", not self._roster_closed)
+        self._open("keys", self._roster is None)
         self._sender(msg.run_id, msg.round, msg.client_id, self.plan.client_ids, self._keys)
         crypto.check_public_key(msg.cipher_key)
         crypto.check_public_key(msg.mask_key)
@@ -82,15 +84,15 @@ class SecureAggregation:
 
     def roster(self) -> KeyRoster:
         """Close key collection: the roster (U1) to send to every device in it."""
-        self._open("keys", not self._roster_closed)
-        self._enough("advertised keys", len(self._keys))
-        self._roster_closed = True
-        return KeyRoster(self.plan.run_id, self.plan.round, list(self._keys.values()))
+        if self._roster is None:
+            self._enough("advertised keys", len(self._keys))
+            self._roster = KeyRoster(self.plan.run_id, self.plan.round, list(self._keys.values()))
+        return self._roster
 
     # -- step 3: encrypted shares ------------------------------------------------------
     def add_shares(self, msg: ShareKeys) -> None:
         """Take a device's encrypted shares; it must address each other member of U1 once."""
-        self._open("shares", self._roster_closed and not self._members)
+        self._open("shares", self._roster is not None and self._inboxes is None)
         self._sender(msg.run_id, msg.round, msg.client_id, tuple(self._keys), self._shares)
         receivers = [s.receiver for s in msg.shares]
         if sorted(receivers) != sorted(set(self._keys) - {msg.client_id}):
@@ -106,7 +108,9 @@ class SecureAggregation:
 
     def forward_shares(self) -> list[ForwardedShares]:
         """Close share collection (U2 = the senders): each member's inbox to send it."""
-        self._open("shares", self._roster_closed and not self._members)
+        if self._inboxes is not None:
+            return self._inboxes
+        self._open("shares", self._roster is not None)
         self._enough("shared keys", len(self._shares))
         self._members = tuple(sorted(self._shares, key=self.plan.index))
         inbox: dict[str, list[EncryptedShare]] = {cid: [] for cid in self._members}
@@ -114,16 +118,17 @@ class SecureAggregation:
             for s in msg.shares:
                 if s.receiver in inbox:
                     inbox[s.receiver].append(s)
-        self._shares.clear()  # routed: the coordinator cannot read them and keeps none
-        return [
+        self._shares.clear()
+        self._inboxes = [
             ForwardedShares(self.plan.run_id, self.plan.round, cid, items)
             for cid, items in inbox.items()
         ]
+        return self._inboxes
 
     # -- step 4: masked inputs ---------------------------------------------------------
     def add_masked_input(self, msg: MaskedInput) -> None:
         """Fold a masked input into the running sum (it is dropped right after)."""
-        self._open("masked inputs", bool(self._members) and self._request is None)
+        self._open("masked inputs", self._inboxes is not None and self._request is None)
         self._sender(msg.run_id, msg.round, msg.client_id, self._members, self._contributors)
         if [t.name for t in msg.tensors] != [layer.name for layer in self.plan.layers]:
             raise DecodeError("a masked input must carry the setup's layers in order")
@@ -140,7 +145,9 @@ class SecureAggregation:
 
     def unmask_request(self) -> UnmaskRequest:
         """Close masked-input collection (U3 = the senders): the request to send to U3."""
-        self._open("masked inputs", bool(self._members) and self._request is None)
+        if self._request is not None:
+            return self._request
+        self._open("masked inputs", self._inboxes is not None)
         self._enough("sent masked inputs", len(self._contributors))
         survivors = sorted(self._contributors, key=self.plan.index)
         dropped = [cid for cid in self._members if cid not in self._contributors]

@@ -25,7 +25,7 @@ from fedmpq.secagg import (
     shamir,
     simulate_round,
 )
-from fedmpq.secagg.messages import UnmaskRequest
+from fedmpq.secagg.messages import ShareKeys, UnmaskRequest
 from fedmpq.secagg.ring import (
     dequantize_sum,
     from_ring,
@@ -432,3 +432,12 @@ def test_low_order_public_keys_are_rejected():
     with pytest.raises(DecodeError, match="X25519"):
         server.add_keys(replace(honest, cipher_key=b"short"))
     server.add_keys(honest)  # the rejected copies left no trace
+
+
+def test_closing_a_step_again_gives_the_same_messages_to_resend():
+    setup, server, _ = _started()
+    assert server.roster() is server.roster()
+    inboxes = server.forward_shares()
+    assert server.forward_shares() is inboxes
+    with pytest.raises(SecAggError, match="not collecting"):
+        server.add_shares(ShareKeys(setup.run_id, setup.round, setup.client_ids[0], []))
