@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,7 +37,11 @@ SHARE_CIPHERTEXT_BYTES = _PLAINTEXT_BYTES + 16
 
 
 class DeviceSession:
-    """One device in one round.  Call the steps in order; each answers once.
+    """One device in one round.  Call the steps in order.
+
+    Each step answers one question: asked the same again (the coordinator re-sent it) it
+    gives the same answer; asked something different it raises :class:`SecAggError`, since
+    two different unmasking answers could reveal an input.
 
     Parameters
     ----------
@@ -57,7 +62,10 @@ class DeviceSession:
         self._members: list[str] = []  # U2, set when masking
         # owner -> (share of its self-mask seed, share of its mask private key)
         self._held: dict[str, tuple[bytes, bytes]] = {}
-        self._answered_unmask = False
+        # (question, answer) of each step once answered
+        self._shared: tuple[KeyRoster, ShareKeys] | None = None
+        self._masked: tuple[ForwardedShares, MaskedInput] | None = None
+        self._unmasked: tuple[UnmaskRequest, UnmaskResponse] | None = None
 
     def advertise(self) -> AdvertiseKeys:
         """Step 2: this round's public keys."""
@@ -78,8 +86,9 @@ class DeviceSession:
             If the roster is from another round, names a device twice or one not selected,
             leaves this device out or misquotes its keys, or is smaller than the threshold.
         """
-        if self._roster:
-            raise SecAggError("shares were already sent this round")
+        again = _same_answer(self._shared, roster, "the shares")
+        if again is not None:
+            return again
         self.plan.check_round(roster.run_id, roster.round)
         keys: dict[str, AdvertiseKeys] = {}
         for entry in roster.keys:
@@ -118,9 +127,11 @@ class DeviceSession:
         # Only now, with every ciphertext made, does the device commit to this roster.
         self._roster = keys
         self._held[self.client_id] = (seed_shares[self._index], key_shares[self._index])
-        return ShareKeys(
+        answer = ShareKeys(
             run_id=self.plan.run_id, round=self.plan.round, client_id=self.client_id, shares=out
         )
+        self._shared = (roster, answer)
+        return answer
 
     def masked_input(
         self,
@@ -150,8 +161,9 @@ class DeviceSession:
         """
         if not self._roster:
             raise SecAggError("shares must be exchanged before masking")
-        if self._members:
-            raise SecAggError("the masked input was already sent this round")
+        again = _same_answer(self._masked, inbox, "the masked input")
+        if again is not None:
+            return again
         self.plan.check_round(inbox.run_id, inbox.round)
         if inbox.client_id != self.client_id:
             raise SecAggError(f"shares for {inbox.client_id!r} reached {self.client_id!r}")
@@ -198,12 +210,14 @@ class DeviceSession:
         ):
             words = flat[lo:hi] & ring_mask(k)
             tensors.append(MaskedTensor(name=layer.name, ring_bits=k, data=pack_ring(words, k)))
-        return MaskedInput(
+        masked = MaskedInput(
             run_id=self.plan.run_id,
             round=self.plan.round,
             client_id=self.client_id,
             tensors=tensors,
         )
+        self._masked = (inbox, masked)
+        return masked
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Step 5: shares of the survivors' self-mask seeds and the dropped devices' mask keys.
@@ -217,8 +231,9 @@ class DeviceSession:
         """
         if not self._members:
             raise SecAggError("nothing to unmask: this device sent no masked input")
-        if self._answered_unmask:
-            raise SecAggError("this device already answered the unmasking request")
+        again = _same_answer(self._unmasked, request, "the unmasking answer")
+        if again is not None:
+            return again
         self.plan.check_round(request.run_id, request.round)
         survivors, dropped = set(request.survivors), set(request.dropped)
         if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
@@ -236,14 +251,15 @@ class DeviceSession:
             raise SecAggError(
                 f"{len(survivors)} survivors are below the threshold {self.plan.threshold}"
             )
-        self._answered_unmask = True
-        return UnmaskResponse(
+        response = UnmaskResponse(
             run_id=self.plan.run_id,
             round=self.plan.round,
             client_id=self.client_id,
             self_mask_shares=[RevealedShare(o, self._held[o][0]) for o in sorted(survivors)],
             mask_key_shares=[RevealedShare(o, self._held[o][1]) for o in sorted(dropped)],
         )
+        self._unmasked = (request, response)
+        return response
 
     def _lifted(self, codes: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> np.ndarray:
         flat = np.empty(self.plan.size, dtype=self.plan.word_dtype)
@@ -258,3 +274,16 @@ class DeviceSession:
             lifted = lift(c.reshape(-1), bits[layer.name], layer.bits)
             flat[lo:hi] = to_ring(lifted, flat.dtype)
         return flat
+
+
+Q = TypeVar("Q")
+A = TypeVar("A")
+
+
+def _same_answer(answered: tuple[Q, A] | None, question: Q, what: str) -> A | None:
+    """The answer already given to ``question``; None if the step was not answered yet."""
+    if answered is None:
+        return None
+    if answered[0] != question:
+        raise SecAggError(f"{what} went out already this round, for a different request")
+    return answered[1]
