@@ -442,3 +442,18 @@ def test_closing_a_step_again_gives_the_same_messages_to_resend():
     assert server.forward_shares() is inboxes
     with pytest.raises(SecAggError, match="not collecting"):
         server.add_shares(ShareKeys(setup.run_id, setup.round, setup.client_ids[0], []))
+
+
+@pytest.mark.parametrize("n", [2, 8, 10])
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_extreme_codes_through_a_whole_round(n, sign):
+    # at n = 8 the 4-bit layer's sum, 8 * 8 = 64, is one more than a (k-1)-bit ring holds
+    ids = _ids(n)
+    layers = [LayerGrid("w", 64, 4, 1.0), LayerGrid("v", 16, 8, 1.0)]
+    bits = {c: {"w": 1 + i % 4, "v": 8} for i, c in enumerate(ids)}
+    codes = {
+        c: {g.name: np.full(g.size, sign * max_code(bits[c][g.name])) for g in layers} for c in ids
+    }
+    result = simulate_round(SecAggSetup("run", 1, ids, n // 2 + 1, layers), codes, bits)
+    _assert_exact(result, codes, bits, layers, ids)
+    assert np.all(result.codes["w"] == sign * n * 8)
