@@ -78,8 +78,8 @@ class SecureAggregation:
         """Take a device's advertised keys."""
         self._open("keys", self._roster is None)
         self._sender(msg.run_id, msg.round, msg.client_id, self.plan.client_ids, self._keys)
-        crypto.check_public_key(msg.cipher_key)
-        crypto.check_public_key(msg.mask_key)
+        crypto.check_public_key(msg.cipher_key, agree=True)
+        crypto.check_public_key(msg.mask_key, agree=True)
         self._keys[msg.client_id] = msg
 
     def roster(self) -> KeyRoster:

@@ -72,17 +72,17 @@ def load_private_key(data: bytes) -> X25519PrivateKey:
         raise DecodeError(f"not an X25519 private key: {exc}") from None
 
 
-def check_public_key(data: bytes) -> bytes:
-    """``data`` if it is a raw X25519 public key that agrees a non-zero secret.
+def check_public_key(data: bytes, *, agree: bool = False) -> bytes:
+    """``data`` if it is a raw X25519 public key, else :class:`DecodeError`.
 
-    Raises
-    ------
-    DecodeError
-        If ``data`` is not 32 bytes, or is a low-order point (every agreement with it would
-        give the all-zero secret, i.e. keys anyone can compute).
+    With ``agree``, also reject a low-order point, with which every agreement gives the
+    all-zero secret (:func:`derive` refuses it anyway, but only when it is used); the
+    coordinator checks so at once, to keep such a key out of the roster.
     """
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
+        key = X25519PublicKey.from_public_bytes(data)
+        if agree:
+            X25519PrivateKey.generate().exchange(key)
     except ValueError as exc:
         raise DecodeError(f"not a usable X25519 public key: {exc}") from None
     return data

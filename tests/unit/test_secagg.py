@@ -25,7 +25,7 @@ from fedmpq.secagg import (
     shamir,
     simulate_round,
 )
-from fedmpq.secagg.messages import ShareKeys, UnmaskRequest
+from fedmpq.secagg.messages import KeyRoster, ShareKeys, UnmaskRequest
 from fedmpq.secagg.ring import (
     dequantize_sum,
     from_ring,
@@ -457,3 +457,17 @@ def test_extreme_codes_through_a_whole_round(n, sign):
     result = simulate_round(SecAggSetup("run", 1, ids, n // 2 + 1, layers), codes, bits)
     _assert_exact(result, codes, bits, layers, ids)
     assert np.all(result.codes["w"] == sign * n * 8)
+
+
+def test_a_low_order_key_that_reaches_a_device_fails_its_step_cleanly():
+    ids = _ids(3)
+    setup = SecAggSetup("run", 1, ids, 2, LAYERS)
+    devices = [DeviceSession(c, setup) for c in ids]
+    keys = [d.advertise() for d in devices]
+    keys[2] = replace(keys[2], cipher_key=bytes(32))
+    roster = KeyRoster(setup.run_id, setup.round, keys)
+    with pytest.raises(DecodeError, match="bad public key"):
+        devices[0].share_keys(roster)
+    # nothing was committed: the honest roster still gets an answer
+    honest = KeyRoster(setup.run_id, setup.round, [d.advertise() for d in devices])
+    assert len(devices[0].share_keys(honest).shares) == 2
