@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import struct
+from functools import cache
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -82,7 +83,7 @@ def check_public_key(data: bytes, *, agree: bool = False) -> bytes:
     try:
         key = X25519PublicKey.from_public_bytes(data)
         if agree:
-            X25519PrivateKey.generate().exchange(key)
+            _probe_key().exchange(key)
     except ValueError as exc:
         raise DecodeError(f"not a usable X25519 public key: {exc}") from None
     return data
@@ -136,6 +137,12 @@ def mask_words(seed: bytes, count: int, dtype: np.dtype) -> np.ndarray:
     # The keystream is the encryption of zeros; the array is a read-only view of it.
     word = np.dtype(dtype).newbyteorder("<")
     return np.frombuffer(encryptor.update(bytes(word.itemsize * count)), dtype=word)
+
+
+@cache
+def _probe_key() -> X25519PrivateKey:
+    # Agreements with it are only ever checked for failure, never used.
+    return X25519PrivateKey.generate()
 
 
 def _aead_nonce(sender: int, receiver: int) -> bytes:
