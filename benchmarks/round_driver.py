@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from coordinator.engine import RoundEngine
+from coordinator.events import Outgoing
 from edge_client.task import execute_task
 from fedmpq.models import build_model
 from fedmpq.resources import training_seconds, transfer_seconds
@@ -56,6 +57,13 @@ def register(coordinator: RoundEngine, devices: list[SimDevice]) -> None:
         coordinator.receive(REGISTER, d.client_id, encode(msg))
 
 
+def frames(sent: list[Outgoing]) -> tuple[bytes, dict[str, bytes]]:
+    """The broadcast global model and the per-device frames (tasks, notices) of ``sent``."""
+    glob = next(m.payload for m in sent if m.kind == GLOBAL)
+    tasks = {m.client_id: m.payload for m in sent if m.kind == TASK and m.client_id is not None}
+    return glob, tasks
+
+
 def run_round(
     coordinator: RoundEngine, devices: dict[str, SimDevice], round: int
 ) -> dict[str, Any]:
@@ -63,9 +71,7 @@ def run_round(
     ``emulated_round_s``, ``sent_bits`` (per client, per layer, as sent) and
     ``notices`` (clients told they were left out) and ``emulated_upload_s`` (the
     slowest upload)."""
-    sent = coordinator.open_round(round)
-    glob = next(m.payload for m in sent if m.kind == GLOBAL)
-    tasks = {m.client_id: m.payload for m in sent if m.kind == TASK and m.client_id is not None}
+    glob, tasks = frames(coordinator.open_round(round))
     state = decode_state(decode(glob, GlobalModelMessage).tensors)
     nets: dict[str, nn.Module] = {}
     slowest = slowest_upload = 0.0

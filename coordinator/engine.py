@@ -28,8 +28,14 @@ import numpy as np
 from coordinator.aggregation import Quantization, make_rule, rule_name
 from coordinator.checkpoint import Checkpoint, model_frame
 from coordinator.config import RunConfig
-from coordinator.events import Evaluated, FrameHandled, Observers, Outgoing, RoundClosed
-from coordinator.events import RoundOpened
+from coordinator.events import (
+    Evaluated,
+    FrameHandled,
+    Observers,
+    Outgoing,
+    RoundClosed,
+    RoundOpened,
+)
 from coordinator.registry import DeviceRecord, Registry
 from coordinator.round_state import RoundState, metrics_row
 from coordinator.tasks import RoundMessages

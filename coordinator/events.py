@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class RoundTimed:
     idle_s: float
 
 
-Event = Union[FrameHandled, RoundOpened, Evaluated, RoundClosed, DevicesReady, RoundTimed]
+Event = FrameHandled | RoundOpened | Evaluated | RoundClosed | DevicesReady | RoundTimed
 Observer = Callable[[Event], None]
 
 

@@ -31,7 +31,7 @@ from coordinator.outputs import (
     run_title,
 )
 from fedmpq.errors import FedmpqError
-from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Protocol
 from fedmpq.topics import CONTROL, GLOBAL, MODEL, QOS, TASK, Topics, publish_options
 
 log = logging.getLogger("fedmpq.coordinator")
@@ -52,7 +52,7 @@ class MqttCoordinator:
         config: RunConfig,
         broker: BrokerAddress,
         *,
-        protocol: str = "5",
+        protocol: Protocol = "5",
         on_round: Callable[[dict[str, Any]], None] | None = None,
         resume: bool = False,
         engine: RoundEngine | None = None,
@@ -78,7 +78,7 @@ class MqttCoordinator:
 
     # --- MQTT side (loop thread): queue and return -----------------------------------
     def _on_message(self, _conn: Connection, topic: str, payload: bytes) -> None:
-        self.inbox.put(partial(self._handle, topic, payload))
+        self.inbox.put(partial(self.handle, topic, payload))
 
     def _on_connect(self, conn: Connection) -> None:
         for topic in self.topics.coordinator_subscriptions:
@@ -88,7 +88,8 @@ class MqttCoordinator:
         self.inbox.put(lambda: self._send(self.engine.resend()))
 
     # --- coordinator thread ----------------------------------------------------------
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Hand a message that arrived on ``topic`` to the engine; publish its answer."""
         parsed = self.topics.parse(topic)
         if parsed is None:
             detail = f"message on unexpected topic {topic!r}"

@@ -53,6 +53,6 @@ def test_seeded_three_rounds_end_in_the_pinned_model(tmp_path, data, model, poli
     for r in (1, 2, 3):
         row = run_round(engine, devices, r)
     expected_fp, expected_accuracy, expected_bits = PINNED[(model, policy)]
-    assert row["client_bits"] == dict(zip(sorted(devices), expected_bits))
+    assert row["client_bits"] == dict(zip(sorted(devices), expected_bits, strict=True))
     assert row["accuracy"] == expected_accuracy
     assert fingerprint(engine.global_state) == expected_fp
