@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregation import Quantization, make_rule, rule_name
-from coordinator.checkpoint import Checkpoint, model_frame
 from coordinator.config import RunConfig
 from coordinator.events import (
     Evaluated,
@@ -275,33 +274,3 @@ class RoundEngine:
     def control(self, state: str, round: int, detail: str = "") -> Outgoing:
         msg = ControlMessage(self.config.run_id, state, round, detail, time.time())
         return Outgoing(CONTROL, None, encode(msg))
-
-    # --- checkpoints -----------------------------------------------------------------
-    def checkpoint(self, round: int, cumulative_uplink: int) -> Checkpoint:
-        """What a resumed run needs after ``round``."""
-        cfg = self.config
-        return Checkpoint(
-            run_id=cfg.run_id,
-            round=round,
-            global_frame=model_frame(cfg.run_id, round, cfg.model, self.global_state),
-            policy_state=self.policy.state_dict(),
-            devices=list(self.registry.devices.values()),
-            rng_state=self.rng.getstate(),
-            cumulative_uplink_bytes=cumulative_uplink,
-            rejected=dict(self.rejections.counts),
-        )
-
-    def restore(self, ckpt: Checkpoint) -> None:
-        """Continue from ``ckpt`` (of this run)."""
-        if ckpt.run_id != self.config.run_id:
-            raise FedmpqError(
-                f"{self.config.out_dir} holds a checkpoint of run {ckpt.run_id!r}, not "
-                f"{self.config.run_id!r}; pass --run-id {ckpt.run_id}"
-            )
-        glob = ckpt.global_model()
-        self.workload.global_state = decode_state(glob.tensors)
-        self.policy.load_state_dict(ckpt.policy_state)
-        self.registry.devices = {d.client_id: d for d in ckpt.devices}
-        self.rng.setstate(ckpt.rng_state)
-        self.rejections = Rejections(ckpt.rejected)
-        log.info("resumed after round %d from model %s", ckpt.round, glob.fingerprint)

@@ -30,6 +30,7 @@ from coordinator.outputs import (
     PlottedMetrics,
     run_title,
 )
+from coordinator.resume import restore, snapshot
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Protocol
 from fedmpq.topics import CONTROL, GLOBAL, MODEL, QOS, TASK, Topics, publish_options
@@ -171,7 +172,7 @@ class MqttCoordinator:
             # Metrics first: a crash between the two repeats the round on resume,
             # and resuming drops the logged rows past the checkpoint.
             self._emit(metrics, row)
-            self.checkpoints.save(engine.checkpoint(r, cumulative))
+            self.checkpoints.save(snapshot(engine, r, cumulative))
 
     def _finish(self, metrics: MetricsSink) -> None:
         """Release the model (retained, for devices that connect later), announce the end."""
@@ -188,7 +189,7 @@ class MqttCoordinator:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.checkpoints.load() if self.resume else None
         if ckpt is not None:
-            self.engine.restore(ckpt)
+            restore(self.engine, ckpt)
         metrics = self.metrics(ckpt.round if ckpt is not None else None)
         loop = MqttLoop()
         loop.start()
