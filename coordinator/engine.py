@@ -57,6 +57,9 @@ from fedmpq.wire.tensors import decode_state
 
 log = logging.getLogger("fedmpq.coordinator")
 
+#: Frames a device sends: with device keys configured, each must carry its signature.
+SIGNED = frozenset({REGISTER, STATUS, UPDATE})
+
 
 class RoundEngine:
     """Runs the rounds of one federated run as ``config`` describes."""
@@ -102,8 +105,8 @@ class RoundEngine:
         try:
             # Parsed once: the signature is checked on the envelope, then the body decoded.
             env = decode_envelope(payload, self.limits)
-            problem = signature_problem(self.keyring, client_id, env)
-            if kind in (REGISTER, STATUS, UPDATE) and problem is not None:
+            problem = signature_problem(self.keyring, client_id, env) if kind in SIGNED else None
+            if problem is not None:
                 self.rejections.reject(problem[0], client_id, problem[1])
             elif kind == REGISTER:
                 self._register(client_id, env)

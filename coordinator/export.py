@@ -329,7 +329,21 @@ def _normalised_input(g: _Graph, spec: InputSpec) -> str:
     return g.node("Add", [g.node("Mul", [INPUT_NAME, gain], "input_scaled"), offset], "input_norm")
 
 
-def _model_proto(g: _Graph, spec: InputSpec, meta: Mapping[str, str]) -> onnx.ModelProto:
+def _metadata(spec: InputSpec, bits: Mapping[str, int], extra: Mapping[str, str]) -> dict[str, str]:
+    """``metadata_props``: what a runtime needs to feed the graph, the bits, and ``extra``."""
+    return {
+        "input_shape": ",".join(map(str, spec.shape)),
+        "num_classes": str(spec.num_classes),
+        "mean": ",".join(map(repr, spec.mean)),
+        "std": ",".join(map(repr, spec.std)),
+        "pixel_scale": repr(spec.pixel_scale),
+        "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
+        **extra,
+    }
+
+
+def _model_bytes(g: _Graph, spec: InputSpec, meta: Mapping[str, str]) -> bytes:
+    """The checked, serialised model of graph ``g``."""
     graph = helper.make_graph(
         g.nodes,
         "fedmpq",
@@ -345,7 +359,9 @@ def _model_proto(g: _Graph, spec: InputSpec, meta: Mapping[str, str]) -> onnx.Mo
     )
     helper.set_model_props(proto, dict(meta))
     onnx.checker.check_model(proto, full_check=True)
-    return proto
+    buffer = io.BytesIO()
+    onnx.save_model(proto, buffer)
+    return buffer.getvalue()
 
 
 def build_onnx(
@@ -397,20 +413,9 @@ def build_onnx(
     for name, module in _chain(model):
         x = _add_layer(g, name, module, x, state, bits, scheme, axis, observer)
     g.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
-    meta = {
-        "input_shape": ",".join(map(str, spec.shape)),
-        "num_classes": str(spec.num_classes),
-        "mean": ",".join(map(repr, spec.mean)),
-        "std": ",".join(map(repr, spec.std)),
-        "pixel_scale": repr(spec.pixel_scale),
-        "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
-        **(metadata or {}),
-    }
-    proto = _model_proto(g, spec, meta)
-    buffer = io.BytesIO()
-    onnx.save_model(proto, buffer)
+    meta = _metadata(spec, bits, metadata or {})
     return ExportedModel(
-        onnx_bytes=buffer.getvalue(),
+        onnx_bytes=_model_bytes(g, spec, meta),
         opset=g.opset,
         bits=dict(bits),
         weight_bytes=g.weight_bytes,
