@@ -39,6 +39,7 @@ from coordinator.registry import DeviceRecord, Registry
 from coordinator.round_state import RoundState, metrics_row
 from coordinator.tasks import RoundMessages
 from coordinator.validation import (
+    Problem,
     Rejections,
     norm_problem,
     shape_problem,
@@ -147,21 +148,25 @@ class RoundEngine:
         rs = self.round_state
         problem = update_problem(msg, client_id, rs, self.config.run_id, self.policy.update_kind)
         if problem is None:
-            assert rs is not None
-            tensors = decode_state(msg.tensors)
-            problem = shape_problem(tensors, self.global_state)
-        if problem is None:
-            assert rs is not None
-            tensors = rs.rule.prepare(tensors, rs.selected[client_id])
-            bound = self.config.max_update_norm
-            problem = norm_problem(tensors, self.global_state, msg.kind, bound)
+            assert rs is not None  # update_problem calls an update with no round open stale
+            problem = self._aggregate(rs, msg, frame_bytes)
         if problem is not None:
             self.rejections.reject(problem[0], client_id, problem[1])
             return
-        assert rs is not None
-        rs.rule.add(tensors, float(msg.num_samples))
-        rs.accept(msg, frame_bytes)
-        log.info("round %d: update from %s (%d bytes)", rs.round, client_id, frame_bytes)
+        log.info("round %d: update from %s (%d bytes)", msg.round, client_id, frame_bytes)
+
+    def _aggregate(self, rs: RoundState, msg: UpdateMessage, frame_bytes: int) -> Problem | None:
+        """Fold a valid update into the round's rule unless its tensors are unfit."""
+        tensors = decode_state(msg.tensors)
+        problem = shape_problem(tensors, self.global_state)
+        if problem is None:
+            tensors = rs.rule.prepare(tensors, rs.selected[msg.client_id])
+            bound = self.config.max_update_norm
+            problem = norm_problem(tensors, self.global_state, msg.kind, bound)
+        if problem is None:
+            rs.rule.add(tensors, float(msg.num_samples))
+            rs.accept(msg, frame_bytes)
+        return problem
 
     def tick(self) -> list[Outgoing]:
         """Let time pass: once the open round is complete or past its deadline and still
