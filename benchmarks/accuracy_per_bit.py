@@ -33,10 +33,9 @@ import torch
 
 from benchmarks.round_driver import SimDevice, register, run_round
 from coordinator.config import RunConfig, TrainingConfig
-from coordinator.server import Coordinator
+from coordinator.engine import RoundEngine
 from fedmpq.data.datasets import subset
 from fedmpq.data.partition import partition
-from fedmpq.mqtt import BrokerAddress
 from fedmpq.wire.messages import OBSERVER_MSE, OBSERVERS, DeviceProfile
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,8 +95,8 @@ def run_one(run: Run) -> dict[str, Any]:
             budgets=[float(b) for b in BUDGETS[run.setting]],
             training=TrainingConfig(epochs=run.epochs, batch_size=32, learning_rate=0.05),
         )
-        coordinator = Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
-        train = coordinator.data.train
+        coordinator = RoundEngine(config)
+        train = coordinator.workload.data.train
         if run.train_samples:
             pick = np.random.default_rng(run.seed).permutation(len(train.y))[: run.train_samples]
             train = subset(train, np.sort(pick))
@@ -109,7 +108,7 @@ def run_one(run: Run) -> dict[str, Any]:
             x, y = subset(train, idx).tensors()
             devices[f"device-{i:04d}"] = SimDevice(f"device-{i:04d}", x, y, PROFILE, seed=i)
         register(coordinator, list(devices.values()))
-        _, accuracy = coordinator._evaluate()
+        _, accuracy = coordinator.evaluate()
         history: list[dict[str, Any]] = [
             {
                 "round": 0,

@@ -46,6 +46,15 @@ from typing import Any
 
 import psutil
 
+from coordinator.events import (
+    DevicesReady,
+    Evaluated,
+    Event,
+    FrameHandled,
+    RoundClosed,
+    RoundOpened,
+    RoundTimed,
+)
 from edge_client.emulate import KEY_FILE, agent_command, split_range, stop_processes
 from edge_client.emulate import build_parser as emulate_parser
 from edge_client.emulation import COMPUTE_TIMES, MEASURED, round_seconds
@@ -55,6 +64,7 @@ from fedmpq.data.partition import parse_partition, partition
 from fedmpq.models import build_model
 from fedmpq.profiles import load_fleet
 from fedmpq.resources import model_cost, training_seconds
+from fedmpq.topics import GLOBAL, REGISTER, TASK, UPDATE
 from fedmpq.wire.signing import generate_keys, write_keyring
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,86 +78,67 @@ MIB = 2**20
 
 
 # --- the coordinator process ------------------------------------------------------------
+class RoundTimer:
+    """Observes a coordinator through its engine's events; never changes what it does.
+
+    Per round: the wall time, the time spent waiting for devices, the time evaluating and
+    handling frames, and the sizes of the global model, the tasks and the updates.
+    """
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+        self.register_times: list[float] = []
+        self.registered_at = 0.0
+        self.handle_s = self.evaluate_s = 0.0
+        self.sizes: dict[str, Any] = {}
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, FrameHandled):
+            self.handle_s += event.seconds
+            if event.kind == REGISTER:
+                self.register_times.append(time.time())
+            elif event.kind == UPDATE:
+                self.sizes.setdefault("update", {})[event.client_id] = event.nbytes
+        elif isinstance(event, DevicesReady):
+            self.registered_at = self.registered_at or event.at  # the first is registration
+        elif isinstance(event, RoundOpened):
+            self._opened(event)
+        elif isinstance(event, Evaluated):
+            self.evaluate_s += event.seconds
+        elif isinstance(event, RoundClosed):
+            self.rounds.append({"round": event.round, "row": event.row, "sizes": self.sizes})
+        elif isinstance(event, RoundTimed):
+            self._timed(event)
+
+    def _opened(self, event: RoundOpened) -> None:
+        if self.sizes.get("round") != event.round:  # a new round, not the quorum retry
+            self.sizes = {"round": event.round, "task": {}}
+            self.handle_s = self.evaluate_s = 0.0
+        for m in event.outgoing:
+            if m.kind == GLOBAL:
+                self.sizes["global"] = len(m.payload)
+            elif m.kind == TASK:
+                self.sizes["task"][m.client_id] = len(m.payload)
+
+    def _timed(self, event: RoundTimed) -> None:
+        self.rounds[-1] |= {
+            "wall_s": event.wall_s,
+            # Selection, tasks, publishing, decoding, validating, aggregating, closing.
+            "overhead_s": event.wall_s - event.idle_s - self.evaluate_s,
+            "handle_s": self.handle_s,
+            "evaluate_s": self.evaluate_s,
+        }
+
+
 def coordinator_child(spec: dict[str, Any]) -> None:
     """Run an instrumented coordinator as ``spec`` says; write its measurements as JSON."""
     import torch
 
     from coordinator.config import RunConfig
-    from coordinator.server import Coordinator
+    from coordinator.mqtt_service import MqttCoordinator
     from fedmpq.mqtt import BrokerAddress
 
     torch.set_num_threads(1)
-
-    class TimedCoordinator(Coordinator):
-        """Times the coordinator's own work per round; never changes what it does."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.rounds: list[dict[str, Any]] = []
-            self.register_times: list[float] = []
-            self.registered_at = 0.0
-            self.cur: defaultdict[str, float] = defaultdict(float)
-            self.sizes: dict[str, Any] = {}
-            select = self.registry.select
-
-            def timed_select(*a: Any, **k: Any) -> Any:
-                start = time.perf_counter()
-                chosen = select(*a, **k)
-                self.cur["select"] += time.perf_counter() - start
-                return chosen
-
-            self.registry.select = timed_select  # type: ignore[method-assign]
-
-        def handle(self, topic: str, payload: bytes) -> None:
-            start = time.perf_counter()
-            super().handle(topic, payload)
-            self.cur["handle"] += time.perf_counter() - start
-            kind, client_id = self.topics.parse(topic) or ("", None)
-            if kind == "register":
-                self.register_times.append(time.time())
-            elif kind == "update" and self.round_state is not None:
-                self.sizes.setdefault("update", {})[client_id] = len(payload)
-
-        def _drain(self, until: float, done: Any) -> None:
-            start = time.perf_counter()
-            super()._drain(until, done)
-            self.cur["drain"] += time.perf_counter() - start
-
-        def _evaluate(self) -> tuple[float, float]:
-            start = time.perf_counter()
-            result = super()._evaluate()
-            self.cur["evaluate"] += time.perf_counter() - start
-            return result
-
-        def begin_round(self, round: int, selected: list[Any]) -> tuple[bytes, dict[str, bytes]]:
-            glob, tasks = super().begin_round(round, selected)
-            self.sizes = {"global": len(glob), "task": {c: len(t) for c, t in tasks.items()}}
-            return glob, tasks
-
-        def _wait_for_devices(self) -> None:
-            super()._wait_for_devices()  # before every round: the first is registration
-            self.registered_at = self.registered_at or time.time()
-
-        def _run_round(self, conn: Any, round: int, selected: list[Any]) -> dict[str, Any]:
-            select_s = self.cur["select"]
-            self.cur = defaultdict(float)
-            start = time.perf_counter()
-            row = super()._run_round(conn, round, selected)
-            total = time.perf_counter() - start
-            waiting = self.cur["drain"] - self.cur["handle"]
-            self.rounds.append(
-                {
-                    "round": round,
-                    "wall_s": total,
-                    "overhead_s": select_s + total - waiting - self.cur["evaluate"],
-                    "handle_s": self.cur["handle"],
-                    "evaluate_s": self.cur["evaluate"],
-                    "sizes": self.sizes,
-                    "row": row,
-                }
-            )
-            return row
-
     config = RunConfig(
         run_id=spec["run_id"],
         model=MODEL,
@@ -162,14 +153,16 @@ def coordinator_child(spec: dict[str, Any]) -> None:
         device_keys=spec["keys"],
         publish_onnx=False,
     )
-    coordinator = TimedCoordinator(config, BrokerAddress.parse(spec["url"]))
+    coordinator = MqttCoordinator(config, BrokerAddress.parse(spec["url"]))
+    timer = RoundTimer()
+    coordinator.engine.observers.subscribe(timer)
     coordinator.run()
     result = {
-        "registered_at": coordinator.registered_at,
-        "first_register": min(coordinator.register_times, default=0.0),
-        "last_register": max(coordinator.register_times, default=0.0),
+        "registered_at": timer.registered_at,
+        "first_register": min(timer.register_times, default=0.0),
+        "last_register": max(timer.register_times, default=0.0),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rounds": coordinator.rounds,
+        "rounds": timer.rounds,
     }
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -247,7 +240,8 @@ def run_size(
     emulate_argv = ["--clients", str(clients), "--partition", PARTITION, "--dataset", DATASET]
     emulate_argv += ["--seed", str(SEED), "--fleet", str(FLEET), "--compute-time", compute_time]
     args = emulate_parser().parse_args(emulate_argv)
-    with MosquittoBroker() as broker:
+    broker = MosquittoBroker()
+    with broker:
         assert broker.pid is not None
         broker_rss = PeakRss(broker.pid)
         spec = {

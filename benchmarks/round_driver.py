@@ -1,6 +1,7 @@
-"""Rounds in one process, through the real code: ``Coordinator.begin_round/handle/
-finish_round`` on one side, ``edge_client.task.execute_task`` on the other, joined by
-the real wire codec -- everything but the MQTT hop (covered by tests/integration).
+"""Rounds in one process, through the real code: the coordinator's ``RoundEngine``
+(``open_round`` / ``receive`` / ``close_round``) on one side,
+``edge_client.task.execute_task`` on the other, joined by the real wire codec --
+everything but the MQTT hop (covered by tests/integration).
 
 Each simulated device keeps its own policy memory (error feedback), as an agent's
 ``Device.memory`` does.  The emulated wall time of a round is the slowest selected
@@ -19,10 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.server import Coordinator
+from coordinator.engine import RoundEngine
+from coordinator.events import Outgoing
 from edge_client.task import execute_task
 from fedmpq.models import build_model
 from fedmpq.resources import training_seconds, transfer_seconds
+from fedmpq.topics import GLOBAL, REGISTER, TASK, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     DeviceProfile,
@@ -47,23 +50,28 @@ class SimDevice:
     memory: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def register(coordinator: Coordinator, devices: list[SimDevice]) -> None:
-    """Register every device with the coordinator through its register topic."""
+def register(coordinator: RoundEngine, devices: list[SimDevice]) -> None:
+    """Register every device with the coordinator through a register frame."""
     for d in devices:
         msg = RegisterMessage(d.client_id, "sim", d.profile, len(d.y), True, time.time())
-        coordinator.handle(coordinator.topics.register(d.client_id), encode(msg))
+        coordinator.receive(REGISTER, d.client_id, encode(msg))
+
+
+def frames(sent: list[Outgoing]) -> tuple[bytes, dict[str, bytes]]:
+    """The broadcast global model and the per-device frames (tasks, notices) of ``sent``."""
+    glob = next(m.payload for m in sent if m.kind == GLOBAL)
+    tasks = {m.client_id: m.payload for m in sent if m.kind == TASK and m.client_id is not None}
+    return glob, tasks
 
 
 def run_round(
-    coordinator: Coordinator, devices: dict[str, SimDevice], round: int
+    coordinator: RoundEngine, devices: dict[str, SimDevice], round: int
 ) -> dict[str, Any]:
     """Run ``round`` for the coordinator's selection; return its metrics row, extended with
     ``emulated_round_s``, ``sent_bits`` (per client, per layer, as sent) and
     ``notices`` (clients told they were left out) and ``emulated_upload_s`` (the
     slowest upload)."""
-    cfg = coordinator.config
-    selected = coordinator.registry.select(cfg.clients_per_round, coordinator.rng)
-    glob, tasks = coordinator.begin_round(round, selected)
+    glob, tasks = frames(coordinator.open_round(round))
     state = decode_state(decode(glob, GlobalModelMessage).tensors)
     nets: dict[str, nn.Module] = {}
     slowest = slowest_upload = 0.0
@@ -77,7 +85,7 @@ def run_round(
         assert isinstance(msg, TaskMessage)
         device = devices[cid]
         if msg.model_name not in nets:
-            data = coordinator.data
+            data = coordinator.workload.data
             nets[msg.model_name] = build_model(msg.model_name, data.num_classes, data.in_shape)
         update, _ = execute_task(
             msg,
@@ -89,14 +97,14 @@ def run_round(
             memory=device.memory,
         )
         payload = encode(update)
-        coordinator.handle(coordinator.topics.update(cid), payload)
+        coordinator.receive(UPDATE, cid, payload)
         sent_bits[cid] = {p.name: p.bits for p in decode(payload, UpdateMessage).tensors}
         compute, down, up = emulated_seconds(
             coordinator, device, msg, len(glob) + len(raw), len(payload)
         )
         slowest = max(slowest, compute + down + up)
         slowest_upload = max(slowest_upload, up)
-    row = coordinator.finish_round()
+    row = coordinator.close_round()
     row["emulated_round_s"] = slowest
     row["emulated_upload_s"] = slowest_upload
     row["sent_bits"] = sent_bits
@@ -105,11 +113,11 @@ def run_round(
 
 
 def emulated_seconds(
-    coordinator: Coordinator, device: SimDevice, task: TaskMessage, down: int, up: int
+    coordinator: RoundEngine, device: SimDevice, task: TaskMessage, down: int, up: int
 ) -> tuple[float, float, float]:
     """Compute, download and upload time of one client's round on its profile."""
     p = device.profile
-    compute = training_seconds(coordinator.cost, len(device.y), task.epochs, p.gflops)
+    compute = training_seconds(coordinator.workload.cost, len(device.y), task.epochs, p.gflops)
     latency = p.latency_s or 0.0
     down_s = transfer_seconds(down, p.downlink_bps, latency) if p.downlink_bps else 0.0
     up_s = transfer_seconds(up, p.uplink_bps, latency) if p.uplink_bps else 0.0

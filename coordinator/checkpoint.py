@@ -11,17 +11,21 @@ previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from coordinator.registry import DeviceRecord
 from fedmpq.errors import ConfigError, DecodeError
 from fedmpq.fileio import write_atomic
-from fedmpq.wire.codec import decode
+from fedmpq.state import fingerprint
+from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import DeviceProfile, GlobalModelMessage
+from fedmpq.wire.tensors import encode_state
 
 CHECKPOINT_FILE = "checkpoint.msgpack"
 FORMAT_VERSION = 1
@@ -40,6 +44,14 @@ class Checkpoint:
 
     def global_model(self) -> GlobalModelMessage:
         return decode(self.global_frame, GlobalModelMessage)
+
+
+def model_frame(run_id: str, round: int, model_name: str, state: Mapping[str, np.ndarray]) -> bytes:
+    """The full-precision model after ``round`` as an encoded ``GlobalModelMessage``."""
+    glob = GlobalModelMessage(
+        run_id, round, model_name, fingerprint(state), encode_state(state, {})
+    )
+    return encode(glob)
 
 
 def _device_to_wire(d: DeviceRecord) -> dict[str, Any]:

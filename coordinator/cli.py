@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from coordinator.config import load_config
-from coordinator.server import Coordinator
+from coordinator.mqtt_service import MqttCoordinator
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress
 from fedmpq.policies import parse_policy
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, _overrides(args))
-        coordinator = Coordinator(
+        coordinator = MqttCoordinator(
             config, BrokerAddress.parse(args.broker), protocol=args.protocol, resume=args.resume
         )
         if args.progress:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -144,7 +145,7 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
-    def node(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
@@ -214,6 +215,56 @@ def _pair(value: int | tuple[int, ...]) -> list[int]:
     return [value, value] if isinstance(value, int) else list(value)
 
 
+def _weighted(
+    g: _Graph,
+    name: str,
+    module: nn.Linear | nn.Conv2d,
+    x: str,
+    state: Mapping[str, np.ndarray],
+    bits: Mapping[str, int],
+    scheme: str,
+    axis: int,
+    observer: str,
+) -> str:
+    """A linear or convolution layer with its weights quantized at ``bits``."""
+    wname = f"{name}.weight"
+    w = g.weight(wname, state[wname], bits[wname], scheme, axis, observer)
+    inputs = [x, w]
+    if module.bias is not None:
+        inputs.append(g.const(f"{name}.bias", state[f"{name}.bias"]))
+    out = name or type(module).__name__.lower()
+    if isinstance(module, nn.Linear):
+        return g.node("Gemm", inputs, out, transB=1)
+    if not isinstance(module.padding, tuple) or module.padding_mode != "zeros":
+        raise ExportError(f"{name}: only explicit zero padding can be exported")
+    pads = _pair(module.padding)
+    return g.node(
+        "Conv",
+        inputs,
+        out,
+        kernel_shape=_pair(module.kernel_size),
+        strides=_pair(module.stride),
+        pads=pads + pads,
+        dilations=_pair(module.dilation),
+        group=module.groups,
+    )
+
+
+def _pool(g: _Graph, name: str, module: nn.MaxPool2d | nn.AvgPool2d, x: str, out: str) -> str:
+    pads = _pair(module.padding)
+    kernel = _pair(module.kernel_size)
+    stride = _pair(module.stride or module.kernel_size)
+    attrs: dict[str, object] = {"kernel_shape": kernel, "strides": stride, "pads": pads + pads}
+    if module.ceil_mode:
+        attrs["ceil_mode"] = 1
+    if isinstance(module, nn.MaxPool2d):
+        if _pair(module.dilation) != [1, 1]:
+            raise ExportError(f"{name}: dilated max-pooling is not supported")
+        return g.node("MaxPool", [x], out, **attrs)
+    attrs["count_include_pad"] = int(module.count_include_pad)
+    return g.node("AveragePool", [x], out, **attrs)
+
+
 def _add_layer(
     g: _Graph,
     name: str,
@@ -228,41 +279,11 @@ def _add_layer(
     """Append ``module`` applied to tensor ``x``; returns its output tensor's name."""
     out = name or type(module).__name__.lower()
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        wname = f"{name}.weight"
-        w = g.weight(wname, state[wname], bits[wname], scheme, axis, observer)
-        inputs = [x, w]
-        if module.bias is not None:
-            inputs.append(g.const(f"{name}.bias", state[f"{name}.bias"]))
-        if isinstance(module, nn.Linear):
-            return g.node("Gemm", inputs, out, transB=1)
-        if not isinstance(module.padding, tuple) or module.padding_mode != "zeros":
-            raise ExportError(f"{name}: only explicit zero padding can be exported")
-        pads = _pair(module.padding)
-        return g.node(
-            "Conv",
-            inputs,
-            out,
-            kernel_shape=_pair(module.kernel_size),
-            strides=_pair(module.stride),
-            pads=pads + pads,
-            dilations=_pair(module.dilation),
-            group=module.groups,
-        )
+        return _weighted(g, name, module, x, state, bits, scheme, axis, observer)
     if isinstance(module, nn.ReLU):
         return g.node("Relu", [x], out)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        pads = _pair(module.padding)
-        kernel = _pair(module.kernel_size)
-        stride = _pair(module.stride or module.kernel_size)
-        attrs: dict[str, object] = {"kernel_shape": kernel, "strides": stride, "pads": pads + pads}
-        if module.ceil_mode:
-            attrs["ceil_mode"] = 1
-        if isinstance(module, nn.MaxPool2d):
-            if _pair(module.dilation) != [1, 1]:
-                raise ExportError(f"{name}: dilated max-pooling is not supported")
-            return g.node("MaxPool", [x], out, **attrs)
-        attrs["count_include_pad"] = int(module.count_include_pad)
-        return g.node("AveragePool", [x], out, **attrs)
+        return _pool(g, name, module, x, out)
     if isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == [1, 1]:  # type: ignore[arg-type]
         return g.node("GlobalAveragePool", [x], out)
     if isinstance(module, nn.Flatten):
@@ -278,6 +299,69 @@ def _add_layer(
     if isinstance(module, (nn.Dropout, nn.Identity)):
         return x
     raise ExportError(f"{name}: layer type {type(module).__name__} cannot be exported")
+
+
+def _check_bits(layers: list[str], bits: Mapping[str, int], scheme: str) -> None:
+    """Raise ExportError unless ``bits`` names exactly ``layers`` at exportable widths."""
+    if set(bits) != set(layers):
+        missing, extra = sorted(set(layers) - set(bits)), sorted(set(bits) - set(layers))
+        raise ExportError(
+            f"bit map does not match the model's layers: missing {missing}, extra {extra}"
+        )
+    if scheme not in (SCHEME_SYMMETRIC, SCHEME_AFFINE):
+        raise ExportError(f"unknown scheme {scheme!r}: use symmetric or affine")
+    for name, b in bits.items():
+        storage_bits(b)  # raises for an impossible width
+        if b == 1 and scheme == SCHEME_AFFINE:
+            raise ExportError(f"{name}: 1-bit weights need the symmetric scheme")
+
+
+def _normalised_input(g: _Graph, spec: InputSpec) -> str:
+    """The graph input scaled and normalised as the training data was."""
+    channels = spec.shape[0]
+    if len(spec.mean) != channels or len(spec.std) != channels:
+        raise ExportError(f"mean/std need {channels} values, one per input channel")
+    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+    # The same float32 arithmetic as ArrayDataset: x * (1 / (scale * std)) - mean / std.
+    gain = g.const("input_gain", np.float32(1) / (np.float32(spec.pixel_scale) * std))
+    offset = g.const("input_offset", -mean / std)
+    return g.node("Add", [g.node("Mul", [INPUT_NAME, gain], "input_scaled"), offset], "input_norm")
+
+
+def _metadata(spec: InputSpec, bits: Mapping[str, int], extra: Mapping[str, str]) -> dict[str, str]:
+    """``metadata_props``: what a runtime needs to feed the graph, the bits, and ``extra``."""
+    return {
+        "input_shape": ",".join(map(str, spec.shape)),
+        "num_classes": str(spec.num_classes),
+        "mean": ",".join(map(repr, spec.mean)),
+        "std": ",".join(map(repr, spec.std)),
+        "pixel_scale": repr(spec.pixel_scale),
+        "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
+        **extra,
+    }
+
+
+def _model_bytes(g: _Graph, spec: InputSpec, meta: Mapping[str, str]) -> bytes:
+    """The checked, serialised model of graph ``g``."""
+    graph = helper.make_graph(
+        g.nodes,
+        "fedmpq",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *spec.shape])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", spec.num_classes])],
+        g.initializers,
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", g.opset)],
+        producer_name="fedmpq",
+        ir_version=_IR_VERSION,
+    )
+    helper.set_model_props(proto, dict(meta))
+    onnx.checker.check_model(proto, full_check=True)
+    buffer = io.BytesIO()
+    onnx.save_model(proto, buffer)
+    return buffer.getvalue()
 
 
 def build_onnx(
@@ -322,60 +406,16 @@ def build_onnx(
         For an architecture, layer or bit-width that cannot be exported, or a bit map
         that does not name exactly the quantizable layers.
     """
-    layers = quantizable_layers(model)
-    if set(bits) != set(layers):
-        missing, extra = sorted(set(layers) - set(bits)), sorted(set(bits) - set(layers))
-        raise ExportError(
-            f"bit map does not match the model's layers: missing {missing}, extra {extra}"
-        )
-    if scheme not in (SCHEME_SYMMETRIC, SCHEME_AFFINE):
-        raise ExportError(f"unknown scheme {scheme!r}: use symmetric or affine")
-    for name, b in bits.items():
-        storage_bits(b)  # raises for an impossible width
-        if b == 1 and scheme == SCHEME_AFFINE:
-            raise ExportError(f"{name}: 1-bit weights need the symmetric scheme")
+    _check_bits(quantizable_layers(model), bits, scheme)
     g = _Graph()
-    channels = spec.shape[0]
-    if len(spec.mean) != channels or len(spec.std) != channels:
-        raise ExportError(f"mean/std need {channels} values, one per input channel")
-    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
-    # The same float32 arithmetic as ArrayDataset: x * (1 / (scale * std)) - mean / std.
-    gain = g.const("input_gain", np.float32(1) / (np.float32(spec.pixel_scale) * std))
-    offset = g.const("input_offset", -mean / std)
-    x = g.node("Add", [g.node("Mul", [INPUT_NAME, gain], "input_scaled"), offset], "input_norm")
+    x = _normalised_input(g, spec)
     axis = 0 if per_channel else -1
     for name, module in _chain(model):
         x = _add_layer(g, name, module, x, state, bits, scheme, axis, observer)
     g.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
-    graph = helper.make_graph(
-        g.nodes,
-        "fedmpq",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *spec.shape])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", spec.num_classes])],
-        g.initializers,
-    )
-    proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", g.opset)],
-        producer_name="fedmpq",
-        ir_version=_IR_VERSION,
-    )
-    meta = {
-        "input_shape": ",".join(map(str, spec.shape)),
-        "num_classes": str(spec.num_classes),
-        "mean": ",".join(map(repr, spec.mean)),
-        "std": ",".join(map(repr, spec.std)),
-        "pixel_scale": repr(spec.pixel_scale),
-        "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
-        **(metadata or {}),
-    }
-    helper.set_model_props(proto, meta)
-    onnx.checker.check_model(proto, full_check=True)
-    buffer = io.BytesIO()
-    onnx.save_model(proto, buffer)
+    meta = _metadata(spec, bits, metadata or {})
     return ExportedModel(
-        onnx_bytes=buffer.getvalue(),
+        onnx_bytes=_model_bytes(g, spec, meta),
         opset=g.opset,
         bits=dict(bits),
         weight_bytes=g.weight_bytes,

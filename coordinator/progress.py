@@ -6,10 +6,10 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from coordinator.server import Coordinator
+from coordinator.mqtt_service import MqttCoordinator
 
 
-def run_with_progress(coordinator: Coordinator) -> list[dict[str, Any]]:
+def run_with_progress(coordinator: MqttCoordinator) -> list[dict[str, Any]]:
     """Run ``coordinator`` showing one bar step per round with accuracy and uplink."""
     columns = (
         TextColumn("[bold]round"),

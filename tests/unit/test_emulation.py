@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import RunConfig
-from coordinator.server import Coordinator
+from coordinator.engine import RoundEngine
 from edge_client.emulation import ANALYTIC, ProfileBinding, round_seconds
 from edge_client.memory import fit_batch_size
 from fedmpq.errors import BudgetError, ConfigError
 from fedmpq.models import build_model
-from fedmpq.mqtt import BrokerAddress
 from fedmpq.profiles import Figure, load_profile
 from fedmpq.resources import model_cost, training_memory_bytes, training_seconds
+from fedmpq.topics import REGISTER, STATUS
 from fedmpq.wire.codec import encode
 from fedmpq.wire.messages import RegisterMessage, StatusMessage, TaskMessage
 
@@ -132,7 +132,7 @@ def test_memory_fit_uses_the_profile_free_ram(zero, cost):
 PROFILE = load_profile(PROFILES / "rpi-4b-4gb.toml")
 
 
-def _coordinator(tmp_path) -> Coordinator:
+def _coordinator(tmp_path) -> RoundEngine:
     config = RunConfig(
         run_id="drop",
         model="mlp",
@@ -141,30 +141,30 @@ def _coordinator(tmp_path) -> Coordinator:
         out_dir=str(tmp_path),
         offline_grace_s=0,
     )
-    coordinator = Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
+    coordinator = RoundEngine(config)
     reported = ProfileBinding(PROFILE, 40.0, "s").reported_profile()
     for cid in ("a", "b", "c"):
         reg = RegisterMessage(cid, "test", reported, 600, True, time.time())
-        coordinator.handle(coordinator.topics.register(cid), encode(reg))
+        coordinator.receive(REGISTER, cid, encode(reg))
     return coordinator
 
 
 def _status(coordinator, cid, state, round):
     msg = StatusMessage(cid, state, round, "test", time.time())
-    coordinator.handle(coordinator.topics.status(cid), encode(msg))
+    coordinator.receive(STATUS, cid, encode(msg))
 
 
 def test_coordinator_stops_waiting_for_devices_that_drop_out(tmp_path):
     coordinator = _coordinator(tmp_path)
-    coordinator.begin_round(1, coordinator.registry.select(0, coordinator.rng))
+    coordinator.open_round(1)
     _status(coordinator, "a", "offline", 2)  # away next round: still expected now
     assert not coordinator.round_state.dropped
     _status(coordinator, "a", "offline", 1)  # crashed this round
     _status(coordinator, "b", "offline", 0)  # last will
-    assert not coordinator.round_complete()
+    assert not coordinator.round_state.complete()
     _status(coordinator, "c", "rejected", 1)  # refused: does not fit
-    assert coordinator.round_complete()
-    row = coordinator.finish_round()
+    assert coordinator.round_state.complete()
+    row = coordinator.close_round()
     assert set(row["dropped"]) == {"a", "b", "c"}
     assert row["participants"] == [] and not row["counted"]
     # Offline devices are not selected for the next round; the one that refused is.

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.round_driver import SimDevice, register, run_round
+from benchmarks.round_driver import SimDevice, frames, register, run_round
 from coordinator.config import RunConfig, TrainingConfig
-from coordinator.server import Coordinator
+from coordinator.engine import RoundEngine
 from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.errors import ConfigError
-from fedmpq.mqtt import BrokerAddress
 from fedmpq.policies import policy_names
+from fedmpq.topics import REGISTER, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import DeviceProfile, NoticeMessage, RegisterMessage
 
@@ -37,7 +37,7 @@ def coordinator_for(tmp_path, policy, **extra):
         training=TrainingConfig(epochs=1, batch_size=64, learning_rate=0.05),
         **extra,
     )
-    return Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
+    return RoundEngine(config)
 
 
 def devices_for(data, profiles):
@@ -55,7 +55,7 @@ def test_each_policy_runs_two_rounds_with_heterogeneous_budgets(tmp_path, data, 
     coordinator = coordinator_for(tmp_path, policy, budgets=[2.0, 5.0, 8.0])
     devices = devices_for(data, [STRONG] * 3)
     register(coordinator, list(devices.values()))
-    before, _ = coordinator._evaluate()
+    before, _ = coordinator.evaluate()
     for r in (1, 2):
         row = run_round(coordinator, devices, r)
         assert row["participants"] == ["dev-0", "dev-1", "dev-2"]
@@ -78,11 +78,11 @@ def test_explicit_budgets_by_client_id_override_the_list(tmp_path):
     )
     for cid in ("dev-0", "dev-1"):
         reg = RegisterMessage(cid, "test", STRONG, 100, True, time.time())
-        coordinator.handle(coordinator.topics.register(cid), encode(reg))
+        coordinator.receive(REGISTER, cid, encode(reg))
     records = {d.client_id: d for d in coordinator.registry.online()}
-    assert coordinator.client_budget(records["dev-0"]) == 3.0
-    assert coordinator.client_budget(records["dev-1"]) == 7.0
-    _, tasks = coordinator.begin_round(1, list(records.values()))
+    assert coordinator.messages.client_budget(records["dev-0"]) == 3.0
+    assert coordinator.messages.client_budget(records["dev-1"]) == 7.0
+    _, tasks = frames(coordinator.open_round(1, list(records.values())))
     assert set(decode(tasks["dev-1"]).bits.values()) == {7}
 
 
@@ -118,9 +118,9 @@ def test_anchored_aggregation_keeps_what_quantizing_the_start_lost(tmp_path, anc
         tmp_path, {"name": "fixed", "bits": 2, "anchored": anchored}, observer="mse"
     )
     reg = RegisterMessage("dev-0", "test", STRONG, 100, True, time.time())
-    coordinator.handle(coordinator.topics.register("dev-0"), encode(reg))
+    coordinator.receive(REGISTER, "dev-0", encode(reg))
     start = dict(coordinator.global_state)
-    _, tasks = coordinator.begin_round(1, coordinator.registry.online())
+    _, tasks = frames(coordinator.open_round(1, coordinator.registry.online()))
     task = decode(tasks["dev-0"])
     assert task.observer == "mse"
     # A client that learned nothing sends its quantized starting point back.
@@ -136,8 +136,8 @@ def test_anchored_aggregation_keeps_what_quantizing_the_start_lost(tmp_path, anc
         ResourceUsage(0.0, 0, 0.0),
         {},
     )
-    coordinator.handle(coordinator.topics.update("dev-0"), encode(update))
-    coordinator.finish_round()
+    coordinator.receive(UPDATE, "dev-0", encode(update))
+    coordinator.close_round()
     quantized = decode_state(tensors)
     for name in task.bits:
         if anchored:  # nothing learned, nothing changed

@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.round_driver import frames
 from coordinator.config import RunConfig, TrainingConfig
-from coordinator.server import Coordinator
+from coordinator.engine import RoundEngine
+from coordinator.mqtt_service import MqttCoordinator
 from edge_client.task import execute_task
 from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress
+from fedmpq.topics import REGISTER, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     DeviceProfile,
@@ -28,6 +31,7 @@ from fedmpq.wire.signing import generate_keys, write_keyring
 from fedmpq.wire.tensors import decode_state
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
+BROKER = BrokerAddress.parse("mqtt://127.0.0.1:1")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +54,11 @@ def make_coordinator(tmp_path, policy, keys=None):
         policy=policy,
         training=TrainingConfig(epochs=1, batch_size=64, learning_rate=0.05),
     )
-    coordinator = Coordinator(config, BrokerAddress.parse("mqtt://127.0.0.1:1"))
+    coordinator = RoundEngine(config)
     for cid in ("dev-a", "dev-b"):
         reg = RegisterMessage(cid, "test", PROFILE, 600, True, time.time())
         key = keys[cid] if keys else None
-        coordinator.handle(coordinator.topics.register(cid), encode(reg, key=key))
+        coordinator.receive(REGISTER, cid, encode(reg, key=key))
     return coordinator
 
 
@@ -75,14 +79,13 @@ def run_clients(coordinator, data, glob, tasks, keys=None):
 @pytest.mark.parametrize("policy", [{"name": "fixed", "bits": 4}, {"name": "float32"}])
 def test_one_round_end_to_end_without_broker(tmp_path, data, policy):
     coordinator = make_coordinator(tmp_path, policy)
-    before, _ = coordinator._evaluate()
-    selected = coordinator.registry.select(0, coordinator.rng)
-    glob, tasks = coordinator.begin_round(1, selected)
+    before, _ = coordinator.evaluate()
+    glob, tasks = frames(coordinator.open_round(1))
     updates = run_clients(coordinator, data, glob, tasks)
     for cid, payload in updates.items():
-        coordinator.handle(coordinator.topics.update(cid), payload)
-    assert coordinator.round_complete()
-    row = coordinator.finish_round()
+        coordinator.receive(UPDATE, cid, payload)
+    assert coordinator.tick() == [] and coordinator.done()
+    row = coordinator.close_round()
     assert row["participants"] == ["dev-a", "dev-b"]
     assert row["uplink_bytes"] == sum(len(u) for u in updates.values())
     assert row["loss"] < before
@@ -91,41 +94,40 @@ def test_one_round_end_to_end_without_broker(tmp_path, data, policy):
 
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, data):
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
-    selected = coordinator.registry.select(0, coordinator.rng)
-    glob, tasks = coordinator.begin_round(1, selected)
+    glob, tasks = frames(coordinator.open_round(1))
     updates = run_clients(coordinator, data, glob, tasks)
-    topics = coordinator.topics
-    coordinator.handle(topics.update("dev-b"), updates["dev-a"])  # dev-b speaks for dev-a
-    coordinator.handle(topics.update("dev-a"), updates["dev-a"][:-7])  # truncated
-    coordinator.handle(topics.update("dev-a"), b"\x00garbage")
-    coordinator.handle(topics.update("dev-a"), updates["dev-a"])
-    coordinator.handle(topics.update("dev-a"), updates["dev-a"])  # replay within the round
-    coordinator.handle("elsewhere/update/dev-a", updates["dev-a"])
-    coordinator.handle(topics.update("dev-b"), updates["dev-b"])
-    row = coordinator.finish_round()
+    # Through the MQTT adapter's handler (not connected): topics are checked there.
+    service = MqttCoordinator(coordinator.config, BROKER, engine=coordinator)
+    topics = service.topics
+    service.handle(topics.update("dev-b"), updates["dev-a"])  # dev-b speaks for dev-a
+    service.handle(topics.update("dev-a"), updates["dev-a"][:-7])  # truncated
+    service.handle(topics.update("dev-a"), b"\x00garbage")
+    service.handle(topics.update("dev-a"), updates["dev-a"])
+    service.handle(topics.update("dev-a"), updates["dev-a"])  # replay within the round
+    service.handle("elsewhere/update/dev-a", updates["dev-a"])
+    service.handle(topics.update("dev-b"), updates["dev-b"])
+    row = coordinator.close_round()
     assert row["participants"] == ["dev-a", "dev-b"]
     assert row["rejected"] == {"spoofed": 1, "malformed": 2, "duplicate": 1, "topic": 1}
     # A late update for the closed round is stale.
-    coordinator.handle(topics.update("dev-a"), updates["dev-a"])
-    assert coordinator.rejected["stale"] == 1
+    service.handle(topics.update("dev-a"), updates["dev-a"])
+    assert coordinator.rejections.counts["stale"] == 1
 
 
 def test_signed_updates_only_from_their_own_device(tmp_path, data):
     keys = generate_keys(["dev-a", "dev-b"])
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4}, keys)
     assert len(coordinator.registry.online()) == 2
-    selected = coordinator.registry.select(0, coordinator.rng)
-    glob, tasks = coordinator.begin_round(1, selected)
+    glob, tasks = frames(coordinator.open_round(1))
     updates = run_clients(coordinator, data, glob, tasks, keys)
-    topics = coordinator.topics
     update_a = decode(updates["dev-a"], UpdateMessage)
     forged = encode(update_a, key=keys["dev-b"])  # dev-b's key, dev-a's update and topic
-    coordinator.handle(topics.update("dev-a"), forged)
-    coordinator.handle(topics.update("dev-a"), encode(update_a))  # unsigned
-    coordinator.handle(topics.update("dev-c"), updates["dev-a"])  # not enrolled
+    coordinator.receive(UPDATE, "dev-a", forged)
+    coordinator.receive(UPDATE, "dev-a", encode(update_a))  # unsigned
+    coordinator.receive(UPDATE, "dev-c", updates["dev-a"])  # not enrolled
     for cid, payload in updates.items():
-        coordinator.handle(topics.update(cid), payload)
-    row = coordinator.finish_round()
+        coordinator.receive(UPDATE, cid, payload)
+    row = coordinator.close_round()
     assert row["participants"] == ["dev-a", "dev-b"]
     assert row["rejected"] == {"bad_signature": 2, "unknown_device": 1}
 
@@ -134,11 +136,10 @@ def test_update_beyond_the_norm_bound_never_touches_the_model(tmp_path, data):
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
     coordinator.config.max_update_norm = 1e-6
     before = {k: v.copy() for k, v in coordinator.global_state.items()}
-    selected = coordinator.registry.select(0, coordinator.rng)
-    glob, tasks = coordinator.begin_round(1, selected)
+    glob, tasks = frames(coordinator.open_round(1))
     for cid, payload in run_clients(coordinator, data, glob, tasks).items():
-        coordinator.handle(coordinator.topics.update(cid), payload)
-    row = coordinator.finish_round()
+        coordinator.receive(UPDATE, cid, payload)
+    row = coordinator.close_round()
     assert row["rejected"] == {"norm": 2}
     assert row["participants"] == []
     assert all(np.array_equal(before[k], coordinator.global_state[k]) for k in before)
@@ -148,16 +149,16 @@ def test_short_of_quorum_a_replacement_device_completes_the_round(tmp_path, data
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
     coordinator.config.quorum = 1.0
     reg = RegisterMessage("dev-c", "test", PROFILE, 600, True, time.time())
-    coordinator.handle(coordinator.topics.register("dev-c"), encode(reg))
+    coordinator.receive(REGISTER, "dev-c", encode(reg))
     devices = coordinator.registry.devices
-    glob, tasks = coordinator.begin_round(1, [devices["dev-a"], devices["dev-b"]])
+    glob, tasks = frames(coordinator.open_round(1, [devices["dev-a"], devices["dev-b"]]))
     assert coordinator.round_state.quorum_target == 2
     first = run_clients(coordinator, data, glob, tasks)
-    coordinator.handle(coordinator.topics.update("dev-a"), first["dev-a"])  # dev-b never answers
-    retry = coordinator.extend_round([devices["dev-c"]])
+    coordinator.receive(UPDATE, "dev-a", first["dev-a"])  # dev-b never answers
+    retry = {m.client_id: m.payload for m in coordinator.extend_round([devices["dev-c"]])}
     assert set(retry) == {"dev-c"}
     second = run_clients(coordinator, data, glob, retry)
-    coordinator.handle(coordinator.topics.update("dev-c"), second["dev-c"])
-    row = coordinator.finish_round()
+    coordinator.receive(UPDATE, "dev-c", second["dev-c"])
+    row = coordinator.close_round()
     assert row["participants"] == ["dev-a", "dev-c"]
     assert row["counted"] is True

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedmpq.quant import dequantize, quantize
-from fedmpq.wire.messages import KIND_DELTA, OBSERVER_MINMAX
+from fedmpq.wire.messages import KIND_DELTA
 
 
 class StreamingAverage:
@@ -47,18 +46,3 @@ def update_norm(
         change = w if kind == KIND_DELTA else w - global_state[name]
         total += float(np.dot(change.ravel(), change.ravel()))
     return total**0.5
-
-
-def start_error(
-    w: np.ndarray, bits: int, scheme: str, per_channel: bool, observer: str = OBSERVER_MINMAX
-) -> np.ndarray:
-    """``w - Q_bits(w)``: what quantizing a global weight loses before a client trains it.
-
-    A client that trains quantization-aware at ``bits`` starts from ``Q_bits(w)``, so the
-    weights it sends are ``Q_bits(w) + (what it learned)``.  Adding this error back
-    aggregates what it learned on top of ``w``, instead of averaging ``w``'s own
-    quantization error into the model at every round.
-    """
-    axis = 0 if per_channel and w.ndim >= 2 else -1
-    q = quantize(w, bits, scheme, axis=axis, observer=observer)
-    return (w - dequantize(q)).astype(np.float32)

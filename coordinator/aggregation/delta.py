@@ -1,0 +1,16 @@
+"""Delta updates (QSGD): devices send a change, the mean change is added to the model."""
+
+from __future__ import annotations
+
+from coordinator.aggregation.base import AggregationRule, State, register_rule
+
+
+@register_rule("delta")
+class DeltaRule(AggregationRule):
+    """New model = global model + sample-weighted mean of the deltas."""
+
+    name = "delta"
+
+    def result(self) -> State:
+        mean = self.average.mean()
+        return {n: self.global_state[n] + d for n, d in mean.items()}

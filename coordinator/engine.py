@@ -1,0 +1,284 @@
+"""The round engine: one federated run's rounds, without any transport.
+
+It consumes events -- device frames (register, status, update) and the passing of time
+(:meth:`RoundEngine.tick`) -- and returns the :class:`~coordinator.events.Outgoing`
+messages to deliver; a transport adapter (``coordinator.mqtt_service``) maps those to
+topics.  Time comes from an injectable clock (``time.monotonic`` by default), so tests
+drive deadlines without sleeping.
+
+A round: :meth:`open_round` selects devices, allocates bits and builds the model
+downlink and tasks; :meth:`receive` validates and aggregates updates; the round is
+:meth:`done` when every selected device answered or is gone, or at the deadline -- once
+per round, a round short of its quorum first asks spare devices (:meth:`tick`);
+:meth:`close_round` folds the updates in (through the policy's aggregation rule),
+evaluates and returns the metrics row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregation import Quantization, make_rule, rule_name
+from coordinator.config import RunConfig
+from coordinator.events import (
+    Evaluated,
+    FrameHandled,
+    Observers,
+    Outgoing,
+    RoundClosed,
+    RoundOpened,
+)
+from coordinator.registry import DeviceRecord, Registry
+from coordinator.round_state import RoundState, metrics_row
+from coordinator.tasks import RoundMessages
+from coordinator.validation import (
+    Problem,
+    Rejections,
+    norm_problem,
+    shape_problem,
+    signature_problem,
+    update_problem,
+)
+from coordinator.workload import Workload
+from fedmpq.errors import DecodeError, FedmpqError
+from fedmpq.policies import BitAllocation, PolicyContext, make_policy
+from fedmpq.state import fingerprint
+from fedmpq.topics import CONTROL, GLOBAL, REGISTER, STATUS, TASK, UPDATE
+from fedmpq.wire.codec import DecodeLimits, Envelope, decode_body, decode_envelope, encode
+from fedmpq.wire.messages import ControlMessage, RegisterMessage, StatusMessage, UpdateMessage
+from fedmpq.wire.signing import load_keyring
+from fedmpq.wire.tensors import decode_state
+
+log = logging.getLogger("fedmpq.coordinator")
+
+#: Frames a device sends: with device keys configured, each must carry its signature.
+SIGNED = frozenset({REGISTER, STATUS, UPDATE})
+
+
+class RoundEngine:
+    """Runs the rounds of one federated run as ``config`` describes."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        workload: Workload | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.workload = workload if workload is not None else Workload(config)
+        self.limits = DecodeLimits(max_message_bytes=config.max_message_bytes)
+        self.registry = Registry()
+        self.rejections = Rejections()
+        self.rng = random.Random(config.seed)
+        self.observers = Observers()
+        name, params = config.policy_params()
+        self.policy = make_policy(name, **params)
+        w = self.workload
+        q = Quantization(config.scheme, config.per_channel, config.observer)
+        self.quantization = q
+        context = PolicyContext(
+            lambda: w.global_state, w.heldout_loss, q.scheme, q.per_channel, q.observer
+        )
+        self.policy.setup(w.layers, context)
+        self.messages = RoundMessages(config, w.cost, self.registry, self.policy)
+        self.keyring = load_keyring(config.device_keys) if config.device_keys else None
+        self.round_state: RoundState | None = None
+        self.last_allocation: dict[str, BitAllocation] = {}
+
+    @property
+    def global_state(self) -> dict[str, np.ndarray]:
+        return self.workload.global_state
+
+    # --- events ----------------------------------------------------------------------
+    def receive(self, kind: str, client_id: str | None, payload: bytes) -> list[Outgoing]:
+        """Decode, validate and act on one frame of topic ``kind`` from ``client_id``."""
+        started = time.perf_counter()
+        out: list[Outgoing] = []
+        try:
+            # Parsed once: the signature is checked on the envelope, then the body decoded.
+            env = decode_envelope(payload, self.limits)
+            problem = signature_problem(self.keyring, client_id, env) if kind in SIGNED else None
+            if problem is not None:
+                self.rejections.reject(problem[0], client_id, problem[1])
+            elif kind == REGISTER:
+                self._register(client_id, env)
+            elif kind == STATUS:
+                out = self._status(client_id, env)
+            elif kind == UPDATE:
+                self._update(client_id or "", env, len(payload))
+        except DecodeError as exc:
+            self.rejections.reject("malformed", client_id, str(exc))
+        elapsed = time.perf_counter() - started
+        self.observers.emit(FrameHandled(kind, client_id, len(payload), elapsed))
+        return out
+
+    def _register(self, client_id: str | None, env: Envelope) -> None:
+        msg = decode_body(env, RegisterMessage, self.limits)
+        if msg.client_id != client_id:
+            self.rejections.reject("spoofed", client_id, f"registers as {msg.client_id!r}")
+            return
+        self.registry.register(msg)
+        log.info("registered %s (%d samples)", client_id, msg.num_samples)
+
+    def _status(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
+        status = decode_body(env, StatusMessage, self.limits)
+        if status.client_id != client_id:
+            return []
+        online, announced = status.state != "offline", status.round > 0
+        self.registry.set_online(client_id, online, announced=announced)
+        rs = self.round_state
+        if rs is None:
+            return []
+        if rs.note_gone(status):
+            log.info("round %d: %s dropped out (%s)", rs.round, client_id, status.state)
+        task = rs.welcome_back(status)
+        return [] if task is None else [Outgoing(TASK, client_id, task)]
+
+    def _update(self, client_id: str, env: Envelope, frame_bytes: int) -> None:
+        msg = decode_body(env, UpdateMessage, self.limits)
+        rs = self.round_state
+        problem = update_problem(msg, client_id, rs, self.config.run_id, self.policy.update_kind)
+        if problem is None:
+            assert rs is not None  # update_problem calls an update with no round open stale
+            problem = self._aggregate(rs, msg, frame_bytes)
+        if problem is not None:
+            self.rejections.reject(problem[0], client_id, problem[1])
+            return
+        log.info("round %d: update from %s (%d bytes)", msg.round, client_id, frame_bytes)
+
+    def _aggregate(self, rs: RoundState, msg: UpdateMessage, frame_bytes: int) -> Problem | None:
+        """Fold a valid update into the round's rule unless its tensors are unfit."""
+        tensors = decode_state(msg.tensors)
+        problem = shape_problem(tensors, self.global_state)
+        if problem is None:
+            tensors = rs.rule.prepare(tensors, rs.selected[msg.client_id])
+            bound = self.config.max_update_norm
+            problem = norm_problem(tensors, self.global_state, msg.kind, bound)
+        if problem is None:
+            rs.rule.add(tensors, float(msg.num_samples))
+            rs.accept(msg, frame_bytes)
+        return problem
+
+    def tick(self) -> list[Outgoing]:
+        """Let time pass: once the open round is complete or past its deadline and still
+        short of its quorum, ask spare devices not asked yet (once per round)."""
+        rs = self.round_state
+        if rs is None or rs.quorum_checked or not (rs.complete() or rs.expired()):
+            return []
+        rs.quorum_checked = True
+        spare = [d for d in self.registry.online() if d.client_id not in rs.task_frames]
+        missing = rs.quorum_target - len(rs.accepted)
+        if missing <= 0 or not spare:
+            return []
+        spare.sort(key=lambda d: d.client_id)
+        retry = self.rng.sample(spare, min(missing, len(spare)))
+        log.warning(
+            "round %d: %d short of quorum, asking %s",
+            rs.round,
+            missing,
+            [d.client_id for d in retry],
+        )
+        rs.deadline = self.clock() + self.config.round_deadline_s
+        return self.extend_round(retry)
+
+    def deadline(self) -> float:
+        """When the open round stops waiting (clock time; infinite with no round open)."""
+        return self.round_state.deadline if self.round_state is not None else math.inf
+
+    def done(self) -> bool:
+        """True once the open round should close (see :meth:`tick`)."""
+        rs = self.round_state
+        return rs is not None and rs.quorum_checked and (rs.complete() or rs.expired())
+
+    # --- commands --------------------------------------------------------------------
+    def open_round(self, round: int, selected: list[DeviceRecord] | None = None) -> list[Outgoing]:
+        """Open ``round`` for ``selected`` (default: the registry's random selection of
+        ``clients_per_round`` online devices); return the downlink and the tasks.  A
+        device whose profile cannot fit 1-bit training gets a notice instead of a task."""
+        cfg = self.config
+        if selected is None:
+            selected = self.registry.select(cfg.clients_per_round, self.rng)
+        admitted, clients, excluded = self.messages.admit(round, selected)
+        allocation = self.policy.allocate(round, clients)
+        rule = make_rule(rule_name(self.policy), self.global_state, self.quantization)
+        fp = fingerprint(self.global_state)
+        rs = RoundState(round, fp, allocation, rule, clock=self.clock)
+        rs.quorum_target = math.ceil(cfg.quorum * len(admitted))
+        rs.offline_grace_s = cfg.offline_grace_s
+        rs.started = self.clock()
+        rs.deadline = rs.started + cfg.round_deadline_s
+        self.round_state = rs
+        out = self.messages.downlink(rs, self.global_state)
+        out += self.messages.tasks(rs, admitted, excluded)
+        self.observers.emit(RoundOpened(round, tuple(out)))
+        return out
+
+    def extend_round(self, devices: list[DeviceRecord]) -> list[Outgoing]:
+        """Add ``devices`` to the open round (replacing ones that did not answer); return
+        their tasks."""
+        rs = self.round_state
+        if rs is None:
+            raise FedmpqError("extend_round() without an open round")
+        admitted, clients, excluded = self.messages.admit(rs.round, devices)
+        rs.selected.update(self.policy.allocate(rs.round, clients))
+        out = self.messages.tasks(rs, admitted, excluded)
+        self.observers.emit(RoundOpened(rs.round, tuple(out)))
+        return out
+
+    def close_round(self) -> dict[str, Any]:
+        """Close the open round: fold the accepted updates into the model, evaluate, and
+        return the metrics row."""
+        rs = self.round_state
+        if rs is None:
+            raise FedmpqError("close_round() without an open round")
+        self.round_state = None
+        self.last_allocation = rs.selected
+        collected = self.clock()
+        answered = len(rs.accepted)
+        counted = answered > 0 and answered >= rs.quorum_target
+        if counted:
+            self.workload.global_state = rs.rule.result()
+            self.policy.observe(rs.round, list(rs.accepted.values()))
+        else:
+            log.warning(
+                "round %d: %d of %d answered, model unchanged", rs.round, answered, len(rs.selected)
+            )
+        evaluation = self.evaluate(rs.round)
+        rejected = dict(self.rejections.counts)
+        row = metrics_row(
+            rs, self.workload.layers, evaluation, counted=counted, collected=collected,
+            rejected=rejected,
+        )  # fmt: skip
+        self.observers.emit(RoundClosed(rs.round, row))
+        return row
+
+    def evaluate(self, round: int = 0) -> tuple[float, float]:
+        """Loss and accuracy of the global model on the test split."""
+        started = time.perf_counter()
+        result = self.workload.evaluate()
+        self.observers.emit(Evaluated(round, time.perf_counter() - started))
+        return result
+
+    def resend(self) -> list[Outgoing]:
+        """After a (re)connect: the run announcement, and the open round's model and the
+        tasks not answered yet (devices ignore a task for a round they already have)."""
+        rs = self.round_state
+        out = [self.control("open", rs.round if rs is not None else 0)]
+        if rs is None or not rs.global_frame:
+            return out
+        out.append(Outgoing(GLOBAL, None, rs.global_frame))
+        out += [Outgoing(TASK, c, t) for c, t in rs.task_frames.items() if c not in rs.accepted]
+        return out
+
+    def control(self, state: str, round: int, detail: str = "") -> Outgoing:
+        msg = ControlMessage(self.config.run_id, state, round, detail, time.time())
+        return Outgoing(CONTROL, None, encode(msg))

@@ -1,0 +1,135 @@
+"""What the engine tracks while one round is open, and the metrics row it closes with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from coordinator.aggregation import AggregationRule
+from fedmpq.policies import BitAllocation, ClientResult, LayerInfo
+from fedmpq.wire.messages import STATUS_CONNECTED, StatusMessage, UpdateMessage
+
+Clock = Callable[[], float]
+_PROCESS = psutil.Process()
+
+
+@dataclass
+class RoundState:
+    """One open round: who was asked, what came back, and when it must close."""
+
+    round: int
+    fingerprint: str
+    selected: dict[str, BitAllocation]
+    rule: AggregationRule
+    clock: Clock = time.monotonic
+    accepted: dict[str, ClientResult] = field(default_factory=dict)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    emulated_s: float = 0.0
+    global_frame: bytes = b""  # what was published, for re-sending after a reconnect
+    task_frames: dict[str, bytes] = field(default_factory=dict)
+    started: float = 0.0
+    deadline: float = 0.0
+    quorum_checked: bool = False  # the one retry for quorum was decided
+    excluded: dict[str, str] = field(default_factory=dict)  # client id -> why
+    dropped: dict[str, str] = field(default_factory=dict)  # selected, gone mid-round -> why
+    # Selected devices whose last will arrived -> when; gone for good after the grace.
+    offline_since: dict[str, float] = field(default_factory=dict)
+    offline_grace_s: float = 0.0
+    quorum_target: int = 0  # answers needed for the round to change the model
+
+    def complete(self) -> bool:
+        """Every selected device answered or is gone (offline past the grace counts)."""
+        now = self.clock()
+        for client_id, since in list(self.offline_since.items()):
+            if now - since >= self.offline_grace_s:
+                del self.offline_since[client_id]
+                self.dropped[client_id] = "offline"
+        return len(self.accepted.keys() | self.dropped.keys()) == len(self.selected)
+
+    def expired(self) -> bool:
+        return self.clock() >= self.deadline
+
+    def accept(self, msg: UpdateMessage, frame_bytes: int) -> None:
+        """Record an aggregated update: its result for the policy and its cost."""
+        allocation = self.selected[msg.client_id].bits
+        sent_bits = {p.name: p.bits for p in msg.tensors if p.name in allocation}
+        self.accepted[msg.client_id] = ClientResult(
+            msg.client_id, msg.num_samples, sent_bits, dict(msg.bits_dropped), dict(msg.metrics)
+        )
+        self.uplink_bytes += frame_bytes
+        self.emulated_s = max(self.emulated_s, msg.usage.emulated_seconds)
+
+    def note_gone(self, status: StatusMessage) -> bool:
+        """Stop waiting for a selected device that will not answer this round: it went
+        offline (its last will, round 0, or a crash) or refused its task ("rejected").
+        A status about a later round (a device announcing it will be away) does not
+        count.  True when the device was dropped now."""
+        cid = status.client_id
+        if status.state not in ("offline", "rejected", "error") or cid not in self.selected:
+            return False
+        if status.round not in (0, self.round) or cid in self.accepted:
+            return False
+        if status.state == "offline":
+            # A will also fires when the broker itself restarts: give the device the
+            # grace to reconnect before the round stops waiting for it.
+            self.offline_since.setdefault(cid, self.clock())
+            return False
+        self.dropped[cid] = f"{status.state}: {status.detail}"
+        return True
+
+    def welcome_back(self, status: StatusMessage) -> bytes | None:
+        """The task to send again to a selected device that (re)connected while the round
+        is open (the broker may have lost the task or the update); the device answers a
+        task it already answered with the same update, aggregated at most once."""
+        if status.state != "online":
+            return None
+        self.offline_since.pop(status.client_id, None)
+        task = self.task_frames.get(status.client_id)
+        reconnected = status.detail == STATUS_CONNECTED
+        if reconnected and task is not None and status.client_id not in self.accepted:
+            return task
+        return None
+
+
+def metrics_row(
+    rs: RoundState,
+    layers: list[LayerInfo],
+    evaluation: tuple[float, float],
+    *,
+    counted: bool,
+    collected: float,
+    rejected: dict[str, int],
+) -> dict[str, Any]:
+    """The metrics row of a closed round (``evaluation`` = loss, accuracy)."""
+    loss, accuracy = evaluation
+    return {
+        "round": rs.round,
+        "accuracy": accuracy,
+        "loss": loss,
+        "selected": len(rs.selected),
+        "participants": sorted(rs.accepted),
+        "counted": counted,
+        "uplink_bytes": rs.uplink_bytes,
+        "downlink_bytes": rs.downlink_bytes,
+        "client_bits": {cid: round_bits(rs.selected[cid], layers) for cid in sorted(rs.selected)},
+        "client_metrics": {cid: dict(r.metrics) for cid, r in sorted(rs.accepted.items())},
+        "round_seconds": rs.clock() - rs.started,
+        # For soak tests: a leak shows as growth round over round.
+        "coordinator_rss_bytes": _PROCESS.memory_info().rss,
+        "coordinator_open_fds": _PROCESS.num_fds(),
+        "collect_seconds": collected - rs.started,
+        "emulated_seconds": rs.emulated_s,
+        "rejected": rejected,
+        "excluded": dict(rs.excluded),
+        "dropped": dict(rs.dropped),
+    }
+
+
+def round_bits(allocation: BitAllocation, layers: list[LayerInfo]) -> float:
+    """Parameter-weighted average bits of an allocation, rounded for the log."""
+    return round(allocation.average_bits(layers), 3)
