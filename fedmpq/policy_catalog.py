@@ -23,7 +23,7 @@ class PolicyEntry:
 
 
 POLICIES: Mapping[str, PolicyEntry] = {
-    "float32": PolicyEntry("plain FedAvg, float32 updates", {}),
+    "float32": PolicyEntry("plain FedAvg, float32 updates", {"anchored": False}),
     "fixed": PolicyEntry(
         "uniform n-bit quantization-aware training",
         {"bits": 4, "use_budget": False, "anchored": False},

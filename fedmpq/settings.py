@@ -31,6 +31,8 @@ from fedmpq.errors import ConfigError
 
 _KEY = "fedmpq.setting"
 
+_METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
+
 #: Marks a setting that has no generated command-line flag.
 NO_FLAG = "-"
 
@@ -235,6 +237,12 @@ def shown_default(field: dataclasses.Field[Any]) -> str:
     return _toml(default)
 
 
+def shown_default_of(cls: type, name: str) -> str:
+    """The shown default of setting ``name`` of ``cls``."""
+    (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return shown_default(field)
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -258,8 +266,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, help=text
             )
         else:
+            metavar = None if spec.choices else _METAVARS[tp]
             parser.add_argument(
-                flag, dest=field.name, type=tp, choices=spec.choices or None, help=text
+                flag,
+                dest=field.name,
+                type=tp,
+                choices=spec.choices or None,
+                metavar=metavar,
+                help=text,
             )
 
 
