@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +154,7 @@ class DatasetSplit:
     num_classes: int
     in_shape: tuple[int, int, int]
     name: str
-    class_names: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for split, ds in (("train", self.train), ("test", self.test)):
