@@ -95,3 +95,12 @@ def test_two_hand_started_devices_must_name_their_share() -> None:
         parse_args([*common, "--clients", "2", "--partition-index", "0"])
     # Hosted devices are numbered by --first-index, as the emulator starts them.
     assert parse_args([*common, "--clients", "2"]).first_index == 0
+
+
+def test_emulate_checks_the_run_config_without_the_coordinator_package() -> None:
+    code = (
+        "import sys, edge_client.emulate, edge_client.agent_cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'coordinator', 'torch'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
