@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--partition-index",
         type=int,
-        help="which share (0..num-partitions - 1) this one device trains on; needed with"
-        " --client-id when --num-partitions > 1, so two devices never train on the same share",
+        help="which share (0..num-partitions - 1) this one device trains on; needed when"
+        " --num-partitions is larger than --clients, so two agents never train on the same share",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the partition and local training")
     p.add_argument("--run-id", default="", help="only take part in this run")
@@ -93,10 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not 0 <= args.partition_index < args.num_partitions:
             p.error(f"--partition-index must be within 0..{args.num_partitions - 1}")
         args.first_index = args.partition_index
-    elif args.client_id and args.num_partitions > 1 and args.first_index is None:
+    elif args.first_index is None and args.clients < args.num_partitions:
+        # Two agents started by hand would otherwise both train on share 0.
         p.error(
-            f"--client-id with --num-partitions {args.num_partitions} needs --partition-index"
-            f" 0..{args.num_partitions - 1}: which share of the data this device trains on"
+            f"--num-partitions {args.num_partitions} with {args.clients} device(s) here needs"
+            f" --partition-index 0..{args.num_partitions - 1} (or --first-index): which share"
+            " of the data this agent trains on"
         )
     if args.first_index is None:
         args.first_index = 0

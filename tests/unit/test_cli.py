@@ -84,8 +84,9 @@ def test_policy_help_lists_every_policy_and_the_default(command: str) -> None:
 
 def test_two_hand_started_devices_must_name_their_share() -> None:
     common = ["--broker", "mqtt://h:1", "--num-partitions", "2"]
-    with pytest.raises(SystemExit):
-        parse_args([*common, "--client-id", "pi-a"])
+    for unnamed in (["--client-id", "pi-a"], ["--id-prefix", "lab"]):
+        with pytest.raises(SystemExit):
+            parse_args([*common, *unnamed])
     a = parse_args([*common, "--client-id", "pi-a", "--partition-index", "0"])
     b = parse_args([*common, "--client-id", "pi-b", "--partition-index", "1"])
     assert (a.first_index, b.first_index) == (0, 1)
