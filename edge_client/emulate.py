@@ -27,6 +27,7 @@ from fedmpq.mqtt import BrokerAddress
 from fedmpq.policy_catalog import parse_policy, policy_help
 from fedmpq.profiles import COMPUTE_TIMES, MEASURED, load_fleet
 from fedmpq.run_config import RunConfig, load_config
+from fedmpq.settings import as_flags
 from fedmpq.wire.signing import generate_keys, write_keyring
 
 KEY_FILE = "device_keys.toml"
@@ -132,11 +133,8 @@ def _coordinator_command(
 ) -> list[str]:
     command = [
         sys.executable, "-m", "coordinator",
-        "--broker", url, "--protocol", protocol, "--run-id", run_id,
-        "--rounds", str(args.rounds), "--min-clients", str(args.clients),
-        "--clients-per-round", str(args.per_round), "--policy", args.policy,
-        "--model", args.model, "--dataset", args.dataset, "--seed", str(args.seed),
-        "--round-deadline", str(args.round_deadline), "--out-dir", str(out),
+        "--broker", url, "--protocol", protocol, "--policy", args.policy,
+        *as_flags(RunConfig, {**_settings(args, out), "run_id": run_id}),
         "--device-keys", str(out / KEY_FILE),
         "--threads", "1", "--progress", "--log-level", "WARNING",
     ]  # fmt: skip
@@ -170,21 +168,24 @@ def split_range(total: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def run_config(args: argparse.Namespace, out: Path) -> RunConfig:
-    """The run config the coordinator will load from this command line, checked now."""
-    name, params = parse_policy(args.policy)
-    overrides: dict[str, Any] = {
+def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The run config settings this command line gives the coordinator (beside --policy)."""
+    return {
         "rounds": args.rounds,
         "min_clients": args.clients,
         "clients_per_round": args.per_round,
-        "policy": {"name": name, **params},
         "model": args.model,
         "dataset": args.dataset,
         "seed": args.seed,
         "round_deadline_s": args.round_deadline,
         "out_dir": str(out),
     }
-    return load_config(args.config, overrides)
+
+
+def run_config(args: argparse.Namespace, out: Path) -> RunConfig:
+    """The run config the coordinator will load from this command line, checked now."""
+    name, params = parse_policy(args.policy)
+    return load_config(args.config, {**_settings(args, out), "policy": {"name": name, **params}})
 
 
 def check_data_spec(spec: str) -> None:

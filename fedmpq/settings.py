@@ -228,6 +228,10 @@ def _scalar_flags(cls: type) -> list[tuple[dataclasses.Field[Any], Any, Spec]]:
     ]
 
 
+def _flag(field: dataclasses.Field[Any], spec: Spec) -> str:
+    return spec.flag or "--" + field.name.replace("_", "-")
+
+
 def shown_default(field: dataclasses.Field[Any]) -> str:
     """The default as the README and ``--help`` show it (TOML syntax)."""
     spec = spec_of(field)
@@ -258,7 +262,7 @@ def _toml(value: Any) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One optional flag per scalar setting of ``cls``; an absent flag leaves the setting be."""
     for field, tp, spec in _scalar_flags(cls):
-        flag = spec.flag or "--" + field.name.replace("_", "-")
+        flag = _flag(field, spec)
         allowed = f"{spec.allowed()}; " if spec.allowed() and not spec.choices else ""
         text = f"{spec.help} ({allowed}default {shown_default(field)})".replace("%", "%%")
         if tp is bool:
@@ -281,6 +285,23 @@ def flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The settings given on the command line (flags added by :func:`add_flags`)."""
     values = {field.name: getattr(args, field.name) for field, _, _ in _scalar_flags(cls)}
     return {key: value for key, value in values.items() if value is not None}
+
+
+def as_flags(cls: type, values: Mapping[str, Any]) -> list[str]:
+    """The command line that :func:`add_flags`' parser reads back as ``values``."""
+    flags = {field.name: (field, tp, spec) for field, tp, spec in _scalar_flags(cls)}
+    unknown = sorted(set(values) - set(flags))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no command-line flag for {unknown}")
+    argv = []
+    for name, value in values.items():
+        field, tp, spec = flags[name]
+        flag = _flag(field, spec)
+        if tp is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _type_name(tp: Any) -> str:

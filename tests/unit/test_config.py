@@ -12,7 +12,7 @@ import pytest
 from coordinator.config import RunConfig, TrainingConfig, load_config
 from fedmpq.errors import ConfigError
 from fedmpq.run_config import reference_table
-from fedmpq.settings import add_flags, flag_values
+from fedmpq.settings import add_flags, as_flags, flag_values
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -86,6 +86,10 @@ def test_flags_come_from_the_declaration() -> None:
     config = load_config(None, flag_values(args, RunConfig))
     assert (config.rounds, config.per_channel, config.round_deadline_s) == (3, False, 9.0)
     assert "default 20" in parser.format_help()
+    values = {"rounds": 3, "per_channel": False, "compress": True, "run_id": "r", "quorum": 0.5}
+    assert flag_values(parser.parse_args(as_flags(RunConfig, values)), RunConfig) == values
+    with pytest.raises(TypeError, match="no command-line flag"):
+        as_flags(RunConfig, {"training": {}})
 
 
 def test_readme_table_is_the_declaration() -> None:
