@@ -124,32 +124,27 @@ def _is_number(value: Any) -> bool:
 
 
 def _checked_type(value: Any, tp: Any) -> tuple[Any, str]:
-    """``(value converted to tp, "")``, or ``(value, what was expected)`` if it is not a tp."""
-    origin = typing.get_origin(tp)
+    """``(value as a tp, "")``, or ``(value, what a tp is)`` if it is not one."""
     if tp is bool:
         return value, "" if isinstance(value, bool) else "a bool"
     if tp is int:
         return value, "" if isinstance(value, int) and not isinstance(value, bool) else "an integer"
     if tp is float:
-        ok = _is_number(value) and math.isfinite(value)
-        return (float(value), "") if ok else (value, "a number")
+        if _is_number(value) and math.isfinite(value):
+            return float(value), ""
+        return value, "a number"
     if tp is str:
         return value, "" if isinstance(value, str) else "a string"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list:
-        ok = isinstance(value, list) and all(_is_number(v) for v in value)
-        return ([float(v) for v in value], "") if ok else (value, "a list of numbers")
+        if isinstance(value, list) and all(_is_number(v) for v in value):
+            return [float(v) for v in value], ""
+        return value, "a list of numbers"
+    if origin is dict and args[1] is float:
+        if isinstance(value, dict) and all(_is_number(v) for v in value.values()):
+            return {str(k): float(v) for k, v in value.items()}, ""
+        return value, "a table of numbers"
     if origin is dict:
-        _, value_type = typing.get_args(tp)
-        if value_type is float:
-            ok = isinstance(value, dict) and all(_is_number(v) for v in value.values())
-            return (
-                ({str(k): float(v) for k, v in value.items()}, "")
-                if ok
-                else (
-                    value,
-                    "a table of numbers",
-                )
-            )
         return value, "" if isinstance(value, dict) else "a table"
     raise TypeError(f"settings of type {tp} are not supported")
 
