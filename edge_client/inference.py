@@ -122,8 +122,8 @@ def pixel_range_warning(x: np.ndarray) -> str | None:
         return f"input values span {low:g}..{high:g}; the model expects raw pixels 0..255"
     if x.dtype.kind == "f" and 0 < high <= 1:
         return (
-            f"input values span {low:g}..{high:g}, as if scaled to 0..1; the model expects"
-            " raw pixels 0..255 (multiply by 255)"
+            f"input values span {low:g}..{high:g}, as if already scaled to 0..1; the model"
+            " expects raw pixels 0..255 (multiply by 255)"
         )
     return None
 
