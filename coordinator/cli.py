@@ -1,104 +1,76 @@
-"""``fedmpq coordinator``: run a federated training run against an MQTT broker."""
+"""fedmpq coordinator: run a federated training run against an MQTT broker.
+
+Settings come from the run config (--config run.toml) and the flags below, which override
+it; every setting is checked before the broker is contacted.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from coordinator.config import load_config
-from coordinator.mqtt_service import MqttCoordinator
+from fedmpq.cli_common import (
+    add_connection_flags,
+    add_log_flag,
+    broker_address,
+    configure_logging,
+    make_parser,
+)
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress
-from fedmpq.policies import parse_policy
+from fedmpq.policy_catalog import parse_policy, policy_help
+from fedmpq.run_config import RunConfig, load_config
+from fedmpq.settings import add_flags, flag_values, shown_default_of
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmpq coordinator", description=__doc__)
+    p = make_parser("fedmpq coordinator", __doc__)
+    add_connection_flags(p, topic_prefix=None)
+    p.add_argument("--config", type=Path, help="run config (TOML); the flags below override it")
     p.add_argument(
-        "--broker",
-        default=os.environ.get("FEDMPQ_BROKER"),
-        required="FEDMPQ_BROKER" not in os.environ,
-        help="mqtt://[USER:PASSWORD@]HOST:PORT (mqtts:// for TLS); default $FEDMPQ_BROKER",
+        "--policy",
+        metavar="NAME[:BITS]",
+        help=f"one of {policy_help()}; other parameters go in the run config's"
+        f" [policy] table (default {shown_default_of(RunConfig, 'policy')})",
     )
-    p.add_argument("--config", type=Path, help="run config (TOML); options below override it")
-    p.add_argument("--run-id")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--min-clients", type=int, help="devices to wait for before round 1")
-    p.add_argument("--clients-per-round", type=int)
-    p.add_argument("--policy", help="float32 | fixed:BITS | ... (see README)")
-    p.add_argument("--model")
-    p.add_argument("--dataset")
-    p.add_argument("--out-dir")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--round-deadline", type=float, dest="round_deadline_s")
-    p.add_argument("--topic-prefix")
-    p.add_argument(
-        "--observer",
-        choices=["minmax", "mse"],
-        help="how symmetric scales are chosen: max|w| or the clip of least error",
-    )
-    p.add_argument("--device-keys", help="key file (fedmpq keys): accept only signed device frames")
-    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version")
+    add_flags(p, RunConfig)
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out-dir from its checkpoint"
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    add_log_flag(p)
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [
-        "run_id",
-        "rounds",
-        "min_clients",
-        "clients_per_round",
-        "model",
-        "dataset",
-        "out_dir",
-        "seed",
-        "round_deadline_s",
-        "topic_prefix",
-        "device_keys",
-        "observer",
-    ]
-    values: dict[str, Any] = {key: getattr(args, key) for key in keys}
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config settings given on the command line."""
+    values = flag_values(args, RunConfig)
+    if args.topic_prefix:
+        values["topic_prefix"] = args.topic_prefix
     if args.policy:
         name, params = parse_policy(args.policy)
         values["policy"] = {"name": name, **params}
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+def run(config: RunConfig, broker: BrokerAddress, args: argparse.Namespace) -> int:
+    """Train: the part that needs torch, imported only once the command line is checked."""
+    import torch
+
+    from coordinator.mqtt_service import MqttCoordinator
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        config = load_config(args.config, _overrides(args))
-        coordinator = MqttCoordinator(
-            config, BrokerAddress.parse(args.broker), protocol=args.protocol, resume=args.resume
-        )
-        if args.progress:
-            from coordinator.progress import run_with_progress
+    coordinator = MqttCoordinator(config, broker, protocol=args.protocol, resume=args.resume)
+    if args.progress:
+        from coordinator.progress import run_with_progress
 
-            rows = run_with_progress(coordinator)
-        else:
-            rows = coordinator.run()
-    except FedmpqError as exc:
-        print(f"fedmpq coordinator: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        rows = run_with_progress(coordinator)
+    else:
+        rows = coordinator.run()
     final = rows[-1]
     print(
         f"run {config.run_id}: {len(rows) - 1} rounds, "
@@ -108,3 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         f"  plot:    {Path(config.out_dir) / 'accuracy.png'}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config, overrides(args))
+        return run(config, broker_address(args), args)
+    except FedmpqError as exc:
+        print(f"fedmpq coordinator: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -17,12 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.export import ExportError, build_onnx, fake_quant_model, torch_logits
-from coordinator.model_release import input_spec, read_final_bits
-from fedmpq.data.datasets import load_dataset
+from fedmpq.cli_common import make_parser
 from fedmpq.errors import FedmpqError
 from fedmpq.fileio import write_atomic
-from fedmpq.models import build_model, quantizable_layers
+from fedmpq.model_metadata import class_names_metadata
 from fedmpq.wire.codec import decode
 from fedmpq.wire.messages import OBSERVER_MINMAX, SCHEME_SYMMETRIC, GlobalModelMessage
 from fedmpq.wire.tensors import decode_state
@@ -32,7 +30,7 @@ MAX_ACCURACY_GAP = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmpq export", description=__doc__)
+    p = make_parser("fedmpq export", __doc__)
     p.add_argument("run_dir", type=Path, help="a run directory (global_model.msgpack)")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     bits = p.add_mutually_exclusive_group()
@@ -48,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bits(args: argparse.Namespace, record: dict[str, Any], layers: list[str]) -> dict[str, int]:
+    from coordinator.export import ExportError
+
     if args.bits is not None:
         return {name: args.bits for name in layers}
     if args.bits_file is not None:
@@ -70,6 +70,8 @@ def validate(
     largest logit difference."""
     import onnxruntime as ort
 
+    from coordinator.export import torch_logits
+
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     ours = np.concatenate(
         [
@@ -87,6 +89,12 @@ def validate(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # torch, onnx and the data sets only once the command line is known to be good.
+    from coordinator.export import ExportError, build_onnx, fake_quant_model
+    from coordinator.model_release import input_spec, read_final_bits
+    from fedmpq.data.datasets import load_dataset
+    from fedmpq.models import build_model, quantizable_layers
+
     try:
         try:
             glob = decode((args.run_dir / "global_model.msgpack").read_bytes(), GlobalModelMessage)
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         observer = args.observer or record.get("observer", OBSERVER_MINMAX)
         spec = input_spec(data)
         meta = {"run_id": glob.run_id, "round": str(glob.round), "model_name": glob.model_name}
+        meta |= class_names_metadata(data.class_names)
         exported = build_onnx(
             model,
             state,

@@ -23,6 +23,7 @@ from coordinator.export import ExportedModel, InputSpec
 from fedmpq.data.datasets import DatasetSplit
 from fedmpq.errors import ConfigError, FedmpqError
 from fedmpq.fileio import write_atomic
+from fedmpq.model_metadata import class_names_metadata
 from fedmpq.policies import BitAllocation
 from fedmpq.wire.codec import encode
 from fedmpq.wire.messages import ModelMessage
@@ -121,6 +122,7 @@ def release_model(
 
         spec = input_spec(data)
         meta = {"run_id": config.run_id, "round": str(round), "model_name": config.model}
+        meta |= class_names_metadata(data.class_names)
         exported = build_onnx(
             model,
             state,

@@ -1,5 +1,5 @@
 import sys
 
-from edge_client.cli import main
+from edge_client.agent_cli import main
 
 sys.exit(main())

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from edge_client.emulation import COMPUTE_TIMES, MEASURED, raise_fd_limit
+from edge_client.supervisor import Child, stop_processes, supervise
 from fedmpq.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
-from fedmpq.errors import FedmpqError
+from fedmpq.cli_common import make_parser
+from fedmpq.errors import ConfigError, FedmpqError
+from fedmpq.mqtt import BrokerAddress
+from fedmpq.policy_catalog import parse_policy, policy_help
+from fedmpq.profiles import COMPUTE_TIMES, MEASURED, load_fleet
+from fedmpq.run_config import RunConfig, load_config
+from fedmpq.settings import as_flags
 from fedmpq.wire.signing import generate_keys, write_keyring
 
 KEY_FILE = "device_keys.toml"
@@ -29,14 +37,23 @@ EMBEDDED_MAX_DEVICES = 200
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmpq emulate", description=__doc__)
+    p = make_parser("fedmpq emulate", __doc__)
     p.add_argument("--clients", type=int, default=10, help="emulated devices")
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=20, help="training rounds")
     p.add_argument("--per-round", type=int, default=0, help="clients per round (0 = all)")
-    p.add_argument("--policy", default="fixed:4", help="float32 | fixed:BITS | ...")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--dataset", default="fashion-mnist-small")
-    p.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA | shards:K")
+    p.add_argument(
+        "--policy",
+        default="fixed:4",
+        metavar="NAME[:BITS]",
+        help=f"one of {policy_help()}; other parameters go in --config's [policy] table",
+    )
+    p.add_argument("--model", default="cnn", help="mlp, cnn, resnet20 or resnet18")
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist-small",
+        help="fashion-mnist-small, idx:DIR, cifar10-bin:DIR, folder:DIR or module:PKG.MOD:FUNC",
+    )
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA or shards:K")
     p.add_argument("--config", type=Path, help="run config (TOML) passed to the coordinator")
     p.add_argument(
         "--broker",
@@ -44,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         f" default: embedded up to {EMBEDDED_MAX_DEVICES} devices, mosquitto beyond",
     )
     p.add_argument("--workers", type=int, default=2, help="agent processes hosting the devices")
-    p.add_argument("--out-dir", type=Path, help="default: runs/<run id>")
-    p.add_argument("--run-id", default="")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--round-deadline", type=float, default=600.0)
+    p.add_argument("--out-dir", type=Path, help="logs, metrics and models (default runs/RUN_ID)")
+    p.add_argument("--run-id", default="", help="names the run (default emulate-<time>)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, selection and training")
+    p.add_argument(
+        "--round-deadline", type=float, default=600.0, help="seconds a round waits for updates"
+    )
     p.add_argument(
         "--fleet",
         type=Path,
@@ -114,11 +133,8 @@ def _coordinator_command(
 ) -> list[str]:
     command = [
         sys.executable, "-m", "coordinator",
-        "--broker", url, "--protocol", protocol, "--run-id", run_id,
-        "--rounds", str(args.rounds), "--min-clients", str(args.clients),
-        "--clients-per-round", str(args.per_round), "--policy", args.policy,
-        "--model", args.model, "--dataset", args.dataset, "--seed", str(args.seed),
-        "--round-deadline", str(args.round_deadline), "--out-dir", str(out),
+        "--broker", url, "--protocol", protocol, "--policy", args.policy,
+        *as_flags(RunConfig, {**_settings(args, out), "run_id": run_id}),
         "--device-keys", str(out / KEY_FILE),
         "--threads", "1", "--progress", "--log-level", "WARNING",
     ]  # fmt: skip
@@ -152,59 +168,112 @@ def split_range(total: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    """Wait up to ``timeout`` s in all for ``processes`` to exit, then terminate, then kill."""
-    deadline = time.monotonic() + timeout
-    for proc in processes:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The run config settings this command line gives the coordinator (beside --policy)."""
+    return {
+        "rounds": args.rounds,
+        "min_clients": args.clients,
+        "clients_per_round": args.per_round,
+        "model": args.model,
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "round_deadline_s": args.round_deadline,
+        "out_dir": str(out),
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.clients < 1:
-        print("fedmpq emulate: --clients must be >= 1", file=sys.stderr)
-        return 2
-    run_id = args.run_id or time.strftime("emulate-%Y%m%d-%H%M%S")
-    out = args.out_dir or Path("runs") / run_id
-    out.mkdir(parents=True, exist_ok=True)
-    # A local broker inherits this limit and holds a socket per device.
-    raise_fd_limit(2 * args.clients + 256)
-    # Every emulated device is enrolled with its own key, as a real fleet would be.
-    write_keyring(out / KEY_FILE, generate_keys(f"device-{i:04d}" for i in range(args.clients)))
-    agents: list[subprocess.Popen[bytes]] = []
+def run_config(args: argparse.Namespace, out: Path) -> RunConfig:
+    """The run config the coordinator will load from this command line, checked now."""
+    name, params = parse_policy(args.policy)
+    return load_config(args.config, {**_settings(args, out), "policy": {"name": name, **params}})
+
+
+def check_data_spec(spec: str) -> None:
+    """Fail now if a data set spec names a directory that is not there (the agents read
+    the data itself, and report anything else wrong with it)."""
+    form, sep, rest = spec.partition(":")
+    if sep and form in ("idx", "cifar10-bin", "folder") and not Path(rest).is_dir():
+        raise ConfigError(f"--dataset {spec}: {rest} is not a directory")
+
+
+def check_broker(spec: str) -> None:
+    """Fail now if ``spec`` is a broker URL that is malformed or not accepting connections."""
+    if spec in ("embedded", "mosquitto"):
+        return
+    address = BrokerAddress.parse(spec)
     try:
-        with broker_for(_broker_spec(args)) as (url, protocol):
+        socket.create_connection((address.host, address.port), timeout=2).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the broker at {address.url}: {exc}") from exc
+
+
+def check_args(args: argparse.Namespace, out: Path) -> str:
+    """Check everything that can be checked before starting anything; the broker spec."""
+    if args.clients < 1 or args.workers < 1:
+        raise ConfigError("--clients and --workers must be >= 1")
+    run_config(args, out)
+    if args.fleet is not None:
+        load_fleet(args.fleet)
+    check_data_spec(args.dataset)
+    spec = _broker_spec(args)
+    check_broker(spec)
+    return spec
+
+
+def _start(name: str, command: list[str], log: Path, done_ok: bool) -> Child:
+    with open(log, "wb") as log_file:  # the child holds its own descriptor
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    return Child(name, process, log, done_ok)
+
+
+def run_fleet(args: argparse.Namespace, spec: str, run_id: str, out: Path) -> int:
+    """Run the broker, the agents and the coordinator until the run ends or one fails."""
+    children: list[Child] = []
+    try:
+        with broker_for(spec) as (url, protocol):
             print(
                 f"broker {url} (MQTT {protocol}); {args.clients} devices in "
                 f"{min(args.workers, args.clients)} agent processes; logs in {out}"
             )
             for worker, (first, count) in enumerate(split_range(args.clients, args.workers)):
-                log_file = open(out / f"agent-{worker}.log", "wb")  # noqa: SIM115 (child owns it)
                 cmd = agent_command(args, url, protocol, run_id, first, count, out)
-                agents.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
-            with open(out / "coordinator.log", "wb") as coordinator_log:
-                coordinator = subprocess.run(
-                    _coordinator_command(args, url, protocol, run_id, out),
-                    stderr=coordinator_log,
-                    check=False,
+                children.append(_start(f"agent {worker}", cmd, out / f"agent-{worker}.log", True))
+            # The coordinator's stdout is this terminal (its progress bar); its log is a file.
+            with open(out / "coordinator.log", "wb") as log:
+                command = _coordinator_command(args, url, protocol, run_id, out)
+                coordinator = Child(
+                    "the coordinator",
+                    subprocess.Popen(command, stderr=log),
+                    out / "coordinator.log",
                 )
-            stop_processes(agents, timeout=30)
+            children.insert(0, coordinator)
+            failure = supervise(coordinator, children[1:])
+            if failure is not None:
+                print(f"fedmpq emulate: {failure} (log: {failure.child.log})", file=sys.stderr)
+                return failure.returncode
+            stop_processes([child.process for child in children], timeout=30)
+    finally:
+        stop_processes([child.process for child in children], timeout=0, grace=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_id = args.run_id or time.strftime("emulate-%Y%m%d-%H%M%S")
+    out = args.out_dir or Path("runs") / run_id
+    try:
+        spec = check_args(args, out)
+        out.mkdir(parents=True, exist_ok=True)
+        from edge_client.emulation import raise_fd_limit
+
+        # A local broker inherits this limit and holds a socket per device.
+        raise_fd_limit(2 * args.clients + 256)
+        # Every emulated device is enrolled with its own key, as a real fleet would be.
+        devices = (f"device-{i:04d}" for i in range(args.clients))
+        write_keyring(out / KEY_FILE, generate_keys(devices))
+        return run_fleet(args, spec, run_id, out)
     except FedmpqError as exc:
         print(f"fedmpq emulate: {exc}", file=sys.stderr)
         return 2
-    finally:
-        stop_processes(agents, timeout=0)
-    if coordinator.returncode != 0:
-        print(
-            f"fedmpq emulate: the coordinator failed; see {out / 'coordinator.log'}",
-            file=sys.stderr,
-        )
-        return coordinator.returncode
-    return 0
+    except KeyboardInterrupt:
+        return 130

@@ -41,14 +41,9 @@ import resource
 from dataclasses import dataclass, field
 
 from fedmpq.errors import ConfigError
-from fedmpq.profiles import DeviceProfileSpec
+from fedmpq.profiles import ANALYTIC, COMPUTE_TIMES, MEASURED, DeviceProfileSpec
 from fedmpq.resources import ModelCost, training_seconds, transfer_seconds
 from fedmpq.wire.messages import DeviceProfile
-
-#: ``ProfileBinding.compute_time`` values.
-MEASURED = "measured"  # host CPU time x host GFLOPS / profile GFLOPS
-ANALYTIC = "analytic"  # FLOP count / profile GFLOPS (fedmpq.resources.training_seconds)
-COMPUTE_TIMES = (MEASURED, ANALYTIC)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from edge_client.model_store import ModelStore, default_model_dir
 from fedmpq.errors import FedmpqError
+from fedmpq.model_metadata import read_class_names
 
 
 class InferenceError(FedmpqError):
@@ -76,12 +77,18 @@ class Predictor:
             raise InferenceError(f"model input of shape {inp.shape}: expected (N, C, H, W)")
         _, c, h, w = inp.shape
         self.input_shape = (int(c), int(h), int(w))
+        #: Label names in label order, if the model carries them (else empty).
+        self.class_names = read_class_names(self.session.get_modelmeta().custom_metadata_map)
 
     @classmethod
     def from_store(cls, directory: Path | None = None, *, threads: int = 1) -> Predictor:
         """A predictor for the current model of a model directory (default: the agent's)."""
         stored = ModelStore(directory or default_model_dir()).current()
         return cls(stored.path, threads=threads)
+
+    def label(self, index: int) -> str:
+        """The name of class ``index`` if the model carries class names, else the index."""
+        return self.class_names[index] if index < len(self.class_names) else str(index)
 
     def batch(self, x: np.ndarray) -> np.ndarray:
         """``x`` as a float32 ``(N, C, H, W)`` batch of the model's input shape."""
@@ -102,6 +109,25 @@ class Predictor:
         """Run the model on raw pixel values ``x`` (see :meth:`batch` for shapes)."""
         (logits,) = self.session.run(None, {self.input_name: self.batch(x)})
         return Prediction(np.asarray(logits))
+
+
+def pixel_range_warning(x: np.ndarray) -> str | None:
+    """Why ``x`` does not look like raw pixel values 0..255, or ``None`` if it does.
+
+    Values outside 0..255, or floats all within 0..1 (an image already scaled), still give
+    a class, just not a meaningful one.
+    """
+    if x.size == 0:
+        return None
+    low, high = float(np.min(x)), float(np.max(x))
+    if low < 0 or high > 255:
+        return f"input values span {low:g}..{high:g}; the model expects raw pixels 0..255"
+    if x.dtype.kind == "f" and 0 < high <= 1:
+        return (
+            f"input values span {low:g}..{high:g}, as if already scaled to 0..1; the model"
+            " expects raw pixels 0..255 (multiply by 255)"
+        )
+    return None
 
 
 def load_input(path: Path, shape: tuple[int, int, int]) -> np.ndarray:

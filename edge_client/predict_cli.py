@@ -11,13 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from edge_client.inference import Predictor, load_input
+from edge_client.inference import Predictor, load_input, pixel_range_warning
 from edge_client.model_store import ModelStore, default_model_dir
+from fedmpq.cli_common import make_parser
 from fedmpq.errors import FedmpqError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmpq agent predict", description=__doc__)
+    p = make_parser("fedmpq agent predict", __doc__)
     p.add_argument("input", type=Path, help="a .npy array of raw pixels, or a PNG/JPEG image")
     p.add_argument(
         "--model-dir",
@@ -35,20 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.model or ModelStore(args.model_dir or default_model_dir()).current().path
         predictor = Predictor(path, threads=args.threads)
-        prediction = predictor.predict(load_input(args.input, predictor.input_shape))
+        x = load_input(args.input, predictor.input_shape)
+        prediction = predictor.predict(x)
     except FedmpqError as exc:
         print(f"fedmpq agent predict: {exc}", file=sys.stderr)
         return 2
+    warning = pixel_range_warning(x)
+    if warning:
+        print(f"fedmpq agent predict: warning: {warning}", file=sys.stderr)
+    labels = [predictor.label(int(c)) for c in prediction.classes]
     if args.json:
         row = {
             "classes": prediction.classes.tolist(),
+            "labels": labels,
             "probabilities": [
                 [round(float(v), 6) for v in row] for row in prediction.probabilities
             ],
         }
         print(json.dumps(row))
     else:
-        print("\n".join(str(c) for c in prediction.classes))
+        print("\n".join(labels))
     return 0
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from fedmpq.cli_common import make_parser
 from fedmpq.wire.signing import generate_keys, write_keyring
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedmpq keys", description=__doc__)
+    p = make_parser("fedmpq keys", __doc__)
     p.add_argument("--out", type=Path, required=True, help="key file to write (mode 600)")
     p.add_argument("ids", nargs="*", help="device ids")
     p.add_argument("--count", type=int, default=0, help="also enroll PREFIX-0000..PREFIX-(N-1)")

@@ -55,6 +55,12 @@ else:  # pragma: no cover
 
 MIB = 2**20
 
+#: How an emulated device's compute time is obtained (``EmulatedDevice.compute_time``);
+#: here, without torch, so command lines offer the choice before importing it.
+MEASURED = "measured"  # host CPU time x host GFLOPS / profile GFLOPS
+ANALYTIC = "analytic"  # FLOP count / profile GFLOPS (fedmpq.resources.training_seconds)
+COMPUTE_TIMES = (MEASURED, ANALYTIC)
+
 #: Required sourced figures per section: field -> (lowest allowed, highest allowed).
 _FIGURES: dict[str, dict[str, tuple[float, float]]] = {
     "hardware": {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,16 @@ SPEC_FORMS = (
     "folder:DIR",
     "module:pkg.mod:func",
 )
+
+#: Label names of the standard data sets, in label order (exported into the ONNX model).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -135,6 +145,8 @@ class DatasetSplit:
         ``(C, H, W)`` of one image.
     name
         Human-readable name (the spec it came from).
+    class_names
+        Label names in label order, when the data set has them.
     """
 
     train: ArrayDataset
@@ -142,6 +154,7 @@ class DatasetSplit:
     num_classes: int
     in_shape: tuple[int, int, int]
     name: str
+    class_names: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for split, ds in (("train", self.train), ("test", self.test)):
@@ -198,6 +211,7 @@ def _split_from_arrays(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
     num_classes: int | None = None,
+    class_names: tuple[str, ...] = (),
 ) -> DatasetSplit:
     x_train, y_train = train
     x_test, y_test = test
@@ -210,6 +224,7 @@ def _split_from_arrays(
         num_classes=num_classes,
         in_shape=(int(x_train.shape[1]), int(x_train.shape[2]), int(x_train.shape[3])),
         name=name,
+        class_names=class_names,
     )
 
 
@@ -276,7 +291,11 @@ def load_cifar10_bin(directory: str | Path) -> DatasetSplit:
     parts = [_cifar_file(directory / f"data_batch_{i}.bin") for i in range(1, 6)]
     train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return _split_from_arrays(
-        f"cifar10-bin:{directory}", train, _cifar_file(directory / "test_batch.bin"), 10
+        f"cifar10-bin:{directory}",
+        train,
+        _cifar_file(directory / "test_batch.bin"),
+        10,
+        CIFAR10_CLASSES,
     )
 
 
@@ -343,7 +362,7 @@ def load_image_folder(directory: str | Path) -> DatasetSplit:
     x_train, y_train, mode, size = _decode_folder(train_dir, classes, None, None)
     x_test, y_test, _, _ = _decode_folder(test_dir, classes, mode, size)
     return _split_from_arrays(
-        f"folder:{directory}", (x_train, y_train), (x_test, y_test), len(classes)
+        f"folder:{directory}", (x_train, y_train), (x_test, y_test), len(classes), tuple(classes)
     )
 
 
@@ -387,7 +406,7 @@ def load_dataset(spec: str = "fashion-mnist-small") -> DatasetSplit:
         For an unknown form, a missing directory or file, or malformed data.
     """
     if spec == "fashion-mnist-small":
-        return load_idx_dir(SHIPPED_DIR, name=spec)
+        return replace(load_idx_dir(SHIPPED_DIR, name=spec), class_names=FASHION_MNIST_CLASSES)
     form, sep, rest = spec.partition(":")
     if sep:
         if form == "idx":

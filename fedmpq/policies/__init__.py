@@ -21,6 +21,7 @@ from fedmpq.policies.base import (
     Policy,
     PolicyContext,
 )
+from fedmpq.policy_catalog import parse_policy
 
 __all__ = [
     "BitAllocation",
@@ -78,18 +79,3 @@ def make_policy(name: str, **params: Any) -> Policy:
         raise ConfigError(
             f"policy {name!r} does not take these parameters {params}: {exc}"
         ) from exc
-
-
-def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
-    """Parse a command-line policy spec: ``"float32"``, ``"fixed:4"`` -> ``("fixed", {"bits": 4})``.
-
-    The value after the colon is the policy's first parameter, ``bits``; richer settings
-    belong in the run config's ``[policy]`` table.
-    """
-    name, _, value = spec.partition(":")
-    if not value:
-        return name, {}
-    try:
-        return name, {"bits": int(value)}
-    except ValueError as exc:
-        raise ConfigError(f"policy spec {spec!r}: expected NAME or NAME:BITS") from exc

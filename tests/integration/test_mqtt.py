@@ -19,7 +19,7 @@ import pytest
 
 import fedmpq
 from fedmpq.broker import MosquittoBroker
-from fedmpq.errors import ConfigError, PayloadTooLargeError, TransportError
+from fedmpq.errors import PayloadTooLargeError, TransportError
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, publish_packet_size
 from fedmpq.topics import STATUS_OFFLINE, STATUS_ONLINE, Topics
 
@@ -390,56 +390,3 @@ def test_600_connections_on_one_loop_past_fd_1024(
     finally:
         for fd in padding:
             os.close(fd)
-
-
-# -- pure helpers -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("mqtt://broker.local", BrokerAddress("broker.local", 1883)),
-        ("mqtts://h:9000", BrokerAddress("h", 9000, tls=True)),
-        ("mqtt://u:p%40ss@10.0.0.5:1884", BrokerAddress("10.0.0.5", 1884, False, "u", "p@ss")),
-        ("mqtt://[::1]:1883/", BrokerAddress("::1", 1883)),
-    ],
-)
-def test_broker_address_parse(url: str, expected: BrokerAddress) -> None:
-    assert BrokerAddress.parse(url) == expected
-
-
-@pytest.mark.parametrize(
-    "url",
-    ["", "broker:1883", "http://h", "mqtt://", "mqtt://h:99999", "mqtt://h:x", "mqtt://h/path"],
-)
-def test_broker_address_parse_rejects_junk(url: str) -> None:
-    with pytest.raises(ConfigError):
-        BrokerAddress.parse(url)
-
-
-def test_broker_address_hides_password() -> None:
-    address = BrokerAddress.parse("mqtt://user:secret@h:1")
-    assert "secret" not in repr(address) and "secret" not in address.url
-    assert address.url == "mqtt://h:1"
-
-
-def test_topics_layout_and_parse() -> None:
-    topics = Topics("lab/run1")
-    assert topics.update("pi-4.b_2") == "lab/run1/update/pi-4.b_2"
-    assert topics.coordinator_subscriptions == (
-        "lab/run1/register/+",
-        "lab/run1/status/+",
-        "lab/run1/update/+",
-    )
-    for topic in (topics.register("d"), topics.status("d"), topics.task("d"), topics.update("d")):
-        assert topics.parse(topic) == (topic.split("/")[2], "d")
-    assert topics.parse(topics.global_model) == ("global", None)
-    assert topics.parse(topics.control) == ("control", None)
-    for junk in ("lab/run1/update", "lab/run1/nope/d", "other/update/d", "lab/run1/update/a/b"):
-        assert topics.parse(junk) is None
-    for bad_id in ("", "a/b", "a+", "#", "x" * 65, "é"):
-        with pytest.raises(ConfigError):
-            topics.task(bad_id)
-    for bad_prefix in ("", "a//b", "a/+", "/a", "a/"):
-        with pytest.raises(ConfigError):
-            Topics(bad_prefix)
