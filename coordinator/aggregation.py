@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedmpq.quant import dequantize, quantize
-from fedmpq.wire.messages import KIND_DELTA, OBSERVER_MINMAX
+from fedmpq.quant_spec import OBSERVER_MINMAX
+from fedmpq.wire.messages import KIND_DELTA
 
 
 class StreamingAverage:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmpq.errors import ConfigError
-from fedmpq.wire.messages import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_AFFINE, SCHEME_SYMMETRIC
+from fedmpq.quant_spec import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_AFFINE, SCHEME_SYMMETRIC
 
 if sys.version_info >= (3, 11):
     import tomllib

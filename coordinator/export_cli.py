@@ -23,8 +23,9 @@ from fedmpq.data.datasets import load_dataset
 from fedmpq.errors import FedmpqError
 from fedmpq.fileio import write_atomic
 from fedmpq.models import build_model, quantizable_layers
+from fedmpq.quant_spec import OBSERVER_MINMAX, SCHEME_SYMMETRIC
 from fedmpq.wire.codec import decode
-from fedmpq.wire.messages import OBSERVER_MINMAX, SCHEME_SYMMETRIC, GlobalModelMessage
+from fedmpq.wire.messages import GlobalModelMessage
 from fedmpq.wire.tensors import decode_state
 
 #: Largest accepted top-1 accuracy gap between onnxruntime and torch, in points.

@@ -43,6 +43,7 @@ from fedmpq.policies import (
     PolicyContext,
     make_policy,
 )
+from fedmpq.quant_spec import QUANT_BITS
 from fedmpq.resources import model_cost
 from fedmpq.state import fingerprint, load_numpy_state, state_to_numpy
 from fedmpq.topics import Topics
@@ -56,7 +57,6 @@ from fedmpq.wire.codec import (
 )
 from fedmpq.wire.messages import (
     KIND_DELTA,
-    QUANT_BITS,
     STATUS_CONNECTED,
     ControlMessage,
     GlobalModelMessage,

@@ -1,6 +1,6 @@
 """Uniform n-bit quantization (n in 1..8) of float tensors, with numpy only.
 
-Two schemes, named by the constants of :mod:`fedmpq.wire.messages`:
+Two schemes, named by the constants of :mod:`fedmpq.quant_spec`:
 
 * ``SCHEME_SYMMETRIC`` -- sign-magnitude, as FedMPQ uses.  ``s = max|w|``; for
   ``b >= 2`` bits the magnitude ``m = round(|w| / s * M)`` with ``M = 2**(b-1) - 1``
@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedmpq.errors import FedmpqError
-from fedmpq.wire.messages import (
+from fedmpq.quant_spec import (
     OBSERVER_MINMAX,
     OBSERVER_MSE,
     OBSERVERS,

@@ -34,15 +34,17 @@ import zstandard
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
 from fedmpq.packing import packed_nbytes
-from fedmpq.wire.messages import (
-    MESSAGE_TYPES,
+from fedmpq.quant_spec import (
     OBSERVERS,
     QUANT_BITS,
     SCHEME_AFFINE,
     SCHEME_FLOAT,
     SCHEME_SYMMETRIC,
-    UPDATE_KINDS,
     VALID_BITS,
+)
+from fedmpq.wire.messages import (
+    MESSAGE_TYPES,
+    UPDATE_KINDS,
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,

@@ -13,14 +13,14 @@ import numpy as np
 
 from fedmpq.packing import pack_bits, unpack_bits
 from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize
-from fedmpq.wire.messages import (
+from fedmpq.quant_spec import (
     FLOAT_BITS,
     OBSERVER_MINMAX,
     SCHEME_AFFINE,
     SCHEME_FLOAT,
     SCHEME_SYMMETRIC,
-    TensorPayload,
 )
+from fedmpq.wire.messages import TensorPayload
 
 _FLOAT_DTYPES: dict[int, np.dtype[np.floating]] = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
 

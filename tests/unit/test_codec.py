@@ -20,6 +20,14 @@ from hypothesis import strategies as st
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
 from fedmpq.packing import packed_nbytes
+from fedmpq.quant_spec import (
+    OBSERVERS,
+    QUANT_BITS,
+    SCHEME_AFFINE,
+    SCHEME_FLOAT,
+    SCHEME_SYMMETRIC,
+    VALID_BITS,
+)
 from fedmpq.wire.codec import (
     CONTROL_STATES,
     DEFAULT_LIMITS,
@@ -33,13 +41,7 @@ from fedmpq.wire.codec import (
 )
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
-    OBSERVERS,
-    QUANT_BITS,
-    SCHEME_AFFINE,
-    SCHEME_FLOAT,
-    SCHEME_SYMMETRIC,
     UPDATE_KINDS,
-    VALID_BITS,
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,
