@@ -5,6 +5,14 @@ the msgpack map of the message's fields (nested dataclasses as maps, ``bytes`` a
 bin), zstd-compressed when ``codec == "zstd"``.  ``sig`` is opaque here: it lets a
 caller sign ``body_bytes(msg)`` and verify it against ``Envelope.body``.
 
+Tensors travel positionally (protocol version 2): a message's ``tensors`` field is
+an array in layout order (``fedmpq.wire.layout``), each tensor ``[bits, data]`` for
+floats or ``[bits, scheme, axis, scale, zero_point, data]`` when quantized (scheme
+0 = symmetric, 1 = affine), with no names, shapes or map keys.  Next to it, the
+body's ``layout`` field holds the layout itself in a ``GlobalModelMessage`` and
+only its digest elsewhere; decoding such a message needs a layout this process has
+seen (in a global model, or by encoding a message of that layout).
+
 Encoding is canonical: fields in declaration order, map keys sorted, ints as
 ints and floats as float64 (float32 would round learning rates, timestamps and
 metrics, and float64 costs 4 bytes a field on messages dominated by tensor data).
@@ -42,6 +50,7 @@ from fedmpq.quant_spec import (
     SCHEME_SYMMETRIC,
     VALID_BITS,
 )
+from fedmpq.wire.layout import DIGEST_BYTES, ModelLayout, known_layout, remember_layout
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
     UPDATE_KINDS,
@@ -214,6 +223,47 @@ def _to_wire(value: Any, tp: Any) -> Any:
     return value
 
 
+#: Messages whose ``tensors`` travel positionally, and whether the body carries the
+#: whole layout (True) or only its digest.
+_FULL_LAYOUT: dict[type, bool] = {GlobalModelMessage: True, UpdateMessage: False}
+_SCHEME_CODES = {SCHEME_SYMMETRIC: 0, SCHEME_AFFINE: 1}
+_SCHEME_NAMES = {code: name for name, code in _SCHEME_CODES.items()}
+
+
+def _positional(t: TensorPayload) -> list[Any]:
+    if t.scheme == SCHEME_FLOAT:
+        return [int(t.bits), t.data]
+    return [
+        int(t.bits),
+        _SCHEME_CODES.get(t.scheme, t.scheme),
+        int(t.axis),
+        t.scale,
+        t.zero_point,
+        t.data,
+    ]
+
+
+def _message_to_wire(msg: Any) -> dict[str, Any]:
+    """The body map of ``msg``; tensors positional in layout order, after ``layout``."""
+    cls: type = type(msg)
+    if cls not in _FULL_LAYOUT:
+        wire: dict[str, Any] = _to_wire(msg, cls)
+        return wire
+    by_name = {t.name: t for t in msg.tensors}
+    if len(by_name) != len(msg.tensors):
+        raise ValueError(f"cannot encode {cls.__name__}: tensor names repeat")
+    layout = ModelLayout.of_entries((t.name, t.shape) for t in msg.tensors)
+    remember_layout(layout)
+    wire = {}
+    for f in _schema(cls):
+        if f.name == "tensors":
+            wire["layout"] = layout.to_wire() if _FULL_LAYOUT[cls] else layout.digest
+            wire["tensors"] = [_positional(by_name[name]) for name in layout.names]
+        else:
+            wire[f.name] = _to_wire(getattr(msg, f.name), f.type)
+    return wire
+
+
 def _message_type(msg: object) -> str:
     name = getattr(msg, "MESSAGE_TYPE", None)
     if not isinstance(name, str) or MESSAGE_TYPES.get(name) is not type(msg):
@@ -235,7 +285,7 @@ def body_bytes(msg: Message) -> bytes:
         Msgpack of the message's fields; equal messages give equal bytes.
     """
     _message_type(msg)
-    return msgpack.packb(_to_wire(msg, type(msg)), use_bin_type=True)
+    return msgpack.packb(_message_to_wire(msg), use_bin_type=True)
 
 
 def encode(
@@ -392,19 +442,30 @@ def _convert(value: Any, tp: Any, path: str, limits: DecodeLimits) -> Any:
     }
 
 
-def _convert_dataclass(value: dict[Any, Any], cls: type, path: str, limits: DecodeLimits) -> Any:
+def _convert_dataclass(
+    value: dict[Any, Any],
+    cls: type,
+    path: str,
+    limits: DecodeLimits,
+    given: dict[str, Any] | None = None,
+) -> Any:
+    """Build ``cls`` from a checked map; ``given`` holds fields already decoded."""
+    given = given or {}
     schema = _schema(cls)
-    extra = [k for k in value if k not in _field_names(cls)]
+    extra = [k for k in value if k not in _field_names(cls) or k in given]
     if extra:
         raise DecodeError(f"{path}: unknown field(s) {', '.join(map(repr, extra))}")
-    missing = [f.name for f in schema if f.required and f.name not in value]
+    missing = [f.name for f in schema if f.required and f.name not in value.keys() | given.keys()]
     if missing:
         raise DecodeError(f"{path}: missing field(s) {', '.join(map(repr, missing))}")
     kwargs: dict[str, Any] = {}
     for f in schema:
-        if f.name in value:
+        if f.name in value or f.name in given:
             fpath = f"{path}.{f.name}"
-            kwargs[f.name] = v = _convert(value[f.name], f.type, fpath, limits)
+            if f.name in given:
+                kwargs[f.name] = v = given[f.name]
+            else:
+                kwargs[f.name] = v = _convert(value[f.name], f.type, fpath, limits)
             rule = _RULES.get((cls, f.name))
             if rule is not None and v is not None:
                 rule(v, fpath, limits)
@@ -569,14 +630,119 @@ _RULES: dict[tuple[type, str], _Rule] = {
 }
 
 
+# --------------------------------------------------------------------------- tensors
+
+
+def _read_layout(value: Any, full: bool, path: str, limits: DecodeLimits) -> ModelLayout:
+    """The layout a body declares: whole (a global model) or by digest (known here)."""
+    if not full:
+        digest = _scalar(value, bytes, path, limits)
+        if len(digest) != DIGEST_BYTES:
+            raise DecodeError(f"{path}: {len(digest)} bytes, expected a {DIGEST_BYTES}-byte digest")
+        layout = known_layout(digest)
+        if layout is None:
+            raise DecodeError(
+                f"{path}: unknown model layout {digest.hex()}; this process has not seen a "
+                "global model of that layout (is the update from another run or model?)"
+            )
+        return layout
+    if type(value) is not list:
+        raise DecodeError(f"{path}: expected an array, got {_describe(value)}")
+    names, shapes = [], []
+    for i, entry in enumerate(value):
+        if type(entry) is not list or len(entry) != 2:
+            raise DecodeError(f"{path}[{i}]: expected [name, shape], got {_describe(entry)}")
+        names.append(_scalar(entry[0], str, f"{path}[{i}] name", limits))
+        shape = _convert(entry[1], list[int], f"{path}[{i}] shape", limits)
+        _element_count(shape, f"{path}[{i}]", limits)
+        shapes.append(tuple(shape))
+    if names != sorted(set(names)):
+        raise DecodeError(f"{path}: tensor names must be distinct and in sorted order")
+    return ModelLayout(tuple(names), tuple(shapes))
+
+
+#: The two positional forms of a tensor, by length: float and quantized.
+_TENSOR_FORMS: dict[int, tuple[tuple[str, type], ...]] = {
+    2: (("bits", int), ("data", bytes)),
+    6: (
+        ("bits", int),
+        ("scheme", int),
+        ("axis", int),
+        ("scale", bytes),
+        ("zero_point", bytes),
+        ("data", bytes),
+    ),
+}
+
+
+def _read_tensor(
+    value: Any, name: str, shape: list[int], path: str, limits: DecodeLimits
+) -> TensorPayload:
+    """One positional tensor, named and shaped by its layout entry, fully checked."""
+    if type(value) is not list:
+        raise DecodeError(f"{path}: expected an array, got {_describe(value)}")
+    form = _TENSOR_FORMS.get(len(value))
+    if form is None:
+        raise DecodeError(
+            f"{path}: expected [bits, data] or [bits, scheme, axis, scale, zero_point, data], "
+            f"got {len(value)} items"
+        )
+    items = [
+        _scalar(v, tp, f"{path}.{key}", limits) for v, (key, tp) in zip(value, form, strict=True)
+    ]
+    if len(items) == 2:
+        bits, data = items
+        t = TensorPayload(name, shape, bits, SCHEME_FLOAT, -1, b"", b"", data)
+    else:
+        bits, code, axis, scale, zero_point, data = items
+        if code not in _SCHEME_NAMES:
+            raise DecodeError(f"{path}.scheme: code {code} is not one of {sorted(_SCHEME_NAMES)}")
+        t = TensorPayload(name, shape, bits, _SCHEME_NAMES[code], axis, scale, zero_point, data)
+    _check_tensor(t, path, limits)
+    return t
+
+
+def _convert_message(raw: Any, cls: type, path: str, limits: DecodeLimits) -> Any:
+    """Check a body against message ``cls``, resolving positional tensors by layout."""
+    if cls not in _FULL_LAYOUT:
+        return _convert(raw, cls, path, limits)
+    if type(raw) is not dict:
+        raise DecodeError(f"{path}: expected a map, got {_describe(raw)}")
+    missing = [k for k in ("layout", "tensors") if k not in raw]
+    if missing:
+        raise DecodeError(f"{path}: missing field(s) {', '.join(map(repr, missing))}")
+    rest = dict(raw)
+    layout = _read_layout(rest.pop("layout"), _FULL_LAYOUT[cls], f"{path}.layout", limits)
+    items = rest.pop("tensors")
+    tpath = f"{path}.tensors"
+    if type(items) is not list:
+        raise DecodeError(f"{tpath}: expected an array, got {_describe(items)}")
+    if len(items) != len(layout.names):
+        raise DecodeError(
+            f"{tpath}: {len(items)} tensors, the layout {layout.hex} has {len(layout.names)}"
+        )
+    tensors = [
+        _read_tensor(v, name, list(shape), f"{tpath}[{i}]", limits)
+        for i, (v, name, shape) in enumerate(zip(items, layout.names, layout.shapes, strict=True))
+    ]
+    msg = _convert_dataclass(rest, cls, path, limits, given={"tensors": tensors})
+    remember_layout(layout)
+    return msg
+
+
 # --------------------------------------------------------------------------- decoding
 
 
 def _message_class(env: Envelope) -> type:
-    if env.version != PROTOCOL_VERSION:
+    if env.version < PROTOCOL_VERSION:
         raise DecodeError(
-            f"frame.v: protocol version {env.version} is not supported "
-            f"(expected {PROTOCOL_VERSION})"
+            f"frame.v: frame version {env.version} is no longer supported; this build speaks "
+            f"{PROTOCOL_VERSION}: upgrade the agent/coordinator that sent it"
+        )
+    if env.version > PROTOCOL_VERSION:
+        raise DecodeError(
+            f"frame.v: frame version {env.version} is newer than this build's "
+            f"{PROTOCOL_VERSION}: upgrade this agent/coordinator"
         )
     cls = MESSAGE_TYPES.get(env.type)
     if cls is None:
@@ -667,7 +833,7 @@ def decode_body(
     where = f"{env.type} body"
     body = _decompress(env.body, where, limits) if env.codec == CODEC_ZSTD else env.body
     raw = _unpack(body, where, limits.max_decompressed_bytes, limits)
-    return _convert(raw, cls, env.type, limits)
+    return _convert_message(raw, cls, env.type, limits)
 
 
 @overload

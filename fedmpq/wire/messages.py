@@ -113,7 +113,14 @@ class TaskMessage:
 
 @dataclass
 class GlobalModelMessage:
-    """The global model at the start of a round (coordinator -> all, retained)."""
+    """The global model at the start of a round (coordinator -> devices).
+
+    ``fingerprint`` names the float global model (``fedmpq.state.fingerprint``).
+    ``allocation`` is ``""`` when every tensor is float32; otherwise the model is
+    quantized the way the devices of one allocation start training from it, and
+    ``allocation`` is that allocation's key (``fedmpq.wire.downlink``).  On the wire
+    this message also carries the model's layout (``fedmpq.wire.layout``).
+    """
 
     MESSAGE_TYPE: ClassVar[str] = "global_model"
 
@@ -122,6 +129,7 @@ class GlobalModelMessage:
     model_name: str
     fingerprint: str
     tensors: list[TensorPayload]
+    allocation: str = ""
 
 
 @dataclass
