@@ -13,12 +13,14 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import msgpack
 import numpy as np
 import pytest
+import torch
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
+from fedmpq.models import build_model, quantizable_layers
 from fedmpq.packing import packed_nbytes
 from fedmpq.quant_spec import (
     OBSERVERS,
@@ -28,6 +30,7 @@ from fedmpq.quant_spec import (
     SCHEME_SYMMETRIC,
     VALID_BITS,
 )
+from fedmpq.state import state_to_numpy
 from fedmpq.wire.codec import (
     CONTROL_STATES,
     DEFAULT_LIMITS,
@@ -53,6 +56,7 @@ from fedmpq.wire.messages import (
     TensorPayload,
     UpdateMessage,
 )
+from fedmpq.wire.tensors import encode_state, ideal_nbytes
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "update_v2.msgpack"
 #: A version-1 frame (named, shaped tensors) as the previous release wrote it.
@@ -763,3 +767,26 @@ def test_decode_body_checks_a_hand_made_envelope() -> None:
     ]:
         with pytest.raises(DecodeError, match=expected):
             decode_body(bad)
+
+
+# --------------------------------------------------------------------------- size
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_updates_stay_near_their_ideal_size(model_name: str, bits: int) -> None:
+    """Framing costs at most 1% + 1 KiB over ``sum n_l * b_l / 8`` (+ float32 rest); the
+    per-channel float32 scales come on top, and are all else a frame adds."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, (1, 28, 28))
+    state = state_to_numpy(model)
+    assignment = dict.fromkeys(quantizable_layers(model), bits)
+    msg = dataclasses.replace(golden_update(), tensors=encode_state(state, assignment))
+    size = len(encode(msg))
+    ideal = ideal_nbytes(state, assignment)
+    scales = sum(len(t.scale) + len(t.zero_point) for t in msg.tensors)
+    allowed = 0.01 * ideal + 1024
+    assert size - scales - ideal <= allowed
+    assert size - scales - ideal <= 400 + 8 * len(state)  # envelope, fields, per-tensor headers
+    if model_name == "cnn":
+        assert size - ideal <= allowed

@@ -60,10 +60,7 @@ def test_a_device_starts_from_the_same_bits(scheme: str, observer: str, per_chan
     axis = 0 if per_channel else -1
     assert received.keys() == state.keys()
     for name, w in state.items():
-        if name in bits:
-            expected = start_on_device(w, bits[name], scheme, observer, axis)
-        else:
-            expected = w
+        expected = start_on_device(w, bits[name], scheme, observer, axis) if name in bits else w
         assert received[name].dtype == np.float32
         assert received[name].tobytes() == expected.tobytes(), name
     assert msg.allocation == allocation_key(
