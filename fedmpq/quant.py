@@ -281,10 +281,12 @@ def symmetric_to_signed(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 1:
         signed = np.int8(1) - (flat << 1).astype(np.int8)
     else:
-        magnitude = (flat & ((1 << (bits - 1)) - 1)).astype(np.int8)
-        negative = (flat >> (bits - 1)).astype(np.int8)
-        # Branch-free conditional negation: (m ^ -1) + 1 == -m, (m ^ 0) + 0 == m.
-        signed = (magnitude ^ -negative) + negative
+        # Both fit in 0..127, so the uint8 results are their int8 values as they stand.
+        signed = np.bitwise_and(flat, np.uint8((1 << (bits - 1)) - 1)).view(np.int8)
+        negative = np.right_shift(flat, np.uint8(bits - 1)).view(np.int8)
+        # Branch-free conditional negation in place: (m ^ -1) + 1 == -m, (m ^ 0) + 0 == m.
+        signed ^= -negative
+        signed += negative
     return signed.reshape(codes.shape)
 
 
