@@ -29,6 +29,7 @@ from __future__ import annotations
 import hmac
 import math
 import numbers
+import struct
 import types
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, is_dataclass
@@ -316,14 +317,28 @@ def encode(
     codec = CODEC_ZSTD if compress else CODEC_NONE
     if key is not None:
         sig = frame_mac(key, PROTOCOL_VERSION, _message_type(msg), codec, body)
-    frame = {
-        "v": PROTOCOL_VERSION,
-        "type": _message_type(msg),
-        "codec": codec,
-        "body": body,
-        "sig": bytes(sig),
-    }
-    return msgpack.packb(frame, use_bin_type=True)
+    return _frame_bytes(
+        {"v": PROTOCOL_VERSION, "type": _message_type(msg), "codec": codec}, body, bytes(sig)
+    )
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's bin8/bin16/bin32 header for ``size`` bytes."""
+    if size < 2**8:
+        return struct.pack(">BB", 0xC4, size)
+    if size < 2**16:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
+
+
+def _frame_bytes(head: dict[str, Any], body: bytes, sig: bytes) -> bytes:
+    """``msgpack.packb({**head, "body": body, "sig": sig})``, copying ``body`` only once."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(len(head) + 2)]
+    parts += [packer.pack(x) for kv in head.items() for x in kv]
+    parts += [packer.pack("body"), _bin_header(len(body)), body]
+    parts += [packer.pack("sig"), packer.pack(sig)]
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- parsing
