@@ -6,6 +6,8 @@ import dataclasses
 import io
 import math
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -790,3 +792,35 @@ def test_updates_stay_near_their_ideal_size(model_name: str, bits: int) -> None:
     assert size - scales - ideal <= 400 + 8 * len(state)  # envelope, fields, per-tensor headers
     if model_name == "cnn":
         assert size - ideal <= allowed
+
+
+_MAKE_FRAMES = """
+import sys
+from pathlib import Path
+import numpy as np
+from fedmpq.wire.codec import encode
+from fedmpq.wire.messages import GlobalModelMessage, ResourceUsage, UpdateMessage
+from fedmpq.wire.tensors import encode_state
+
+state = {"only.in.child.weight": np.ones((4, 3), np.float32), "only.in.child.bias": np.zeros(4)}
+glob = GlobalModelMessage("r", 1, "m", "fp", encode_state(state, {}))
+update = UpdateMessage(
+    "r", 1, "d", 1, "fp", "weights", encode_state(state, {"only.in.child.weight": 2}),
+    ResourceUsage(1.0, 1, 1.0), {},
+)
+out = Path(sys.argv[1])
+(out / "global").write_bytes(encode(glob))
+(out / "update").write_bytes(encode(update))
+"""
+
+
+def test_a_process_decodes_updates_of_the_layout_its_global_model_carried(tmp_path: Path) -> None:
+    """Another process encodes; this one learns the layout from the global model alone."""
+    subprocess.run([sys.executable, "-c", _MAKE_FRAMES, str(tmp_path)], check=True)
+    update = (tmp_path / "update").read_bytes()
+    with pytest.raises(DecodeError, match="unknown model layout"):
+        decode(update, UpdateMessage)
+    glob = decode((tmp_path / "global").read_bytes(), GlobalModelMessage)
+    msg = decode(update, UpdateMessage)
+    assert [t.name for t in msg.tensors] == [t.name for t in glob.tensors]
+    assert [t.bits for t in msg.tensors] == [32, 2]
