@@ -36,7 +36,8 @@ from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
 from fedmpq.data.datasets import subset
 from fedmpq.data.partition import partition
-from fedmpq.wire.messages import OBSERVER_MSE, OBSERVERS, DeviceProfile
+from fedmpq.quant_spec import OBSERVER_MSE, OBSERVERS
+from fedmpq.wire.messages import DeviceProfile
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = 10

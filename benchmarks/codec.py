@@ -1,5 +1,6 @@
 """Codec speed: n-bit packing and unpacking relative to a memory copy, and whole-model
-updates (ResNet-20, ResNet-18-sized) through quantize + pack + msgpack and back.
+updates (every model of the registry) through quantize + pack + frame and back, with
+their size against the ideal.
 
 Run from the repository root::
 
@@ -31,10 +32,11 @@ import torch
 
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.packing import pack_bits, unpack_bits
+from fedmpq.quant import dequantize, quantize
 from fedmpq.state import fingerprint, state_to_numpy
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import KIND_WEIGHTS, ResourceUsage, UpdateMessage
-from fedmpq.wire.tensors import decode_state, encode_state
+from fedmpq.wire.tensors import decode_state, encode_state, ideal_nbytes
 
 FULL_COUNT = 10_000_000
 QUICK_COUNT = 1_000_000
@@ -128,15 +130,20 @@ def naive_section(count: int, repeats: int, copy_ms: float) -> dict[str, float]:
 
 
 MODEL_BITS = (2, 4, 8)
+#: Every model of the registry, with the input it is built for.
+MODELS = {"mlp": (1, 28, 28), "cnn": (1, 28, 28), "resnet20": (3, 32, 32), "resnet18": (3, 32, 32)}
+#: The compact-wire target: a frame is at most 1% + 1 KiB over the ideal size.
+OVER_IDEAL_FRACTION = 0.01
+OVER_IDEAL_BYTES = 1024
 
 
-def _update_for(state: dict[str, np.ndarray], bits: dict[str, int]) -> UpdateMessage:
+def _update_for(state: dict[str, np.ndarray], bits: dict[str, int], fp: str) -> UpdateMessage:
     return UpdateMessage(
         run_id="bench",
         round=1,
         client_id="device-0000",
         num_samples=1000,
-        model_fingerprint=fingerprint(state),
+        model_fingerprint=fp,  # the global model's: the device receives it with its task
         kind=KIND_WEIGHTS,
         tensors=encode_state(state, bits),
         usage=ResourceUsage(train_seconds=1.0, peak_rss_bytes=1, cpu_percent=0.0),
@@ -144,55 +151,92 @@ def _update_for(state: dict[str, np.ndarray], bits: dict[str, int]) -> UpdateMes
     )
 
 
-def _encode_update(state: dict[str, np.ndarray], bits: dict[str, int]) -> bytes:
-    return encode(_update_for(state, bits))
-
-
 def _decode_update(payload: bytes) -> dict[str, np.ndarray]:
     return decode_state(decode(payload, UpdateMessage).tensors)
 
 
+def _scale_bytes(payload: bytes) -> int:
+    return sum(len(t.scale) + len(t.zero_point) for t in decode(payload, UpdateMessage).tensors)
+
+
+def _model_row(
+    name: str, state: dict[str, np.ndarray], layers: list[str], bits: int, repeats: int
+) -> dict[str, Any]:
+    assignment = dict.fromkeys(layers, bits)
+    fp = fingerprint(state)
+    ideal = ideal_nbytes(state, assignment)
+    weights = np.concatenate([w.reshape(-1) for w in state.values()])
+    copy_s = best_seconds(partial(np.copy, weights), repeats)
+
+    def encode_once() -> bytes:
+        return encode(_update_for(state, assignment, fp))
+
+    payload = encode_once()
+    if not all(
+        np.array_equal(v, dequantize_like(state[k], assignment.get(k)))
+        for k, v in _decode_update(payload).items()
+    ):
+        raise AssertionError(f"{name} at {bits} bits does not round-trip")
+    encode_s = best_seconds(encode_once, repeats)
+    decode_s = best_seconds(partial(_decode_update, payload), repeats)
+    scales = _scale_bytes(payload)
+    allowed = ideal * OVER_IDEAL_FRACTION + OVER_IDEAL_BYTES
+    return {
+        "model": name,
+        "params": int(weights.size),
+        "tensors": len(state),
+        "bits": bits,
+        "copy_ms": copy_s * 1e3,
+        "encode_ms": encode_s * 1e3,
+        "decode_ms": decode_s * 1e3,
+        "encode_vs_copy": copy_s / encode_s,
+        "decode_vs_copy": copy_s / decode_s,
+        "payload_bytes": len(payload),
+        "ideal_bytes": int(ideal),
+        "over_ideal_bytes": len(payload) - int(ideal),
+        "over_ideal_pct": 100 * (len(payload) / ideal - 1),
+        "scale_bytes": scales,
+        "allowed_over_bytes": int(allowed),
+        "within_target": len(payload) - ideal <= allowed,
+        "within_target_besides_scales": len(payload) - scales - ideal <= allowed,
+        "float32_over_payload": weights.nbytes / len(payload),
+    }
+
+
+def dequantize_like(w: np.ndarray, bits: int | None) -> np.ndarray:
+    """What the receiver must get back for ``w`` sent at ``bits`` (None: float32)."""
+    if bits is None:
+        return w
+    axis = 0 if w.ndim >= 2 else -1
+    return dequantize(quantize(w, bits, axis=axis))
+
+
 def model_section(repeats: int) -> list[dict[str, Any]]:
-    """Whole-model update: quantize+pack+encode and decode+unpack+de-quantize, and sizes."""
+    """Whole-model update: quantize+pack+frame and decode+unpack+de-quantize, and sizes.
+
+    Speeds are relative to ``np.copy`` of the same model's float32 weights, timed next to
+    them; sizes against the ideal ``sum n_l * b_l / 8`` (+ 4 bytes per float value).
+    """
     rows = []
-    for name in ("resnet20", "resnet18"):
+    for name, in_shape in MODELS.items():
         torch.manual_seed(0)
-        model = build_model(name, 10, (3, 32, 32))
+        model = build_model(name, 10, in_shape)
         state = state_to_numpy(model)
         layers = quantizable_layers(model)
-        float32_bytes = sum(w.nbytes for w in state.values())
-        for bits in MODEL_BITS:
-            assignment = dict.fromkeys(layers, bits)
-            ideal = sum(w.size * assignment.get(n, 32) / 8 for n, w in state.items())
-
-            encode_once = partial(_encode_update, state, assignment)
-            payload = encode_once()
-            encode_s = best_seconds(encode_once, repeats)
-            decode_s = best_seconds(partial(_decode_update, payload), repeats)
-            rows.append(
-                {
-                    "model": name,
-                    "params": sum(w.size for w in state.values()),
-                    "bits": bits,
-                    "encode_ms": encode_s * 1e3,
-                    "decode_ms": decode_s * 1e3,
-                    "payload_bytes": len(payload),
-                    "ideal_bytes": int(ideal),
-                    "over_ideal_pct": 100 * (len(payload) / ideal - 1),
-                    "float32_bytes": float32_bytes,
-                    "float32_over_payload": float32_bytes / len(payload),
-                }
-            )
-    print("\nwhole-model update (quantize+pack+encode / decode+unpack+de-quantize)")
+        rows += [_model_row(name, state, layers, bits, repeats) for bits in MODEL_BITS]
+    print("\nwhole-model update (quantize+pack+frame / decode+unpack+de-quantize), per-channel")
     print(
-        f"{'model':<9} {'params':>9} {'bits':>4} {'encode ms':>10} {'decode ms':>10} "
-        f"{'payload B':>11} {'ideal B':>11} {'over %':>7} {'f32/payload':>11}"
+        f"{'model':<9} {'params':>9} {'bits':>4} {'enc ms':>7} {'dec ms':>7} {'enc/copy':>8} "
+        f"{'dec/copy':>8} {'payload B':>10} {'ideal B':>10} {'over B':>7} {'scales B':>8} "
+        f"{'allowed':>7} {'ok':>3}"
     )
     for r in rows:
         print(
-            f"{r['model']:<9} {r['params']:>9} {r['bits']:>4} {r['encode_ms']:>10.1f} "
-            f"{r['decode_ms']:>10.1f} {r['payload_bytes']:>11} {r['ideal_bytes']:>11} "
-            f"{r['over_ideal_pct']:>7.3f} {r['float32_over_payload']:>11.2f}"
+            f"{r['model']:<9} {r['params']:>9} {r['bits']:>4} {r['encode_ms']:>7.1f} "
+            f"{r['decode_ms']:>7.1f} {r['encode_vs_copy']:>8.3f} {r['decode_vs_copy']:>8.3f} "
+            f"{r['payload_bytes']:>10} {r['ideal_bytes']:>10} {r['over_ideal_bytes']:>7} "
+            f"{r['scale_bytes']:>8} {r['allowed_over_bytes']:>7} "
+            f"{'yes' if r['within_target'] else 'no':>3}"
         )
     return rows
 

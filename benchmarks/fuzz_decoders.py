@@ -7,7 +7,9 @@ Run from the repository root::
     python -m benchmarks.fuzz_decoders --cases 1000000 --seed 7
 
 Every case takes a valid frame of some message type (tensors built by
-``fedmpq.wire.tensors.encode_tensor``, plain or zstd) and breaks it one way:
+``fedmpq.wire.tensors.encode_tensor``, positional against the model layout that a
+global model carries whole and an update names by digest; plain or zstd) and
+breaks it one way:
 random bytes, truncation, byte flips/insertions/deletions/splices of the frame or
 of its body, wrong-typed/missing/extra fields, wrong frame keys, out-of-range
 numbers, zstd bombs, oversized msgpack headers and deep nesting.  A fifth of the
@@ -37,6 +39,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
 from fedmpq.wire.codec import DEFAULT_LIMITS, DecodeLimits, Message, body_bytes, decode, encode
 from fedmpq.wire.messages import (
@@ -164,7 +167,7 @@ def build_samples(rng: Rng, variants: int) -> list[Sample]:
 
 
 def _frame(body: bytes, type_: str, codec: str = "none", **keys: Any) -> bytes:
-    frame = {"v": 1, "type": type_, "codec": codec, "body": body, "sig": b"", **keys}
+    frame = {"v": PROTOCOL_VERSION, "type": type_, "codec": codec, "body": body, "sig": b"", **keys}
     return msgpack.packb(frame, use_bin_type=True)
 
 
@@ -242,7 +245,7 @@ def _frame_keys(rng: Rng, sample: Sample) -> bytes:
     if rng.random() < 0.3 and key in keys:
         del keys[key]
     else:
-        keys[key] = _value(rng) if rng.random() < 0.7 else _pick(rng, [0, 2, "gzip", "hello"])
+        keys[key] = _value(rng) if rng.random() < 0.7 else _pick(rng, [0, 1, 3, "gzip", "hello"])
     return msgpack.packb(keys, use_bin_type=True)
 
 
@@ -301,6 +304,28 @@ def _body_edit(rng: Rng, sample: Sample) -> bytes:
     return _frame(_edit(rng, keys["body"]), msg.MESSAGE_TYPE, keys["codec"])
 
 
+def _layout_edit(rng: Rng, sample: Sample) -> bytes:
+    """Tensors that disagree with their layout: a digest nobody knows, a layout entry
+    changed, tensors dropped, repeated or reordered."""
+    msg, _ = sample
+    body = msgpack.unpackb(body_bytes(msg))
+    if "layout" not in body:
+        return _tree_edit(rng, sample, "replace")
+    layout, tensors = body["layout"], body["tensors"]
+    action = int(rng.integers(0, 4))
+    if action == 0:
+        body["layout"] = rng.bytes(int(_pick(rng, [8, 8, 4, 0])))
+    elif action == 1 and isinstance(layout, list) and layout:
+        entry = layout[int(rng.integers(0, len(layout)))]
+        entry[int(rng.integers(0, 2))] = _value(rng)
+    elif action == 2 and tensors:
+        del tensors[int(rng.integers(0, len(tensors)))]
+    else:
+        tensors.reverse()
+        tensors.append(tensors[0] if tensors else [32, b""])
+    return _frame(msgpack.packb(body, use_bin_type=True), msg.MESSAGE_TYPE)
+
+
 def _splice(rng: Rng, sample: Sample, pool: list[Sample]) -> bytes:
     """The head of one valid frame glued to the tail of another."""
     other = pool[int(rng.integers(0, len(pool)))][1]
@@ -321,6 +346,7 @@ MUTATORS: dict[str, Mutator] = {
     "frame_keys": lambda rng, s, _: _frame_keys(rng, s),
     "bomb": lambda rng, s, _: _bomb(rng, s),
     "deep_nesting": lambda rng, s, _: _deep(rng, s),
+    "layout": lambda rng, s, _: _layout_edit(rng, s),
 }
 
 

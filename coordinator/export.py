@@ -45,14 +45,14 @@ from fedmpq.fake_quant import attach_fake_quant
 from fedmpq.models import quantizable_layers
 from fedmpq.packing import pack_bits
 from fedmpq.quant import quantize, symmetric_to_signed
-from fedmpq.state import load_numpy_state
-from fedmpq.wire.messages import (
+from fedmpq.quant_spec import (
     FLOAT_BITS,
     OBSERVER_MINMAX,
     QUANT_BITS,
     SCHEME_AFFINE,
     SCHEME_SYMMETRIC,
 )
+from fedmpq.state import load_numpy_state
 
 __all__ = [
     "ExportError",

@@ -21,8 +21,10 @@ from fedmpq.cli_common import make_parser
 from fedmpq.errors import FedmpqError
 from fedmpq.fileio import write_atomic
 from fedmpq.model_metadata import class_names_metadata
+from fedmpq.models import build_model, quantizable_layers
+from fedmpq.quant_spec import OBSERVER_MINMAX, SCHEME_SYMMETRIC
 from fedmpq.wire.codec import decode
-from fedmpq.wire.messages import OBSERVER_MINMAX, SCHEME_SYMMETRIC, GlobalModelMessage
+from fedmpq.wire.messages import GlobalModelMessage
 from fedmpq.wire.tensors import decode_state
 
 #: Largest accepted top-1 accuracy gap between onnxruntime and torch, in points.
@@ -93,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.export import ExportError, build_onnx, fake_quant_model
     from coordinator.model_release import input_spec, read_final_bits
     from fedmpq.data.datasets import load_dataset
-    from fedmpq.models import build_model, quantizable_layers
 
     try:
         try:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fedmpq.quant import quantize, symmetric_to_signed
-from fedmpq.wire.messages import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_SYMMETRIC
+from fedmpq.quant_spec import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_SYMMETRIC
 
 #: FedMPQ drops a least significant plane when at most this fraction of its bits are set.
 LSB_DENSITY = 0.02

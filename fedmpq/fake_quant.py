@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from fedmpq.errors import ConfigError
 from fedmpq.quant import check_quant_args, dequantize, quantize
-from fedmpq.wire.messages import FLOAT_BITS, OBSERVER_MINMAX, SCHEME_SYMMETRIC
+from fedmpq.quant_spec import FLOAT_BITS, OBSERVER_MINMAX, SCHEME_SYMMETRIC
 
 __all__ = ["FakeQuantize", "attach_fake_quant", "detach_fake_quant", "fake_quantize"]
 

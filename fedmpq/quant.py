@@ -1,6 +1,6 @@
 """Uniform n-bit quantization (n in 1..8) of float tensors, with numpy only.
 
-Two schemes, named by the constants of :mod:`fedmpq.wire.messages`:
+Two schemes, named by the constants of :mod:`fedmpq.quant_spec`:
 
 * ``SCHEME_SYMMETRIC`` -- sign-magnitude, as FedMPQ uses.  ``s = max|w|``; for
   ``b >= 2`` bits the magnitude ``m = round(|w| / s * M)`` with ``M = 2**(b-1) - 1``
@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedmpq.errors import FedmpqError
-from fedmpq.wire.messages import (
+from fedmpq.quant_spec import (
     OBSERVER_MINMAX,
     OBSERVER_MSE,
     OBSERVERS,
@@ -281,10 +281,14 @@ def symmetric_to_signed(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 1:
         signed = np.int8(1) - (flat << 1).astype(np.int8)
     else:
-        magnitude = (flat & ((1 << (bits - 1)) - 1)).astype(np.int8)
-        negative = (flat >> (bits - 1)).astype(np.int8)
-        # Branch-free conditional negation: (m ^ -1) + 1 == -m, (m ^ 0) + 0 == m.
-        signed = (magnitude ^ -negative) + negative
+        # Both fit in 0..127, so the uint8 results are their int8 values as they stand.
+        signed = np.bitwise_and(flat, np.uint8((1 << (bits - 1)) - 1)).view(np.int8)
+        minus = np.right_shift(flat, np.uint8(bits - 1)).view(np.int8)
+        np.negative(minus, out=minus)  # -1 where the sign bit is set, else 0
+        # Branch-free conditional negation, in place (no temporaries: they cost page faults
+        # on large tensors): (m ^ -1) - (-1) == -m, (m ^ 0) - 0 == m.
+        signed ^= minus
+        signed -= minus
     return signed.reshape(codes.shape)
 
 

@@ -33,8 +33,8 @@ from typing import Any
 
 from fedmpq.errors import ConfigError
 from fedmpq.policy_catalog import check_policy
+from fedmpq.quant_spec import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_AFFINE, SCHEME_SYMMETRIC
 from fedmpq.settings import NO_FLAG, build, check, markdown_table, setting
-from fedmpq.wire.messages import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_AFFINE, SCHEME_SYMMETRIC
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,7 +15,7 @@ from coordinator.aggregation.base import (
 )
 from fedmpq.policies import BitAllocation
 from fedmpq.quant import dequantize, quantize
-from fedmpq.wire.messages import OBSERVER_MINMAX, QUANT_BITS
+from fedmpq.quant_spec import OBSERVER_MINMAX, QUANT_BITS
 
 
 def start_error(

@@ -34,14 +34,8 @@ from torch import nn
 
 from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
 from fedmpq.quant import Rounding
-from fedmpq.wire.messages import (
-    KIND_DELTA,
-    KIND_WEIGHTS,
-    OBSERVER_MINMAX,
-    QUANT_BITS,
-    DeviceProfile,
-    TensorPayload,
-)
+from fedmpq.quant_spec import OBSERVER_MINMAX, QUANT_BITS
+from fedmpq.wire.messages import KIND_DELTA, KIND_WEIGHTS, DeviceProfile, TensorPayload
 from fedmpq.wire.tensors import encode_state
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from fedmpq.errors import ConfigError
 from fedmpq.policies import register_policy
 from fedmpq.policies.base import BitAllocation, ClientInfo, Policy, client_bits
-from fedmpq.wire.messages import QUANT_BITS
+from fedmpq.quant_spec import QUANT_BITS
 
 
 @register_policy

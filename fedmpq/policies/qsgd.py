@@ -19,7 +19,8 @@ from fedmpq.errors import ConfigError
 from fedmpq.policies import register_policy
 from fedmpq.policies.base import BitAllocation, ClientHooks, ClientInfo, Policy, client_bits
 from fedmpq.quant import Rounding
-from fedmpq.wire.messages import KIND_DELTA, QUANT_BITS, TensorPayload
+from fedmpq.quant_spec import QUANT_BITS
+from fedmpq.wire.messages import KIND_DELTA, TensorPayload
 from fedmpq.wire.tensors import decode_state
 
 #: Error-feedback residuals live in the device's memory under this prefix.

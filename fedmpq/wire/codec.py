@@ -5,6 +5,14 @@ the msgpack map of the message's fields (nested dataclasses as maps, ``bytes`` a
 bin), zstd-compressed when ``codec == "zstd"``.  ``sig`` is opaque here: it lets a
 caller sign ``body_bytes(msg)`` and verify it against ``Envelope.body``.
 
+Tensors travel positionally (protocol version 2): a message's ``tensors`` field is
+an array in layout order (``fedmpq.wire.layout``), each tensor ``[bits, data]`` for
+floats or ``[bits, scheme, axis, scale, zero_point, data]`` when quantized (scheme
+0 = symmetric, 1 = affine), with no names, shapes or map keys.  Next to it, the
+body's ``layout`` field holds the layout itself in a ``GlobalModelMessage`` and
+only its digest elsewhere; decoding such a message needs a layout this process has
+seen (in a global model, or by encoding a message of that layout).
+
 Encoding is canonical: fields in declaration order, map keys sorted, ints as
 ints and floats as float64 (float32 would round learning rates, timestamps and
 metrics, and float64 costs 4 bytes a field on messages dominated by tensor data).
@@ -12,41 +20,31 @@ metrics, and float64 costs 4 bytes a field on messages dominated by tensor data)
 Decoding trusts nothing.  Whatever the input, the only exception that leaves
 ``decode``/``decode_envelope``/``decode_body`` is ``DecodeError``, whose message
 names the offending field by path (``update.tensors[3].data``).  The schema check
-is one recursive converter driven by the dataclass annotations; semantic checks
-are a table of per-field rules plus one function for ``TensorPayload``.
+is one recursive converter driven by the dataclass annotations (``schema``); semantic
+checks are a table of per-field rules plus one function for ``TensorPayload``
+(``checks``); positional tensors are resolved against their layout (``positional``).
 """
 
 from __future__ import annotations
 
 import hmac
-import math
-import numbers
-import types
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, is_dataclass
-from functools import cache
-from typing import Any, TypeAlias, TypeVar, Union, get_args, get_origin, get_type_hints, overload
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, TypeAlias, TypeVar, overload
 
 import msgpack
-import numpy as np
 import zstandard
 
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
-from fedmpq.packing import packed_nbytes
+from fedmpq.wire.checks import CONTROL_STATES, DEFAULT_LIMITS, STATUS_STATES, DecodeLimits
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
-    OBSERVERS,
-    QUANT_BITS,
-    SCHEME_AFFINE,
-    SCHEME_FLOAT,
-    SCHEME_SYMMETRIC,
-    UPDATE_KINDS,
-    VALID_BITS,
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,
     ModelMessage,
+    NoticeMessage,
     RegisterMessage,
     ResourceUsage,
     StatusMessage,
@@ -54,7 +52,25 @@ from fedmpq.wire.messages import (
     TensorPayload,
     UpdateMessage,
 )
+from fedmpq.wire.positional import convert_message, message_to_wire
+from fedmpq.wire.schema import convert, describe
 from fedmpq.wire.signing import frame_mac
+
+__all__ = [
+    "CODECS",
+    "CONTROL_STATES",
+    "DEFAULT_LIMITS",
+    "STATUS_STATES",
+    "DecodeLimits",
+    "Envelope",
+    "Message",
+    "body_bytes",
+    "decode",
+    "decode_body",
+    "decode_envelope",
+    "encode",
+    "verify_envelope",
+]
 
 Message: TypeAlias = (
     RegisterMessage
@@ -64,54 +80,16 @@ Message: TypeAlias = (
     | StatusMessage
     | ControlMessage
     | ModelMessage
+    | NoticeMessage
 )
 M = TypeVar("M", bound=Message)
 
 CODEC_NONE = "none"
 CODEC_ZSTD = "zstd"
 CODECS = frozenset({CODEC_NONE, CODEC_ZSTD})
-STATUS_STATES = frozenset({"online", "offline", "training", "rejected", "error"})
-CONTROL_STATES = frozenset({"open", "finished"})
 
 _ZSTD_LEVEL = 3
 _UTF8_MAX_BYTES_PER_CHAR = 4
-_FLOAT_DTYPES: dict[int, np.dtype[Any]] = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
-_UNION_ORIGINS = (Union, types.UnionType)
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds the decoder enforces so hostile input cannot exhaust memory or CPU.
-
-    Attributes
-    ----------
-    max_message_bytes
-        Raw frame size, checked before anything is parsed.
-    max_elements
-        Elements of one tensor, as declared by its shape.
-    max_total_elements
-        Elements over all tensors of a message.
-    max_tensors
-        Tensors in a message; also bounds every msgpack array.
-    max_string_len
-        Characters in a name, id or detail string.
-    max_map_entries
-        Entries in a ``bits``/``options``/``metrics`` map; records (dataclass maps)
-        are bounded by their schema instead.
-    max_decompressed_bytes
-        Size a zstd body may declare and decompress to.
-    """
-
-    max_message_bytes: int = 64 * 2**20
-    max_elements: int = 64 * 2**20
-    max_total_elements: int = 256 * 2**20
-    max_tensors: int = 4096
-    max_string_len: int = 256
-    max_map_entries: int = 4096
-    max_decompressed_bytes: int = 256 * 2**20
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 @dataclass(frozen=True)
@@ -136,80 +114,13 @@ class _Frame:
     sig: bytes
 
 
-@dataclass(frozen=True)
-class _Field:
-    name: str
-    type: Any
-    required: bool
-
-
-@cache
-def _schema(cls: type) -> tuple[_Field, ...]:
-    hints = get_type_hints(cls)
-    return tuple(
-        _Field(f.name, hints[f.name], f.default is MISSING and f.default_factory is MISSING)
-        for f in fields(cls)
-    )
-
-
-@cache
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in _schema(cls))
-
-
-def _optional_inner(tp: Any) -> Any:
-    (inner,) = (a for a in get_args(tp) if a is not type(None))
-    return inner
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bytes: "bin", bool: "a bool"}
-
-
-@cache
-def _kind(tp: Any) -> tuple[str, Any]:
-    """How annotation ``tp`` travels, and the annotation inside it (cached: the hot path)."""
-    origin = get_origin(tp)
-    if origin in _UNION_ORIGINS:
-        return "optional", _optional_inner(tp)
-    if origin is list:
-        return "list", get_args(tp)[0]
-    if origin is dict:
-        return "dict", get_args(tp)[1]
-    if is_dataclass(tp):
-        return "record", tp
-    if tp in _TYPE_WORDS:
-        return "scalar", tp
-    raise TypeError(f"the wire codec does not support fields of type {tp!r}")
-
-
 #: Fields of the widest dataclass, so that msgpack's map limit never cuts a record short.
 _WIDEST_RECORD = max(
     len(fields(cls))
     for cls in (_Frame, TensorPayload, DeviceProfile, ResourceUsage, *MESSAGE_TYPES.values())
 )
 
-
 # --------------------------------------------------------------------------- encoding
-
-
-def _to_wire(value: Any, tp: Any) -> Any:
-    """Plain msgpack-able data for ``value``, canonicalised by its annotation ``tp``."""
-    kind, inner = _kind(tp)
-    if kind == "record":
-        return {f.name: _to_wire(getattr(value, f.name), f.type) for f in _schema(inner)}
-    if kind == "optional":
-        return None if value is None else _to_wire(value, inner)
-    if kind == "list":
-        return [_to_wire(v, inner) for v in value]
-    if kind == "dict":
-        return {k: _to_wire(value[k], inner) for k in sorted(value)}
-    # numpy scalars (shapes, metrics) become plain ints/floats; anything else is left
-    # for the decoder on the other side to reject.
-    if tp is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return value
 
 
 def _message_type(msg: object) -> str:
@@ -233,7 +144,7 @@ def body_bytes(msg: Message) -> bytes:
         Msgpack of the message's fields; equal messages give equal bytes.
     """
     _message_type(msg)
-    return msgpack.packb(_to_wire(msg, type(msg)), use_bin_type=True)
+    return msgpack.packb(message_to_wire(msg), use_bin_type=True)
 
 
 def encode(
@@ -264,14 +175,28 @@ def encode(
     codec = CODEC_ZSTD if compress else CODEC_NONE
     if key is not None:
         sig = frame_mac(key, PROTOCOL_VERSION, _message_type(msg), codec, body)
-    frame = {
-        "v": PROTOCOL_VERSION,
-        "type": _message_type(msg),
-        "codec": codec,
-        "body": body,
-        "sig": bytes(sig),
-    }
-    return msgpack.packb(frame, use_bin_type=True)
+    return _frame_bytes(
+        {"v": PROTOCOL_VERSION, "type": _message_type(msg), "codec": codec}, body, bytes(sig)
+    )
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's bin8/bin16/bin32 header for ``size`` bytes."""
+    if size < 2**8:
+        return struct.pack(">BB", 0xC4, size)
+    if size < 2**16:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
+
+
+def _frame_bytes(head: dict[str, Any], body: bytes, sig: bytes) -> bytes:
+    """``msgpack.packb({**head, "body": body, "sig": sig})``, copying ``body`` only once."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(len(head) + 2)]
+    parts += [packer.pack(x) for kv in head.items() for x in kv]
+    parts += [packer.pack("body"), _bin_header(len(body)), body]
+    parts += [packer.pack("sig"), packer.pack(sig)]
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -340,241 +265,19 @@ def _decompress(body: bytes, where: str, limits: DecodeLimits) -> bytes:
         raise DecodeError(f"{where}: zstd decompression failed ({e})") from e
 
 
-# --------------------------------------------------------------------------- schema
-
-
-def _describe(value: Any) -> str:
-    return "nil" if value is None else type(value).__name__
-
-
-def _scalar(value: Any, tp: Any, path: str, limits: DecodeLimits) -> Any:
-    # ``type(v) is`` rather than isinstance: bool is an int subclass and must not pass for one.
-    kind = type(value)
-    if tp is float and kind in (float, int):
-        if not math.isfinite(value):
-            raise DecodeError(f"{path}: {value} is not a finite number")
-        return float(value)
-    if kind is not tp:
-        raise DecodeError(f"{path}: expected {_TYPE_WORDS[tp]}, got {_describe(value)}")
-    if tp is str and len(value) > limits.max_string_len:
-        raise DecodeError(
-            f"{path}: string of {len(value)} characters, over the limit of "
-            f"{limits.max_string_len} (DecodeLimits.max_string_len)"
-        )
-    return value
-
-
-def _convert(value: Any, tp: Any, path: str, limits: DecodeLimits) -> Any:
-    """Check ``value`` (fresh from msgpack) against annotation ``tp``; build dataclasses."""
-    kind, inner = _kind(tp)
-    if kind == "scalar":
-        return _scalar(value, inner, path, limits)
-    if kind == "optional":
-        return None if value is None else _convert(value, inner, path, limits)
-    if kind == "list":
-        if type(value) is not list:
-            raise DecodeError(f"{path}: expected an array, got {_describe(value)}")
-        return [_convert(v, inner, f"{path}[{i}]", limits) for i, v in enumerate(value)]
-    if type(value) is not dict:
-        raise DecodeError(f"{path}: expected a map, got {_describe(value)}")
-    if kind == "record":
-        return _convert_dataclass(value, inner, path, limits)
-    if len(value) > limits.max_map_entries:
-        raise DecodeError(
-            f"{path}: {len(value)} entries, over the limit of {limits.max_map_entries} "
-            "(DecodeLimits.max_map_entries)"
-        )
-    return {
-        _convert(k, str, f"{path} key", limits): _convert(v, inner, f"{path}[{k!r}]", limits)
-        for k, v in value.items()
-    }
-
-
-def _convert_dataclass(value: dict[Any, Any], cls: type, path: str, limits: DecodeLimits) -> Any:
-    schema = _schema(cls)
-    extra = [k for k in value if k not in _field_names(cls)]
-    if extra:
-        raise DecodeError(f"{path}: unknown field(s) {', '.join(map(repr, extra))}")
-    missing = [f.name for f in schema if f.required and f.name not in value]
-    if missing:
-        raise DecodeError(f"{path}: missing field(s) {', '.join(map(repr, missing))}")
-    kwargs: dict[str, Any] = {}
-    for f in schema:
-        if f.name in value:
-            fpath = f"{path}.{f.name}"
-            kwargs[f.name] = v = _convert(value[f.name], f.type, fpath, limits)
-            rule = _RULES.get((cls, f.name))
-            if rule is not None and v is not None:
-                rule(v, fpath, limits)
-    obj = cls(**kwargs)
-    if cls is TensorPayload:
-        _check_tensor(obj, path, limits)
-    return obj
-
-
-# --------------------------------------------------------------------------- semantics
-
-_Rule = Callable[[Any, str, DecodeLimits], None]
-
-
-def _within(low: float, high: float = math.inf) -> _Rule:
-    def rule(v: Any, path: str, limits: DecodeLimits) -> None:
-        if not low <= v <= high:
-            bound = f"at least {low}" if high == math.inf else f"within [{low}, {high}]"
-            raise DecodeError(f"{path}: {v} must be {bound}")
-
-    return rule
-
-
-def _one_of(allowed: frozenset[Any]) -> _Rule:
-    def rule(v: Any, path: str, limits: DecodeLimits) -> None:
-        if v not in allowed:
-            raise DecodeError(f"{path}: {v!r} is not one of {sorted(allowed)}")
-
-    return rule
-
-
-def _each_value(inner: _Rule) -> _Rule:
-    def rule(v: dict[str, Any], path: str, limits: DecodeLimits) -> None:
-        for key, item in v.items():
-            inner(item, f"{path}[{key!r}]", limits)
-
-    return rule
-
-
-def _shape_text(shape: list[int]) -> str:
-    return str(shape) if len(shape) <= 8 else f"[{', '.join(map(str, shape[:8]))}, ...]"
-
-
-def _element_count(shape: list[int], path: str, limits: DecodeLimits) -> int:
-    """prod(shape), refusing (without building a huge int) anything over max_elements."""
-    for i, d in enumerate(shape):
-        if d < 0:
-            raise DecodeError(f"{path}.shape[{i}]: {d} is negative")
-    if 0 in shape:
-        return 0
-    count = 1
-    for d in shape:
-        count *= d
-        if count > limits.max_elements:
-            raise DecodeError(
-                f"{path}.shape: {_shape_text(shape)} has more than {limits.max_elements} "
-                "elements (DecodeLimits.max_elements)"
-            )
-    return count
-
-
-def _check_tensor(t: TensorPayload, path: str, limits: DecodeLimits) -> None:
-    """Everything that makes a payload decodable: consistent bits, scheme, shape, sizes, values."""
-    if t.bits not in VALID_BITS:
-        raise DecodeError(f"{path}.bits: {t.bits} is not one of {sorted(VALID_BITS)}")
-    quantized = t.bits in QUANT_BITS
-    allowed = {SCHEME_SYMMETRIC, SCHEME_AFFINE} if quantized else {SCHEME_FLOAT}
-    if t.scheme not in allowed:
-        raise DecodeError(
-            f"{path}.scheme: {t.scheme!r} does not go with {t.bits} bits "
-            f"(expected one of {sorted(allowed)})"
-        )
-    count = _element_count(t.shape, path, limits)
-    if not (t.axis == -1 or 0 <= t.axis < len(t.shape)):
-        raise DecodeError(f"{path}.axis: {t.axis} is neither -1 nor a dimension of {len(t.shape)}")
-    n_scales = (1 if t.axis == -1 else t.shape[t.axis]) if quantized else 0
-    n_zero_points = n_scales if t.scheme == SCHEME_AFFINE else 0
-    where = f"shape {_shape_text(t.shape)}, axis {t.axis}, {t.bits} bits, {t.scheme}"
-    if len(t.scale) != 4 * n_scales:
-        raise DecodeError(
-            f"{path}.scale: {len(t.scale)} bytes, expected {4 * n_scales} for {where}"
-        )
-    if len(t.zero_point) != n_zero_points:
-        raise DecodeError(
-            f"{path}.zero_point: {len(t.zero_point)} bytes, expected {n_zero_points} for {where}"
-        )
-    scales = np.frombuffer(t.scale, dtype="<f4")
-    if not (np.isfinite(scales).all() and (scales >= 0).all()):
-        raise DecodeError(f"{path}.scale: scales must be finite and >= 0")
-    expected = packed_nbytes(count, t.bits)
-    if len(t.data) != expected:
-        raise DecodeError(
-            f"{path}.data: {len(t.data)} bytes, expected {expected} for shape "
-            f"{_shape_text(t.shape)} at {t.bits} bits"
-        )
-    if not quantized:
-        bad = np.count_nonzero(~np.isfinite(np.frombuffer(t.data, dtype=_FLOAT_DTYPES[t.bits])))
-        if bad:
-            raise DecodeError(f"{path}.data: {bad} of {count} float values are NaN or infinite")
-
-
-def _check_tensor_list(tensors: list[TensorPayload], path: str, limits: DecodeLimits) -> None:
-    seen: dict[str, int] = {}
-    total = 0
-    for i, t in enumerate(tensors):
-        if t.name in seen:
-            raise DecodeError(f"{path}[{i}].name: {t.name!r} repeats {path}[{seen[t.name]}].name")
-        seen[t.name] = i
-        total += math.prod(t.shape)
-    if total > limits.max_total_elements:
-        raise DecodeError(
-            f"{path}: {total} elements over all tensors, over the limit of "
-            f"{limits.max_total_elements} (DecodeLimits.max_total_elements)"
-        )
-
-
-_NON_NEGATIVE = _within(0)
-_RULES: dict[tuple[type, str], _Rule] = {
-    **{
-        (cls, "round"): _NON_NEGATIVE
-        for cls in (TaskMessage, GlobalModelMessage, UpdateMessage, ControlMessage, ModelMessage)
-    },
-    (ModelMessage, "num_classes"): _within(2),
-    (ModelMessage, "pixel_scale"): _within(0),
-    (ModelMessage, "bits"): _each_value(_one_of(VALID_BITS)),
-    # A device that has not trained yet reports round -1.
-    (StatusMessage, "round"): _within(-1),
-    **{
-        (DeviceProfile, name): _NON_NEGATIVE
-        for name in (
-            "total_ram",
-            "available_ram",
-            "cpu_freq_mhz",
-            "load_avg",
-            "gflops",
-            "uplink_bps",
-            "downlink_bps",
-            "latency_s",
-        )
-    },
-    (DeviceProfile, "cpu_count"): _within(1),
-    (DeviceProfile, "battery_percent"): _within(0, 100),
-    (RegisterMessage, "num_samples"): _NON_NEGATIVE,
-    (TaskMessage, "bits"): _each_value(_one_of(VALID_BITS)),
-    (TaskMessage, "scheme"): _one_of(frozenset({SCHEME_SYMMETRIC, SCHEME_AFFINE})),
-    (TaskMessage, "observer"): _one_of(OBSERVERS),
-    (TaskMessage, "epochs"): _NON_NEGATIVE,
-    (TaskMessage, "batch_size"): _within(1),
-    (TaskMessage, "learning_rate"): _NON_NEGATIVE,
-    (TaskMessage, "deadline_s"): _NON_NEGATIVE,
-    **{
-        (ResourceUsage, name): _NON_NEGATIVE
-        for name in ("train_seconds", "peak_rss_bytes", "cpu_percent", "emulated_seconds")
-    },
-    (UpdateMessage, "num_samples"): _NON_NEGATIVE,
-    (UpdateMessage, "kind"): _one_of(UPDATE_KINDS),
-    (UpdateMessage, "bits_dropped"): _each_value(_NON_NEGATIVE),
-    (StatusMessage, "state"): _one_of(STATUS_STATES),
-    (ControlMessage, "state"): _one_of(CONTROL_STATES),
-    (GlobalModelMessage, "tensors"): _check_tensor_list,
-    (UpdateMessage, "tensors"): _check_tensor_list,
-}
-
-
 # --------------------------------------------------------------------------- decoding
 
 
 def _message_class(env: Envelope) -> type:
-    if env.version != PROTOCOL_VERSION:
+    if env.version < PROTOCOL_VERSION:
         raise DecodeError(
-            f"frame.v: protocol version {env.version} is not supported "
-            f"(expected {PROTOCOL_VERSION})"
+            f"frame.v: frame version {env.version} is no longer supported; this build speaks "
+            f"{PROTOCOL_VERSION}: upgrade the agent/coordinator that sent it"
+        )
+    if env.version > PROTOCOL_VERSION:
+        raise DecodeError(
+            f"frame.v: frame version {env.version} is newer than this build's "
+            f"{PROTOCOL_VERSION}: upgrade this agent/coordinator"
         )
     cls = MESSAGE_TYPES.get(env.type)
     if cls is None:
@@ -616,14 +319,14 @@ def decode_envelope(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envel
         For any input that is not such a frame; nothing else is raised.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError(f"frame: expected bytes, got {_describe(data)}")
+        raise DecodeError(f"frame: expected bytes, got {describe(data)}")
     if len(data) > limits.max_message_bytes:
         raise DecodeError(
             f"frame: {len(data)} bytes, over the limit of {limits.max_message_bytes} "
             "(DecodeLimits.max_message_bytes)"
         )
     raw = _unpack(data, "frame", limits.max_message_bytes, limits)
-    frame = _convert(raw, _Frame, "frame", limits)
+    frame = convert(raw, _Frame, "frame", limits)
     env = Envelope(frame.v, frame.type, frame.codec, frame.body, frame.sig)
     _message_class(env)
     return env
@@ -665,7 +368,7 @@ def decode_body(
     where = f"{env.type} body"
     body = _decompress(env.body, where, limits) if env.codec == CODEC_ZSTD else env.body
     raw = _unpack(body, where, limits.max_decompressed_bytes, limits)
-    return _convert(raw, cls, env.type, limits)
+    return convert_message(raw, cls, env.type, limits)
 
 
 @overload

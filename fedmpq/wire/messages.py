@@ -17,21 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-#: Bit-widths a tensor may have on the wire.
-QUANT_BITS = frozenset(range(1, 9))
-FLOAT_BITS = frozenset({16, 32})
-VALID_BITS = QUANT_BITS | FLOAT_BITS
-
-#: ``TensorPayload.scheme`` values.
-SCHEME_SYMMETRIC = "symmetric"  # sign-magnitude, scale = max|w| (FedMPQ)
-SCHEME_AFFINE = "affine"  # asymmetric min-max with integer zero point (torch.ao)
-SCHEME_FLOAT = "float"  # float16 / float32 pass-through
-SCHEMES = frozenset({SCHEME_SYMMETRIC, SCHEME_AFFINE, SCHEME_FLOAT})
-
-#: ``TaskMessage.observer`` values: how a symmetric scale ``s`` is chosen.
-OBSERVER_MINMAX = "minmax"  # s = max|w| (FedMPQ; every weight within the grid)
-OBSERVER_MSE = "mse"  # s = the clip of |w| that minimises the squared quantization error
-OBSERVERS = frozenset({OBSERVER_MINMAX, OBSERVER_MSE})
+from fedmpq.quant_spec import OBSERVER_MINMAX
 
 #: ``UpdateMessage.kind`` values: what the tensors of an update are.
 KIND_WEIGHTS = "weights"  # the client's local model (FedAvg, FedMPQ)
@@ -127,7 +113,14 @@ class TaskMessage:
 
 @dataclass
 class GlobalModelMessage:
-    """The global model at the start of a round (coordinator -> all, retained)."""
+    """The global model at the start of a round (coordinator -> devices).
+
+    ``fingerprint`` names the float global model (``fedmpq.state.fingerprint``).
+    ``allocation`` is ``""`` when every tensor is float32; otherwise the model is
+    quantized the way the devices of one allocation start training from it, and
+    ``allocation`` is that allocation's key (``fedmpq.wire.downlink``).  On the wire
+    this message also carries the model's layout (``fedmpq.wire.layout``).
+    """
 
     MESSAGE_TYPE: ClassVar[str] = "global_model"
 
@@ -136,6 +129,7 @@ class GlobalModelMessage:
     model_name: str
     fingerprint: str
     tensors: list[TensorPayload]
+    allocation: str = ""
 
 
 @dataclass

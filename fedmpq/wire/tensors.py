@@ -13,14 +13,15 @@ import numpy as np
 
 from fedmpq.packing import pack_bits, unpack_bits
 from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize
-from fedmpq.wire.messages import (
+from fedmpq.quant_spec import (
     FLOAT_BITS,
     OBSERVER_MINMAX,
+    QUANT_BITS,
     SCHEME_AFFINE,
     SCHEME_FLOAT,
     SCHEME_SYMMETRIC,
-    TensorPayload,
 )
+from fedmpq.wire.messages import TensorPayload
 
 _FLOAT_DTYPES: dict[int, np.dtype[np.floating]] = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
 
@@ -122,3 +123,12 @@ def encode_state(
 def decode_state(payloads: Iterable[TensorPayload]) -> dict[str, np.ndarray]:
     """Decode every payload of a message into a name -> float32 array map."""
     return {p.name: decode_tensor(p) for p in payloads}
+
+
+def ideal_nbytes(state: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> float:
+    """The information a message of ``state`` at ``bits`` must carry: ``n * b / 8`` bytes
+    for each quantized tensor of ``n`` elements, 4 bytes a value for the float32 rest.
+    (Scales, framing and message fields are what a frame adds on top.)"""
+    return sum(
+        w.size * (b if (b := bits.get(n, 32)) in QUANT_BITS else 32) / 8 for n, w in state.items()
+    )

@@ -6,6 +6,8 @@ import dataclasses
 import io
 import math
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -13,13 +15,24 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import msgpack
 import numpy as np
 import pytest
+import torch
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
+from fedmpq.models import build_model, quantizable_layers
 from fedmpq.packing import packed_nbytes
+from fedmpq.quant_spec import (
+    OBSERVERS,
+    QUANT_BITS,
+    SCHEME_AFFINE,
+    SCHEME_FLOAT,
+    SCHEME_SYMMETRIC,
+    VALID_BITS,
+)
+from fedmpq.state import state_to_numpy
 from fedmpq.wire.codec import (
     CONTROL_STATES,
     DEFAULT_LIMITS,
@@ -33,13 +46,7 @@ from fedmpq.wire.codec import (
 )
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
-    OBSERVERS,
-    QUANT_BITS,
-    SCHEME_AFFINE,
-    SCHEME_FLOAT,
-    SCHEME_SYMMETRIC,
     UPDATE_KINDS,
-    VALID_BITS,
     ControlMessage,
     DeviceProfile,
     GlobalModelMessage,
@@ -51,8 +58,11 @@ from fedmpq.wire.messages import (
     TensorPayload,
     UpdateMessage,
 )
+from fedmpq.wire.tensors import encode_state, ideal_nbytes
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "update_v1.msgpack"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "update_v2.msgpack"
+#: A version-1 frame (named, shaped tensors) as the previous release wrote it.
+GOLDEN_V1 = GOLDEN.with_name("update_v1.msgpack")
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------- strategies
@@ -68,7 +78,8 @@ def tensors(draw: st.DrawFn) -> TensorPayload:
     quantized = bits in QUANT_BITS
     scheme = draw(st.sampled_from([SCHEME_SYMMETRIC, SCHEME_AFFINE])) if quantized else SCHEME_FLOAT
     shape = draw(st.lists(st.integers(0, 6), max_size=3))
-    axis = draw(st.sampled_from([-1, *range(len(shape))]))
+    # A float tensor has no scale axis: it travels as -1 whatever a caller set.
+    axis = draw(st.sampled_from([-1, *range(len(shape))])) if quantized else -1
     count = math.prod(shape)
     n_scales = (1 if axis == -1 else shape[axis]) if quantized else 0
     scales = draw(st.lists(st.floats(0, 2.0**100, width=32), min_size=n_scales, max_size=n_scales))
@@ -93,7 +104,10 @@ def tensors(draw: st.DrawFn) -> TensorPayload:
     )
 
 
-TENSOR_LISTS = st.lists(tensors(), max_size=3, unique_by=lambda t: t.name)
+# Sorted by name: a decoded message lists its tensors in layout order.
+TENSOR_LISTS = st.lists(tensors(), max_size=3, unique_by=lambda t: t.name).map(
+    lambda ts: sorted(ts, key=lambda t: t.name)
+)
 
 # Fields whose valid values are narrower than their annotation.
 OVERRIDES: dict[tuple[type, str], st.SearchStrategy[Any]] = {
@@ -317,6 +331,31 @@ def test_golden_update_frame() -> None:
     assert decode(stored, UpdateMessage) == golden_update()
 
 
+def test_a_version_1_frame_gets_a_clear_error() -> None:
+    with pytest.raises(DecodeError, match="frame version 1 is no longer supported; this build"):
+        decode(GOLDEN_V1.read_bytes(), UpdateMessage)
+
+
+def test_tensors_travel_in_layout_order_without_names() -> None:
+    msg = golden_update()
+    shuffled = dataclasses.replace(msg, tensors=list(reversed(msg.tensors)))
+    assert body_bytes(shuffled) == body_bytes(msg)
+    assert decode(encode(shuffled), UpdateMessage) == msg
+    body = body_bytes(msg)
+    assert b"conv.weight" not in body.replace(b"conv.weight", b"", 1)  # only in bits_dropped
+    assert all(t.name.encode() not in body for t in msg.tensors[1:])
+
+
+def test_an_update_of_an_unseen_layout_is_refused() -> None:
+    wire = encode(golden_update())
+    unseen = dataclasses.replace(golden_update(), tensors=[f32_tensor("never.seen")])
+    body = wire_body(unseen)
+    body["layout"] = b"\xff" * 8
+    with pytest.raises(DecodeError, match="unknown model layout ffffffffffffffff"):
+        decode(frame(body))
+    assert decode(wire, UpdateMessage) == golden_update()
+
+
 # --------------------------------------------------------------------------- hostile input
 
 MSGPACK_VALUES = st.recursive(
@@ -473,8 +512,10 @@ FRAME_CASES = [
      "frame: unknown field(s) 'extra'"),
     ("v as str", lambda: frame(wire_body(golden_update()), v="1"), DEFAULT_LIMITS,
      "frame.v: expected an integer, got str"),
-    ("unknown version", lambda: frame(wire_body(golden_update()), v=2), DEFAULT_LIMITS,
-     "frame.v: protocol version 2 is not supported"),
+    ("newer version", lambda: frame(wire_body(golden_update()), v=3), DEFAULT_LIMITS,
+     "frame.v: frame version 3 is newer than this build's 2: upgrade this agent/coordinator"),
+    ("version 1", lambda: frame(wire_body(golden_update()), v=1), DEFAULT_LIMITS,
+     "frame.v: frame version 1 is no longer supported; this build speaks 2: upgrade"),
     ("unknown type", lambda: frame(wire_body(golden_update()), type="hello"), DEFAULT_LIMITS,
      "frame.type: unknown message type 'hello'"),
     ("unknown codec", lambda: frame(wire_body(golden_update()), codec="gzip"), DEFAULT_LIMITS,
@@ -526,6 +567,8 @@ def test_expected_type_mismatch() -> None:
 _DELETE = object()
 NAN, INF = float("nan"), float("inf")
 T0 = ("tensors", 0)
+# Positions of a quantized tensor's fields on the wire.
+BITS, SCHEME, AXIS, SCALE, ZERO_POINT, DATA = range(6)
 
 # (message type, path into its body, new value or _DELETE, expected text).
 # fmt: off
@@ -540,7 +583,7 @@ BODY_CASES = [
     ("str as int", "update", ("client_id",), 5, "update.client_id: expected a string, got int"),
     ("str as nil", "update", ("client_id",), None, "update.client_id: expected a string, got nil"),
     ("bool as int", "task", ("compress",), 1, "task.compress: expected a bool, got int"),
-    ("bytes as str", "update", (*T0, "data"), "abc",
+    ("bytes as str", "update", (*T0, DATA), "abc",
      "update.tensors[0].data: expected bin, got str"),
     ("list as map", "update", ("tensors",), {}, "update.tensors: expected an array, got dict"),
     ("map as list", "update", ("metrics",), [], "update.metrics: expected a map, got list"),
@@ -557,39 +600,58 @@ BODY_CASES = [
      "task.learning_rate: nan is not a finite number"),
     ("-Inf option", "task", ("options", "lambda"), -INF,
      "task.options['lambda']: -inf is not a finite number"),
-    ("bits 9", "update", (*T0, "bits"), 9, "update.tensors[0].bits: 9 is not one of"),
-    ("unknown scheme", "update", (*T0, "scheme"), "log",
-     "update.tensors[0].scheme: 'log' does not go with 4 bits"),
-    ("float scheme at 4 bits", "update", (*T0, "scheme"), "float",
+    ("bits 9", "update", (*T0, BITS), 9, "update.tensors[0].bits: 9 is not one of"),
+    ("unknown scheme", "update", (*T0, SCHEME), 7,
+     "update.tensors[0].scheme: code 7 is not one of [0, 1]"),
+    ("scheme as str", "update", (*T0, SCHEME), "symmetric",
+     "update.tensors[0].scheme: expected an integer, got str"),
+    ("float form at 4 bits", "update", T0, [4, b"\x00" * 8],
      "update.tensors[0].scheme: 'float' does not go with 4 bits"),
-    ("symmetric at 32 bits", "update", ("tensors", 1, "scheme"), "symmetric",
+    ("symmetric at 32 bits", "update", ("tensors", 1), [32, 0, -1, b"", b"", b"\x00" * 12],
      "update.tensors[1].scheme: 'symmetric' does not go with 32 bits"),
-    ("negative dim", "update", (*T0, "shape"), [3, -5],
-     "update.tensors[0].shape[1]: -5 is negative"),
-    ("too many elements", "update", (*T0, "shape"), [2**40, 2**40],
-     "update.tensors[0].shape: [1099511627776, 1099511627776] has more than 67108864 elements"),
-    ("product beyond int64", "update", (*T0, "shape"), [2**63] * 12, "has more than 67108864"),
-    ("axis too big", "update", (*T0, "axis"), 2,
+    ("tensor of 3 items", "update", ("tensors", 1), [32, b"", b""],
+     "update.tensors[1]: expected [bits, data] or [bits, scheme, axis, scale, zero_point, data]"),
+    ("tensor as map", "update", T0, {"bits": 4}, "update.tensors[0]: expected an array, got dict"),
+    ("one tensor short", "update", ("tensors", 1), _DELETE,
+     "update.tensors: 1 tensors, the layout"),
+    ("unknown layout", "update", ("layout",), b"\x00" * 8,
+     "update.layout: unknown model layout 0000000000000000"),
+    ("short digest", "update", ("layout",), b"\x00" * 4,
+     "update.layout: 4 bytes, expected a 8-byte digest"),
+    ("layout as list", "update", ("layout",), [["conv.weight", [3, 5]]],
+     "update.layout: expected bin, got list"),
+    ("missing layout", "update", ("layout",), _DELETE, "update: missing field(s) 'layout'"),
+    ("negative dim", "global_model", ("layout", 0, 1), [3, -5],
+     "global_model.layout[0].shape[1]: -5 is negative"),
+    ("too many elements", "global_model", ("layout", 0, 1), [2**40, 2**40],
+     "global_model.layout[0].shape: [1099511627776, 1099511627776] has more than 67108864"),
+    ("product beyond int64", "global_model", ("layout", 0, 1), [2**63] * 12,
+     "has more than 67108864"),
+    ("layout entry short", "global_model", ("layout", 0), ["conv.weight"],
+     "global_model.layout[0]: expected [name, shape], got list"),
+    ("shape of layout changed", "global_model", ("layout", 0, 1), [5, 3],
+     "global_model.tensors[0].scale: 12 bytes, expected 20"),
+    ("axis too big", "update", (*T0, AXIS), 2,
      "update.tensors[0].axis: 2 is neither -1 nor a dimension of 2"),
-    ("axis -2", "update", (*T0, "axis"), -2, "update.tensors[0].axis: -2 is neither -1"),
-    ("scale length", "update", (*T0, "scale"), b"\x00" * 8,
+    ("axis -2", "update", (*T0, AXIS), -2, "update.tensors[0].axis: -2 is neither -1"),
+    ("scale length", "update", (*T0, SCALE), b"\x00" * 8,
      "update.tensors[0].scale: 8 bytes, expected 12"),
-    ("per-tensor scale", "update", (*T0, "axis"), -1,
+    ("per-tensor scale", "update", (*T0, AXIS), -1,
      "update.tensors[0].scale: 12 bytes, expected 4"),
-    ("float with scale", "update", ("tensors", 1, "scale"), b"\x00" * 4,
-     "update.tensors[1].scale: 4 bytes, expected 0"),
-    ("symmetric zero point", "update", (*T0, "zero_point"), b"\x00\x00\x00",
+    ("symmetric zero point", "update", (*T0, ZERO_POINT), b"\x00\x00\x00",
      "update.tensors[0].zero_point: 3 bytes, expected 0"),
-    ("scale NaN", "update", (*T0, "scale"), np.array([1, NAN, 1], "<f4").tobytes(),
+    ("scale NaN", "update", (*T0, SCALE), np.array([1, NAN, 1], "<f4").tobytes(),
      "update.tensors[0].scale: scales must be finite and >= 0"),
-    ("scale negative", "update", (*T0, "scale"), np.array([1, -1, 1], "<f4").tobytes(),
+    ("scale negative", "update", (*T0, SCALE), np.array([1, -1, 1], "<f4").tobytes(),
      "update.tensors[0].scale: scales must be finite and >= 0"),
-    ("data length", "update", (*T0, "data"), b"\x00" * 9,
+    ("data length", "update", (*T0, DATA), b"\x00" * 9,
      "update.tensors[0].data: 9 bytes, expected 8 for shape [3, 5] at 4 bits"),
-    ("float32 NaN data", "update", ("tensors", 1, "data"), np.array([1, NAN, INF], "<f4").tobytes(),
+    ("float32 NaN data", "update", ("tensors", 1, 1), np.array([1, NAN, INF], "<f4").tobytes(),
      "update.tensors[1].data: 2 of 3 float values are NaN or infinite"),
-    ("duplicate names", "global_model", ("tensors", 1, "name"), "conv.weight",
-     "global_model.tensors[1].name: 'conv.weight' repeats global_model.tensors[0].name"),
+    ("duplicate names", "global_model", ("layout", 1, 0), "conv.weight",
+     "global_model.layout: tensor names must be distinct and in sorted order"),
+    ("unsorted names", "global_model", ("layout", 1, 0), "a.bias",
+     "global_model.layout: tensor names must be distinct and in sorted order"),
     ("negative round", "update", ("round",), -1, "update.round: -1 must be at least 0"),
     ("negative samples", "register", ("num_samples",), -3,
      "register.num_samples: -3 must be at least 0"),
@@ -700,10 +762,65 @@ def test_decode_body_checks_a_hand_made_envelope() -> None:
     env = decode_envelope(encode(golden_update(), compress=True))
     assert decode_body(env, UpdateMessage) == golden_update()
     for bad, expected in [
-        (dataclasses.replace(env, version=2), "protocol version 2"),
+        (dataclasses.replace(env, version=1), "frame version 1 is no longer supported"),
         (dataclasses.replace(env, type="nope"), "unknown message type 'nope'"),
         (dataclasses.replace(env, codec="lz4"), "unknown codec 'lz4'"),
         (dataclasses.replace(env, codec="none"), "update body: "),
     ]:
         with pytest.raises(DecodeError, match=expected):
             decode_body(bad)
+
+
+# --------------------------------------------------------------------------- size
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_updates_stay_near_their_ideal_size(model_name: str, bits: int) -> None:
+    """Framing costs at most 1% + 1 KiB over ``sum n_l * b_l / 8`` (+ float32 rest); the
+    per-channel float32 scales come on top, and are all else a frame adds."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, (1, 28, 28))
+    state = state_to_numpy(model)
+    assignment = dict.fromkeys(quantizable_layers(model), bits)
+    msg = dataclasses.replace(golden_update(), tensors=encode_state(state, assignment))
+    size = len(encode(msg))
+    ideal = ideal_nbytes(state, assignment)
+    scales = sum(len(t.scale) + len(t.zero_point) for t in msg.tensors)
+    allowed = 0.01 * ideal + 1024
+    assert size - scales - ideal <= allowed
+    assert size - scales - ideal <= 400 + 8 * len(state)  # envelope, fields, per-tensor headers
+    if model_name == "cnn":
+        assert size - ideal <= allowed
+
+
+_MAKE_FRAMES = """
+import sys
+from pathlib import Path
+import numpy as np
+from fedmpq.wire.codec import encode
+from fedmpq.wire.messages import GlobalModelMessage, ResourceUsage, UpdateMessage
+from fedmpq.wire.tensors import encode_state
+
+state = {"only.in.child.weight": np.ones((4, 3), np.float32), "only.in.child.bias": np.zeros(4)}
+glob = GlobalModelMessage("r", 1, "m", "fp", encode_state(state, {}))
+update = UpdateMessage(
+    "r", 1, "d", 1, "fp", "weights", encode_state(state, {"only.in.child.weight": 2}),
+    ResourceUsage(1.0, 1, 1.0), {},
+)
+out = Path(sys.argv[1])
+(out / "global").write_bytes(encode(glob))
+(out / "update").write_bytes(encode(update))
+"""
+
+
+def test_a_process_decodes_updates_of_the_layout_its_global_model_carried(tmp_path: Path) -> None:
+    """Another process encodes; this one learns the layout from the global model alone."""
+    subprocess.run([sys.executable, "-c", _MAKE_FRAMES, str(tmp_path)], check=True)
+    update = (tmp_path / "update").read_bytes()
+    with pytest.raises(DecodeError, match="unknown model layout"):
+        decode(update, UpdateMessage)
+    glob = decode((tmp_path / "global").read_bytes(), GlobalModelMessage)
+    msg = decode(update, UpdateMessage)
+    assert [t.name for t in msg.tensors] == [t.name for t in glob.tensors]
+    assert [t.bits for t in msg.tensors] == [32, 2]

@@ -14,7 +14,7 @@ from torch import nn
 from fedmpq.errors import ConfigError
 from fedmpq.fake_quant import FakeQuantize, attach_fake_quant, detach_fake_quant, fake_quantize
 from fedmpq.quant import QuantizationError, dequantize, quantize
-from fedmpq.wire.messages import SCHEME_AFFINE, SCHEME_SYMMETRIC
+from fedmpq.quant_spec import SCHEME_AFFINE, SCHEME_SYMMETRIC
 
 SCHEMES = (SCHEME_SYMMETRIC, SCHEME_AFFINE)
 

@@ -17,7 +17,7 @@ from fedmpq.quant import (
     quantize,
     symmetric_to_signed,
 )
-from fedmpq.wire.messages import SCHEME_AFFINE, SCHEME_SYMMETRIC
+from fedmpq.quant_spec import SCHEME_AFFINE, SCHEME_SYMMETRIC
 
 SCHEMES = (SCHEME_SYMMETRIC, SCHEME_AFFINE)
 BITS = st.integers(min_value=1, max_value=8)

@@ -1,0 +1,155 @@
+"""Tensors on the wire in layout order: no names, shapes or map keys (protocol version 2).
+
+A message's ``tensors`` field is an array in layout order (``fedmpq.wire.layout``), each
+tensor ``[bits, data]`` for floats or ``[bits, scheme, axis, scale, zero_point, data]``
+when quantized (scheme 0 = symmetric, 1 = affine).  Next to it, the body's ``layout``
+field holds the layout itself in a ``GlobalModelMessage`` and only its digest elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedmpq.errors import DecodeError
+from fedmpq.quant_spec import SCHEME_AFFINE, SCHEME_FLOAT, SCHEME_SYMMETRIC
+from fedmpq.wire.checks import DecodeLimits, check_tensor, element_count
+from fedmpq.wire.layout import DIGEST_BYTES, ModelLayout, known_layout, remember_layout
+from fedmpq.wire.messages import GlobalModelMessage, TensorPayload, UpdateMessage
+from fedmpq.wire.schema import convert, convert_dataclass, describe, record_fields, scalar, to_wire
+
+#: Messages whose ``tensors`` travel positionally, and whether the body carries the
+#: whole layout (True) or only its digest.
+FULL_LAYOUT: dict[type, bool] = {GlobalModelMessage: True, UpdateMessage: False}
+_SCHEME_CODES = {SCHEME_SYMMETRIC: 0, SCHEME_AFFINE: 1}
+_SCHEME_NAMES = {code: name for name, code in _SCHEME_CODES.items()}
+
+
+def _positional(t: TensorPayload) -> list[Any]:
+    if t.scheme == SCHEME_FLOAT:
+        return [int(t.bits), t.data]
+    return [
+        int(t.bits),
+        _SCHEME_CODES.get(t.scheme, t.scheme),
+        int(t.axis),
+        t.scale,
+        t.zero_point,
+        t.data,
+    ]
+
+
+def message_to_wire(msg: Any) -> dict[str, Any]:
+    """The body map of ``msg``; tensors positional in layout order, after ``layout``."""
+    cls: type = type(msg)
+    if cls not in FULL_LAYOUT:
+        wire: dict[str, Any] = to_wire(msg, cls)
+        return wire
+    by_name = {t.name: t for t in msg.tensors}
+    if len(by_name) != len(msg.tensors):
+        raise ValueError(f"cannot encode {cls.__name__}: tensor names repeat")
+    layout = ModelLayout.of_entries((t.name, t.shape) for t in msg.tensors)
+    remember_layout(layout)
+    wire = {}
+    for f in record_fields(cls):
+        if f.name == "tensors":
+            wire["layout"] = layout.to_wire() if FULL_LAYOUT[cls] else layout.digest
+            wire["tensors"] = [_positional(by_name[name]) for name in layout.names]
+        else:
+            wire[f.name] = to_wire(getattr(msg, f.name), f.type)
+    return wire
+
+
+def _read_layout(value: Any, full: bool, path: str, limits: DecodeLimits) -> ModelLayout:
+    """The layout a body declares: whole (a global model) or by digest (known here)."""
+    if not full:
+        digest = scalar(value, bytes, path, limits)
+        if len(digest) != DIGEST_BYTES:
+            raise DecodeError(f"{path}: {len(digest)} bytes, expected a {DIGEST_BYTES}-byte digest")
+        layout = known_layout(digest)
+        if layout is None:
+            raise DecodeError(
+                f"{path}: unknown model layout {digest.hex()}; this process has not seen a "
+                "global model of that layout (is the update from another run or model?)"
+            )
+        return layout
+    if type(value) is not list:
+        raise DecodeError(f"{path}: expected an array, got {describe(value)}")
+    names, shapes = [], []
+    for i, entry in enumerate(value):
+        if type(entry) is not list or len(entry) != 2:
+            raise DecodeError(f"{path}[{i}]: expected [name, shape], got {describe(entry)}")
+        names.append(scalar(entry[0], str, f"{path}[{i}] name", limits))
+        shape = convert(entry[1], list[int], f"{path}[{i}] shape", limits)
+        element_count(shape, f"{path}[{i}]", limits)
+        shapes.append(tuple(shape))
+    if names != sorted(set(names)):
+        raise DecodeError(f"{path}: tensor names must be distinct and in sorted order")
+    return ModelLayout(tuple(names), tuple(shapes))
+
+
+#: The two positional forms of a tensor, by length: float and quantized.
+_TENSOR_FORMS: dict[int, tuple[tuple[str, type], ...]] = {
+    2: (("bits", int), ("data", bytes)),
+    6: (
+        ("bits", int),
+        ("scheme", int),
+        ("axis", int),
+        ("scale", bytes),
+        ("zero_point", bytes),
+        ("data", bytes),
+    ),
+}
+
+
+def _read_tensor(
+    value: Any, name: str, shape: list[int], path: str, limits: DecodeLimits
+) -> TensorPayload:
+    """One positional tensor, named and shaped by its layout entry, fully checked."""
+    if type(value) is not list:
+        raise DecodeError(f"{path}: expected an array, got {describe(value)}")
+    form = _TENSOR_FORMS.get(len(value))
+    if form is None:
+        raise DecodeError(
+            f"{path}: expected [bits, data] or [bits, scheme, axis, scale, zero_point, data], "
+            f"got {len(value)} items"
+        )
+    items = [
+        scalar(v, tp, f"{path}.{key}", limits) for v, (key, tp) in zip(value, form, strict=True)
+    ]
+    if len(items) == 2:
+        bits, data = items
+        t = TensorPayload(name, shape, bits, SCHEME_FLOAT, -1, b"", b"", data)
+    else:
+        bits, code, axis, scale, zero_point, data = items
+        if code not in _SCHEME_NAMES:
+            raise DecodeError(f"{path}.scheme: code {code} is not one of {sorted(_SCHEME_NAMES)}")
+        t = TensorPayload(name, shape, bits, _SCHEME_NAMES[code], axis, scale, zero_point, data)
+    check_tensor(t, path, limits)
+    return t
+
+
+def convert_message(raw: Any, cls: type, path: str, limits: DecodeLimits) -> Any:
+    """Check a body against message ``cls``, resolving positional tensors by layout."""
+    if cls not in FULL_LAYOUT:
+        return convert(raw, cls, path, limits)
+    if type(raw) is not dict:
+        raise DecodeError(f"{path}: expected a map, got {describe(raw)}")
+    missing = [k for k in ("layout", "tensors") if k not in raw]
+    if missing:
+        raise DecodeError(f"{path}: missing field(s) {', '.join(map(repr, missing))}")
+    rest = dict(raw)
+    layout = _read_layout(rest.pop("layout"), FULL_LAYOUT[cls], f"{path}.layout", limits)
+    items = rest.pop("tensors")
+    tpath = f"{path}.tensors"
+    if type(items) is not list:
+        raise DecodeError(f"{tpath}: expected an array, got {describe(items)}")
+    if len(items) != len(layout.names):
+        raise DecodeError(
+            f"{tpath}: {len(items)} tensors, the layout {layout.hex} has {len(layout.names)}"
+        )
+    tensors = [
+        _read_tensor(v, name, list(shape), f"{tpath}[{i}]", limits)
+        for i, (v, name, shape) in enumerate(zip(items, layout.names, layout.shapes, strict=True))
+    ]
+    msg = convert_dataclass(rest, cls, path, limits, given={"tensors": tensors})
+    remember_layout(layout)
+    return msg
