@@ -21,7 +21,6 @@ from fedmpq.cli_common import make_parser
 from fedmpq.errors import FedmpqError
 from fedmpq.fileio import write_atomic
 from fedmpq.model_metadata import class_names_metadata
-from fedmpq.models import build_model, quantizable_layers
 from fedmpq.quant_spec import OBSERVER_MINMAX, SCHEME_SYMMETRIC
 from fedmpq.wire.codec import decode
 from fedmpq.wire.messages import GlobalModelMessage
