@@ -249,19 +249,34 @@ def _float_graph(model: nn.Module, spec: InputSpec, opset: int) -> onnx.ModelPro
         except Exception as exc:  # torch raises many types for an untraceable model
             raise ExportError(f"torch cannot export {type(model).__name__}: {exc}") from exc
     proto = onnx.load_from_string(buffer.getvalue())
-    # Name initializers by the user's state_dict keys, without the wrapper's prefix.
-    renamed = {
-        t.name: t.name.removeprefix(f"{_WRAPPED}.")
-        for t in proto.graph.initializer
-        if t.name.startswith(f"{_WRAPPED}.")
-    }
-    for t in proto.graph.initializer:
-        t.name = renamed.get(t.name, t.name)
-    for node in proto.graph.node:
-        node.input[:] = [renamed.get(i, i) for i in node.input]
     if opset > _MIN_OPSET:
         proto = version_converter.convert_version(proto, opset)
+    _compact_names(proto)
     return proto
+
+
+def _compact_names(proto: onnx.ModelProto) -> None:
+    """Name initializers by the user's ``state_dict`` keys and intermediate tensors ``/0``,
+    ``/1``, ... (no ``state_dict`` key starts with ``/``); drop node names, doc strings and
+    shape annotations.  All are optional in ONNX, and torch's long scoped names weigh as
+    much as a small network's 4-bit weights."""
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    renamed = {
+        t.name: t.name.removeprefix(f"{_WRAPPED}.")
+        for t in graph.initializer
+        if t.name.startswith(f"{_WRAPPED}.")
+    }
+    intermediate = [o for node in graph.node for o in node.output if o and o not in outputs]
+    renamed.update((name, f"/{i}") for i, name in enumerate(intermediate))
+    for t in graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+        node.name = ""
+        node.doc_string = ""
+    del graph.value_info[:]
 
 
 def _distinct_placeholders(model: nn.Module, layers: list[str]) -> None:
