@@ -128,6 +128,14 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
     return devices, data.num_classes, data.in_shape
 
 
+def _broker(args: argparse.Namespace) -> BrokerAddress:
+    """``--broker``, with ``--ca-file`` (if given) in place of the URL's ``?ca=``."""
+    address = BrokerAddress.parse(args.broker)
+    if args.ca_file is None:
+        return address
+    return dataclasses.replace(address, ca_file=args.ca_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices, num_classes, in_shape = make_devices(args)
         options = AgentOptions(
-            broker=dataclasses.replace(BrokerAddress.parse(args.broker), ca_file=args.ca_file),
+            broker=_broker(args),
             topics=Topics(args.topic_prefix),
             num_classes=num_classes,
             in_shape=in_shape,
