@@ -17,7 +17,7 @@
 #   --source SPEC         what pip installs (default: this checkout)
 #   --inference-only      no torch, no training service: the device only receives the
 #                         trained model (fedmpq agent fetch-model) and runs it with
-#                         onnxruntime (fedmpq agent predict); about 10x smaller
+#                         onnxruntime (fedmpq agent predict); ~5x smaller
 #   --torch-index URL     the only place torch comes from (default
 #                         https://download.pytorch.org/whl/cpu: PyPI's Linux torch wheels
 #                         pull in the CUDA libraries, GBs a Pi cannot use; this index has
