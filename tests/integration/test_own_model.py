@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -18,18 +19,20 @@ MODEL = "module:examples.tiny_model:build"
 TIMEOUT_S = 400
 
 
+def _agent(url: str, index: int, tmp: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "fedmpq.cli", "agent", "--broker", url,
+        "--clients", "1", "--first-index", str(index), "--num-partitions", "2",
+        "--run-id", "own-model", "--exit-when-done", "--threads", "1",
+        "--model-dir", str(tmp / f"model-{index}"),
+    ]  # fmt: skip
+    log = (tmp / f"agent-{index}.log").open("wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
 def test_own_model_trains_two_rounds_and_exports(module_mosquitto, tmp_path):
     out = tmp_path / "run"
-    agents = [
-        subprocess.Popen(
-            [sys.executable, "-m", "fedmpq.cli", "agent", "--broker", module_mosquitto.url,
-             "--clients", "1", "--first-index", str(i), "--num-partitions", "2",
-             "--run-id", "own-model", "--exit-when-done", "--threads", "1",
-             "--model-dir", str(tmp_path / f"model-{i}")],
-            stdout=(tmp_path / f"agent-{i}.log").open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    agents = [_agent(module_mosquitto.url, i, tmp_path) for i in range(2)]
     try:
         coordinator = subprocess.run(
             [sys.executable, "-m", "fedmpq.cli", "coordinator", "--broker", module_mosquitto.url,
