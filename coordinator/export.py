@@ -250,7 +250,10 @@ def _float_graph(model: nn.Module, spec: InputSpec, opset: int) -> onnx.ModelPro
             raise ExportError(f"torch cannot export {type(model).__name__}: {exc}") from exc
     proto = onnx.load_from_string(buffer.getvalue())
     if opset > _MIN_OPSET:
-        proto = version_converter.convert_version(proto, opset)
+        try:
+            proto = version_converter.convert_version(proto, opset)
+        except Exception as exc:  # the converter raises RuntimeError and friends
+            raise ExportError(f"cannot raise the graph to opset {opset}: {exc}") from exc
     _compact_names(proto)
     return proto
 
