@@ -279,7 +279,8 @@ def test_model_message_store_and_predict(tmp_path, data, trained_cnn):
 
 def test_inference_path_does_not_import_torch():
     code = (
-        "import sys, edge_client.inference, edge_client.predict_cli, edge_client.agent_cli; "
+        "import sys, edge_client.inference, edge_client.predict_cli, edge_client.agent_cli, "
+        "edge_client.fetch_cli, edge_client.model_delivery; "
         "print('torch' in sys.modules, 'onnx' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
