@@ -5,8 +5,8 @@ Run from the repository root::
 
     python -m benchmarks.install_size
 
-* this machine: two fresh venvs, ``pip install .`` and ``pip install torch==VERSION`` +
-  ``pip install .[train]`` (pip's configured indexes; the CPU wheel must be reachable), and
+* this machine: two fresh venvs, ``pip install fedmpq.whl`` and ``pip install torch==VERSION`` +
+  ``pip install fedmpq.whl[train]`` (pip's configured indexes; the CPU wheel must be reachable), and
   the size of their ``site-packages``;
 * aarch64: ``pip download --no-deps --platform manylinux..._aarch64`` of the same
   distributions, summing wheel sizes and their uncompressed contents (what installing them
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,26 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _wheel(tmp: Path) -> Path:
+    """The project as a wheel, built from a copy (a build in place leaves ``build/`` and
+    ``fedmpq.egg-info`` in the checkout, which then shadow real installs)."""
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "fedmpq", "edge_client", "coordinator"):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, src / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+         "-w", str(tmp / "dist"), str(src)],
+        check=True,
+    )  # fmt: skip
+    (built,) = (tmp / "dist").glob("fedmpq-*.whl")
+    return built
 
 
 def _venv_site_packages(tmp: Path, name: str, *installs: list[str]) -> dict[str, Any]:
@@ -86,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedmpq-size-") as raw:
         tmp = Path(raw)
+        wheel = _wheel(tmp)
         here = {
-            "inference": _venv_site_packages(tmp, "inference", [str(ROOT)]),
+            "inference": _venv_site_packages(tmp, "inference", [str(wheel)]),
             "train": _venv_site_packages(
-                tmp, "train", [f"torch=={args.torch}"], [f"{ROOT}[train]"]
+                tmp, "train", [f"torch=={args.torch}"], [f"{wheel}[train]"]
             ),
         }
         inference_reqs = _installed_requirements(tmp / "inference" / "bin" / "python")
