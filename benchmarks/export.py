@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixed 8/4/2/8": dict(zip(layers, [8, 4, 2, 8], strict=True)),
     }
     x_norm, y = data.test.tensors()
-    rows = []
+    rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="fedmpq-export-bench-"))
     for label, bits in allocations.items():
         model = build_model(MODEL, data.num_classes, data.in_shape)

@@ -20,27 +20,32 @@ per tensor.  The file uses the lowest opset its storage types need.
 
 The graph takes raw pixel values (0..255 for 8-bit image data sets) of shape
 ``(N, C, H, W)`` and applies the data set's normalisation itself, so a device feeds
-it images as they come.  Supported architectures are chains of layers, i.e.
-models whose ``forward`` applies their (nested ``nn.Sequential``) children in
-registration order: ``mlp`` and ``cnn``.  Layers: Linear, Conv2d, ReLU,
-MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), BatchNorm2d (eval), Flatten, Dropout,
-Identity.  Residual networks (``resnet20``/``resnet18``) are not supported.
+it images as they come.
+
+Any model torch can trace exports: torch's TorchScript-based exporter writes the
+float graph (``dynamo=False``: the dynamo exporter would add onnxscript to the
+coordinator's dependencies for no gain here), and each quantizable weight's
+initializer is then swapped for its integer storage and a ``DequantizeLinear``
+that produces a tensor of the same name, so the layers reading it are untouched.
+BatchNorm stays a separate node (no conv/BN folding), because the weights that were
+trained and quantized are the unfolded ones.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
+from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import nn
 
-from fedmpq.errors import FedmpqError
+from fedmpq.errors import ConfigError, FedmpqError
 from fedmpq.fake_quant import attach_fake_quant
 from fedmpq.models import quantizable_layers
 from fedmpq.packing import pack_bits
@@ -74,7 +79,9 @@ _STORAGE = {
     4: (TensorProto.INT4, TensorProto.UINT4, 21),
     8: (TensorProto.INT8, TensorProto.UINT8, 13),
 }
+# What torch's TorchScript exporter writes; onnx's version converter takes it higher.
 _MIN_OPSET = 13
+_WRAPPED = "model"  # the attribute of _RawPixels that holds the user's model
 
 
 class ExportError(FedmpqError):
@@ -132,22 +139,17 @@ def storage_bits(bits: int) -> int:
 
 
 class _Graph:
-    """Nodes and initializers accumulated while walking the model."""
+    """Quantized weights as integer initializers and their ``DequantizeLinear`` nodes."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.opset = _MIN_OPSET
         self.weight_bytes = 0
         self.ideal_weight_bytes = 0
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
-
-    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
 
     def weight(
         self,
@@ -164,8 +166,7 @@ class _Graph:
             self.weight_bytes += w.size * 4
             return self.const(name, w.astype(np.float32))
         width = storage_bits(bits)
-        signed_type, unsigned_type, opset = _STORAGE[width]
-        self.opset = max(self.opset, opset)
+        signed_type, unsigned_type, _ = _STORAGE[width]
         q = quantize(w, bits, scheme, axis=axis, observer=observer)
         if scheme == SCHEME_SYMMETRIC:
             values = symmetric_to_signed(q.codes, bits)
@@ -194,174 +195,104 @@ class _Graph:
                     raw=True,
                 )
             )
-        attrs = {"axis": axis} if axis != -1 else {}
-        return self.node("DequantizeLinear", inputs, name, **attrs)
+        node = helper.make_node("DequantizeLinear", inputs, [name], name=name)
+        if axis != -1:
+            node.attribute.append(helper.make_attribute("axis", axis))
+        self.nodes.append(node)
+        return name
 
 
-def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's leaf modules in execution order, if it is a chain of layers."""
-    children = list(model.children())
-    if not isinstance(model, nn.Sequential) and not all(
-        isinstance(c, nn.Sequential) for c in children
-    ):
-        raise ExportError(
-            f"cannot export {type(model).__name__}: only models built as chains of "
-            "nn.Sequential layers (mlp, cnn) are supported, not residual networks"
-        )
-    return [(name, m) for name, m in model.named_modules() if not list(m.children())]
+class _RawPixels(nn.Module):
+    """``model`` behind the data set's normalisation, so the graph takes raw pixels."""
+
+    input_gain: torch.Tensor
+    input_offset: torch.Tensor
+
+    def __init__(self, model: nn.Module, spec: InputSpec) -> None:
+        super().__init__()
+        self.model = model
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+        # The same float32 arithmetic as ArrayDataset: x * (1 / (scale * std)) - mean / std.
+        self.register_buffer("input_gain", 1.0 / (torch.tensor(spec.pixel_scale) * std))
+        self.register_buffer("input_offset", -mean / std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.input_gain + self.input_offset)
 
 
-def _pair(value: int | tuple[int, ...]) -> list[int]:
-    return [value, value] if isinstance(value, int) else list(value)
+def _float_graph(model: nn.Module, spec: InputSpec, opset: int) -> onnx.ModelProto:
+    """The float graph of ``model`` (weights as initializers named by ``state_dict`` key)
+    at ``opset``, from torch's TorchScript-based exporter.
 
-
-def _weighted(
-    g: _Graph,
-    name: str,
-    module: nn.Linear | nn.Conv2d,
-    x: str,
-    state: Mapping[str, np.ndarray],
-    bits: Mapping[str, int],
-    scheme: str,
-    axis: int,
-    observer: str,
-) -> str:
-    """A linear or convolution layer with its weights quantized at ``bits``."""
-    wname = f"{name}.weight"
-    w = g.weight(wname, state[wname], bits[wname], scheme, axis, observer)
-    inputs = [x, w]
-    if module.bias is not None:
-        inputs.append(g.const(f"{name}.bias", state[f"{name}.bias"]))
-    out = name or type(module).__name__.lower()
-    if isinstance(module, nn.Linear):
-        return g.node("Gemm", inputs, out, transB=1)
-    if not isinstance(module.padding, tuple) or module.padding_mode != "zeros":
-        raise ExportError(f"{name}: only explicit zero padding can be exported")
-    pads = _pair(module.padding)
-    return g.node(
-        "Conv",
-        inputs,
-        out,
-        kernel_shape=_pair(module.kernel_size),
-        strides=_pair(module.stride),
-        pads=pads + pads,
-        dilations=_pair(module.dilation),
-        group=module.groups,
-    )
-
-
-def _pool(g: _Graph, name: str, module: nn.MaxPool2d | nn.AvgPool2d, x: str, out: str) -> str:
-    pads = _pair(module.padding)
-    kernel = _pair(module.kernel_size)
-    stride = _pair(module.stride or module.kernel_size)
-    attrs: dict[str, object] = {"kernel_shape": kernel, "strides": stride, "pads": pads + pads}
-    if module.ceil_mode:
-        attrs["ceil_mode"] = 1
-    if isinstance(module, nn.MaxPool2d):
-        if _pair(module.dilation) != [1, 1]:
-            raise ExportError(f"{name}: dilated max-pooling is not supported")
-        return g.node("MaxPool", [x], out, **attrs)
-    attrs["count_include_pad"] = int(module.count_include_pad)
-    return g.node("AveragePool", [x], out, **attrs)
-
-
-def _add_layer(
-    g: _Graph,
-    name: str,
-    module: nn.Module,
-    x: str,
-    state: Mapping[str, np.ndarray],
-    bits: Mapping[str, int],
-    scheme: str,
-    axis: int,
-    observer: str,
-) -> str:
-    """Append ``module`` applied to tensor ``x``; returns its output tensor's name."""
-    out = name or type(module).__name__.lower()
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return _weighted(g, name, module, x, state, bits, scheme, axis, observer)
-    if isinstance(module, nn.ReLU):
-        return g.node("Relu", [x], out)
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        return _pool(g, name, module, x, out)
-    if isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == [1, 1]:  # type: ignore[arg-type]
-        return g.node("GlobalAveragePool", [x], out)
-    if isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            raise ExportError(f"{name}: only Flatten(1, -1) is supported")
-        return g.node("Flatten", [x], out, axis=1)
-    if isinstance(module, nn.BatchNorm2d):
-        params = [
-            g.const(f"{name}.{p}", state[f"{name}.{p}"])
-            for p in ("weight", "bias", "running_mean", "running_var")
-        ]
-        return g.node("BatchNormalization", [x, *params], out, epsilon=module.eps)
-    if isinstance(module, (nn.Dropout, nn.Identity)):
-        return x
-    raise ExportError(f"{name}: layer type {type(module).__name__} cannot be exported")
-
-
-def _check_bits(layers: list[str], bits: Mapping[str, int], scheme: str) -> None:
-    """Raise ExportError unless ``bits`` names exactly ``layers`` at exportable widths."""
-    if set(bits) != set(layers):
-        missing, extra = sorted(set(layers) - set(bits)), sorted(set(bits) - set(layers))
-        raise ExportError(
-            f"bit map does not match the model's layers: missing {missing}, extra {extra}"
-        )
-    if scheme not in (SCHEME_SYMMETRIC, SCHEME_AFFINE):
-        raise ExportError(f"unknown scheme {scheme!r}: use symmetric or affine")
-    for name, b in bits.items():
-        storage_bits(b)  # raises for an impossible width
-        if b == 1 and scheme == SCHEME_AFFINE:
-            raise ExportError(f"{name}: 1-bit weights need the symmetric scheme")
-
-
-def _normalised_input(g: _Graph, spec: InputSpec) -> str:
-    """The graph input scaled and normalised as the training data was."""
-    channels = spec.shape[0]
-    if len(spec.mean) != channels or len(spec.std) != channels:
-        raise ExportError(f"mean/std need {channels} values, one per input channel")
-    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
-    # The same float32 arithmetic as ArrayDataset: x * (1 / (scale * std)) - mean / std.
-    gain = g.const("input_gain", np.float32(1) / (np.float32(spec.pixel_scale) * std))
-    offset = g.const("input_offset", -mean / std)
-    return g.node("Add", [g.node("Mul", [INPUT_NAME, gain], "input_scaled"), offset], "input_norm")
-
-
-def _metadata(spec: InputSpec, bits: Mapping[str, int], extra: Mapping[str, str]) -> dict[str, str]:
-    """``metadata_props``: what a runtime needs to feed the graph, the bits, and ``extra``."""
-    return {
-        "input_shape": ",".join(map(str, spec.shape)),
-        "num_classes": str(spec.num_classes),
-        "mean": ",".join(map(repr, spec.mean)),
-        "std": ",".join(map(repr, spec.std)),
-        "pixel_scale": repr(spec.pixel_scale),
-        "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
-        **extra,
-    }
-
-
-def _model_bytes(g: _Graph, spec: InputSpec, meta: Mapping[str, str]) -> bytes:
-    """The checked, serialised model of graph ``g``."""
-    graph = helper.make_graph(
-        g.nodes,
-        "fedmpq",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *spec.shape])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", spec.num_classes])],
-        g.initializers,
-    )
-    proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", g.opset)],
-        producer_name="fedmpq",
-        ir_version=_IR_VERSION,
-    )
-    helper.set_model_props(proto, dict(meta))
-    onnx.checker.check_model(proto, full_check=True)
+    BatchNorm stays a node (``TrainingMode.PRESERVE`` on an eval model: no conv/BN
+    fusion) and constant folding is off, so every weight reaches the graph unchanged.
+    """
+    wrapped = _RawPixels(model, spec).eval()
     buffer = io.BytesIO()
-    onnx.save_model(proto, buffer)
-    return buffer.getvalue()
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation; its output is what we check.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                wrapped,
+                (torch.zeros(1, *spec.shape),),
+                buffer,  # type: ignore[arg-type]  # file objects work; the stub says paths
+                dynamo=False,
+                opset_version=_MIN_OPSET,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                training=torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=False,
+            )
+        except Exception as exc:  # torch raises many types for an untraceable model
+            raise ExportError(f"torch cannot export {type(model).__name__}: {exc}") from exc
+    proto = onnx.load_from_string(buffer.getvalue())
+    if opset > _MIN_OPSET:
+        try:
+            proto = version_converter.convert_version(proto, opset)
+        except Exception as exc:  # the converter raises RuntimeError and friends
+            raise ExportError(f"cannot raise the graph to opset {opset}: {exc}") from exc
+    _compact_names(proto)
+    return proto
+
+
+def _compact_names(proto: onnx.ModelProto) -> None:
+    """Name initializers by the user's ``state_dict`` keys and intermediate tensors ``/0``,
+    ``/1``, ... (no ``state_dict`` key starts with ``/``); drop node names, doc strings and
+    shape annotations.  All are optional in ONNX, and torch's long scoped names weigh as
+    much as a small network's 4-bit weights."""
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    renamed = {
+        t.name: t.name.removeprefix(f"{_WRAPPED}.")
+        for t in graph.initializer
+        if t.name.startswith(f"{_WRAPPED}.")
+    }
+    intermediate = [o for node in graph.node for o in node.output if o and o not in outputs]
+    renamed.update((name, f"/{i}") for i, name in enumerate(intermediate))
+    for t in graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+        node.name = ""
+        node.doc_string = ""
+    del graph.value_info[:]
+
+
+def _distinct_placeholders(model: nn.Module, layers: list[str]) -> None:
+    """Give each quantizable weight a value no other tensor has.
+
+    The exporter merges initializers with equal values into one; placeholders keep one
+    initializer per layer (each layer may have its own bit-width).  Their values never
+    reach the file: each is replaced by the layer's quantized weight.
+    """
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for i, name in enumerate(layers):
+            params[name].fill_(-1000.0 - i)
 
 
 def build_onnx(
@@ -403,20 +334,73 @@ def build_onnx(
     Raises
     ------
     ExportError
-        For an architecture, layer or bit-width that cannot be exported, or a bit map
-        that does not name exactly the quantizable layers.
+        For a model torch cannot export, a state that does not fit it, a bit-width that
+        cannot be stored, or a bit map that does not name exactly the quantizable layers.
     """
-    _check_bits(quantizable_layers(model), bits, scheme)
+    layers = quantizable_layers(model)
+    if set(bits) != set(layers):
+        missing, extra = sorted(set(layers) - set(bits)), sorted(set(bits) - set(layers))
+        raise ExportError(
+            f"bit map does not match the model's layers: missing {missing}, extra {extra}"
+        )
+    if scheme not in (SCHEME_SYMMETRIC, SCHEME_AFFINE):
+        raise ExportError(f"unknown scheme {scheme!r}: use symmetric or affine")
+    for name, b in bits.items():
+        storage_bits(b)  # raises for an impossible width
+        if b == 1 and scheme == SCHEME_AFFINE:
+            raise ExportError(f"{name}: 1-bit weights need the symmetric scheme")
+    channels = spec.shape[0]
+    if len(spec.mean) != channels or len(spec.std) != channels:
+        raise ExportError(f"mean/std need {channels} values, one per input channel")
+    copy = deepcopy(model)
+    try:
+        load_numpy_state(copy, state)
+    except ConfigError as exc:
+        raise ExportError(f"state does not fit {type(model).__name__}: {exc}") from exc
+    _distinct_placeholders(copy, layers)
+    opset = max(
+        [_MIN_OPSET] + [_STORAGE[storage_bits(b)][2] for b in bits.values() if b in QUANT_BITS]
+    )
+    proto = _float_graph(copy, spec, opset)
     g = _Graph()
-    x = _normalised_input(g, spec)
     axis = 0 if per_channel else -1
-    for name, module in _chain(model):
-        x = _add_layer(g, name, module, x, state, bits, scheme, axis, observer)
-    g.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME], name=OUTPUT_NAME))
-    meta = _metadata(spec, bits, metadata or {})
+    pending = set(layers)
+    kept = []
+    for init in proto.graph.initializer:
+        if init.name in pending:
+            pending.remove(init.name)
+            g.weight(init.name, state[init.name], bits[init.name], scheme, axis, observer)
+        else:
+            kept.append(init)
+    if pending:
+        raise ExportError(f"the exported graph lost the weights {sorted(pending)}")
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept + g.initializers)
+    # Dequantization needs only initializers, so it can run first.
+    nodes = g.nodes + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.ir_version = _IR_VERSION
+    proto.producer_name = "fedmpq"
+    meta = {
+        "input_shape": ",".join(map(str, spec.shape)),
+        "num_classes": str(spec.num_classes),
+        "mean": ",".join(map(repr, spec.mean)),
+        "std": ",".join(map(repr, spec.std)),
+        "pixel_scale": repr(spec.pixel_scale),
+        "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
+        **(metadata or {}),
+    }
+    helper.set_model_props(proto, meta)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph is not valid ONNX: {exc}") from exc
+    buffer = io.BytesIO()
+    onnx.save_model(proto, buffer)
     return ExportedModel(
-        onnx_bytes=_model_bytes(g, spec, meta),
-        opset=g.opset,
+        onnx_bytes=buffer.getvalue(),
+        opset=opset,
         bits=dict(bits),
         weight_bytes=g.weight_bytes,
         ideal_weight_bytes=g.ideal_weight_bytes,

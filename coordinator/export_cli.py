@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.export import ExportError, build_onnx, fake_quant_model
     from coordinator.model_release import input_spec, read_final_bits
     from fedmpq.data.datasets import load_dataset
+    from fedmpq.models import build_model, quantizable_layers
 
     try:
         try:

@@ -15,6 +15,15 @@
 #   --ca-file FILE        CA certificate of the broker's TLS certificate (copied)
 #   --data SPEC           local data set (default fashion-mnist-small)
 #   --source SPEC         what pip installs (default: this checkout)
+#   --inference-only      no torch, no training service: the device only receives the
+#                         trained model (fedmpq agent fetch-model) and runs it with
+#                         onnxruntime (fedmpq agent predict); ~5x smaller
+#   --torch-index URL     the only place torch comes from (default
+#                         https://download.pytorch.org/whl/cpu: PyPI's Linux torch wheels
+#                         pull in the CUDA libraries, GBs a Pi cannot use; this index has
+#                         the CPU-only builds; pip.conf's extra indexes are ignored for torch)
+#   --torch-wheel FILE    install this torch wheel instead (armv7: no official wheels exist)
+#   --dry-run             print the pip commands and exit (changes nothing)
 #   --prefix DIR          venv location (default /opt/fedmpq)
 #   --config-dir DIR      agent.env location (default /etc/fedmpq)
 #   --state-dir DIR       model and working directory (default /var/lib/fedmpq)
@@ -44,10 +53,14 @@ pip_args=""
 site_packages=0
 use_systemd=1
 uninstall=0
+inference_only=0
+torch_index=https://download.pytorch.org/whl/cpu
+torch_wheel=""
+dry_run=0
 purge=0
 
 usage() {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -68,6 +81,10 @@ while [ $# -gt 0 ]; do
         --system-site-packages) site_packages=1; shift ;;
         --pip-args) pip_args="$2"; shift 2 ;;
         --no-systemd) use_systemd=0; shift ;;
+        --inference-only) inference_only=1; shift ;;
+        --torch-index) torch_index="$2"; shift 2 ;;
+        --torch-wheel) torch_wheel="$2"; shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
         --uninstall) uninstall=1; shift ;;
         --purge) purge=1; shift ;;
         -h|--help) usage 0 ;;
@@ -80,6 +97,45 @@ unit_path="$unit_dir/$unit_name"
 config_file="$config_dir/agent.env"
 log() { echo "install-agent.sh: $*"; }
 systemctl_() { if [ "$use_systemd" = 1 ]; then systemctl "$@"; fi; }
+
+# --- what pip installs: torch (CPU-only) first, so the project's own requirement is met
+# and pip never resolves PyPI's CUDA build; an inference-only device gets no torch -------
+arch="$(uname -m)"
+torch_args=()
+package="$source_spec"
+if [ "$inference_only" = 0 ]; then
+    package="${source_spec}[train]"
+    if [ -n "$torch_wheel" ]; then
+        torch_args=("$torch_wheel")
+    elif [[ "$arch" == armv6* || "$arch" == armv7* ]]; then
+        echo "install-agent.sh: PyTorch publishes no $arch wheels: pass --torch-wheel FILE" \
+            "(a community build) or --inference-only" >&2
+        exit 2
+    else
+        torch_args=(--index-url "$torch_index" torch)
+    fi
+fi
+pip_install() { # pip_install ARGS...: into the venv, with --pip-args, logged
+    log "$arch: pip install $pip_args $*"
+    if [ "$dry_run" = 0 ]; then
+        # shellcheck disable=SC2086  # pip_args is a list of words on purpose
+        "${pip_env[@]}" "$prefix/venv/bin/python" -m pip install --quiet \
+            --disable-pip-version-check $pip_args "$@"
+    fi
+}
+install_torch() { # torch from --torch-index / --torch-wheel only: pip configuration's extra
+    # indexes and find-links (Raspberry Pi OS adds piwheels) must not offer another build
+    pip_env=(env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_NO_INDEX
+        PIP_CONFIG_FILE=/dev/null)
+    [ "${#torch_args[@]}" = 0 ] || pip_install "${torch_args[@]}"
+    pip_env=(env)
+}
+pip_env=(env)
+if [ "$dry_run" = 1 ]; then
+    install_torch
+    pip_install "$package"
+    exit 0
+fi
 
 if [ "$uninstall" = 1 ]; then
     if [ -f "$unit_path" ]; then
@@ -131,9 +187,8 @@ if [ ! -x "$prefix/venv/bin/python" ]; then
     [ "$site_packages" = 1 ] && venv_args+=(--system-site-packages)
     "$python" -m venv "${venv_args[@]}" "$prefix/venv"
 fi
-# shellcheck disable=SC2086  # pip_args is a list of words on purpose
-"$prefix/venv/bin/python" -m pip install --quiet --disable-pip-version-check $pip_args \
-    "$source_spec"
+install_torch
+pip_install "$package"
 "$prefix/venv/bin/fedmpq" --version >/dev/null
 
 # --- configuration file (holds the password: root and the service group only) ----------
@@ -157,6 +212,15 @@ ENV
 chmod 640 "$tmp_config"
 chgrp "$service_group" "$tmp_config"
 mv -f "$tmp_config" "$config_file"
+
+if [ "$inference_only" = 1 ]; then
+    # Nothing trains, so no service runs: fetch the model after a run, then predict.
+    log "installed $client_id for inference only: venv $prefix/venv, config $config_file"
+    log "fetch the model: sudo -u $service_user sh -c 'set -a; . $config_file;" \
+        "$prefix/venv/bin/fedmpq agent fetch-model --model-dir $state_dir/model'"
+    log "classify: $prefix/venv/bin/fedmpq agent predict IMAGE --model-dir $state_dir/model"
+    exit 0
+fi
 
 # --- systemd unit -----------------------------------------------------------------------
 mkdir -p "$unit_dir"

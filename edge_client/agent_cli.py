@@ -118,7 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         from edge_client.predict_cli import main as predict
 
         return predict(args[1:])
-    options = parse_args(args)
-    from edge_client.cli import run_agent
+    if args[:1] == ["fetch-model"]:
+        from edge_client.fetch_cli import main as fetch
 
+        return fetch(args[1:])
+    options = parse_args(args)
+    try:
+        from edge_client.cli import run_agent
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        print(
+            "fedmpq agent: training needs torch, which this install leaves out: install "
+            "fedmpq[train] (deploy/install-agent.sh without --inference-only), or use "
+            "'fedmpq agent fetch-model' and 'fedmpq agent predict' for inference only",
+            file=sys.stderr,
+        )
+        return 2
     return run_agent(options)

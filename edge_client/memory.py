@@ -8,6 +8,8 @@ derive a device's bit budget, so both sides agree on what fits.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psutil
 
 from fedmpq.errors import BudgetError
@@ -17,9 +19,42 @@ from fedmpq.wire.messages import TaskMessage
 MIB = 2**20
 
 
+def _cgroup_headroom() -> int | None:
+    """Bytes this process's memory cgroup (v2 or v1) still allows, or None if unlimited.
+
+    A limit the kernel enforces (systemd's ``MemoryMax=``, a container's ``--memory``)
+    kills the agent long before the machine runs out, so it bounds what is free.
+    """
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            files = (base / "memory.max", base / "memory.current")
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            files = (base / "memory.limit_in_bytes", base / "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit, usage = (f.read_text().strip() for f in files)
+        except OSError:
+            continue
+        # v1 says "unlimited" with a huge number, v2 with "max".
+        if limit != "max" and int(limit) < 2**60:
+            return max(0, int(limit) - int(usage))
+    return None
+
+
 def free_memory_bytes() -> int:
-    """Memory this machine can give a task now (psutil's ``available``)."""
-    return int(psutil.virtual_memory().available)
+    """Memory this machine can give a task now: psutil's ``available``, or less if the
+    process's memory cgroup allows less."""
+    available = int(psutil.virtual_memory().available)
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 def fit_batch_size(task: TaskMessage, cost: ModelCost, available_bytes: int) -> int:

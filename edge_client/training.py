@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmpq.optim import MomentumSGD
 from fedmpq.policies.base import ClientHooks
 
 
@@ -48,7 +49,7 @@ def train_local(
         hooks = ClientHooks(bits, scheme, per_channel)
     hooks.attach(model)
     try:
-        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+        optimizer = MomentumSGD(model.parameters(), lr=learning_rate, momentum=momentum)
         generator = torch.Generator().manual_seed(seed)
         model.train()
         started = time.perf_counter()

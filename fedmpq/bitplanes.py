@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmpq.optim import Optimizer
 from fedmpq.quant import quantize, symmetric_to_signed
 from fedmpq.quant_spec import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_SYMMETRIC
 
@@ -200,7 +201,7 @@ class BitPlaneWeight(nn.Module):
                 else:
                     p.grad.add_(lasso)
 
-    def clip_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def clip_(self, optimizer: Optimizer | None = None) -> None:
         """Keep every plane value within [0, 2] (BSQ's constraint) after a step.
 
         What clipping a plane takes off a weight's level goes onto its other planes

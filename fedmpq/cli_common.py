@@ -92,4 +92,7 @@ def broker_address(args: argparse.Namespace) -> BrokerAddress:
     ConfigError
         If ``--broker`` is not an MQTT URL.
     """
-    return dataclasses.replace(BrokerAddress.parse(args.broker), ca_file=args.ca_file)
+    address = BrokerAddress.parse(args.broker)
+    if args.ca_file is None:  # keep a CA the URL names (mqtts://...?ca=FILE)
+        return address
+    return dataclasses.replace(address, ca_file=args.ca_file)

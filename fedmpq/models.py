@@ -21,6 +21,14 @@ Built-in models
     shortcuts) with the 7x7 stride-2 stem and max-pool replaced by one 3x3 stride-1 conv, the
     usual adaptation to 32x32 inputs; about 11.2M parameters.  Used by benchmarks for its size.
 
+Your own model
+--------------
+``module:PKG.MOD:FUNC`` names a factory in any importable module (the ``module:`` form of
+data set specs), e.g. ``--model module:examples.tiny_model:build``: ``FUNC(num_classes=...,
+in_shape=(c, h, w))`` must return an ``nn.Module``.  The name travels in the run's messages,
+so every agent must be able to import the module too.  Its ``nn.Linear`` and ``nn.Conv*``
+weights are what gets quantized; anything torch's ONNX exporter can trace exports.
+
 Every factory takes ``num_classes`` and ``in_shape`` (channels, height, width), so 1x28x28 and
 3x32x32 inputs both work.  Initialisation draws only from torch's global generator, so
 ``torch.manual_seed`` before :func:`build_model` makes the weights reproducible.
@@ -28,6 +36,7 @@ Every factory takes ``num_classes`` and ``in_shape`` (channels, height, width), 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -38,6 +47,9 @@ from fedmpq.errors import ConfigError
 
 ModelFactory = Callable[..., nn.Module]
 """``factory(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module``."""
+
+MODULE_PREFIX = "module:"
+"""Model names of this form, ``module:pkg.mod:func``, name a factory in any module."""
 
 
 class MLP(nn.Module):
@@ -201,11 +213,28 @@ def register_model(name: str, factory: ModelFactory) -> None:
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"model name must be a non-empty string, got {name!r}")
+    if name.startswith(MODULE_PREFIX):
+        raise ConfigError(f"model names starting {MODULE_PREFIX!r} name modules; choose another")
     if name in _REGISTRY:
         raise ConfigError(f"model {name!r} is already registered; choose another name")
     if not callable(factory):
         raise ConfigError(f"factory for model {name!r} must be callable")
     _REGISTRY[name] = factory
+
+
+def _module_factory(name: str) -> ModelFactory:
+    """The factory that ``module:pkg.mod:func`` names."""
+    module_name, _, func_name = name.removeprefix(MODULE_PREFIX).partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"model {name!r} must look like {MODULE_PREFIX}pkg.mod:func")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model {name!r}: cannot import {module_name}: {exc}") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ConfigError(f"model {name!r}: {module_name} has no function {func_name}")
+    return factory
 
 
 def model_names() -> list[str]:
@@ -221,7 +250,7 @@ def build_model(
     Parameters
     ----------
     name
-        A registered model name (see :func:`model_names`).
+        A registered model name (see :func:`model_names`) or ``module:pkg.mod:func``.
     num_classes
         Size of the output layer (>= 2).
     in_shape
@@ -235,17 +264,31 @@ def build_model(
     Raises
     ------
     ConfigError
-        For an unknown name or an invalid ``num_classes``/``in_shape``.
+        For an unknown name, a ``module:`` factory that cannot be imported or does not
+        return an ``nn.Module``, or an invalid ``num_classes``/``in_shape``.
     """
-    factory = _REGISTRY.get(name)
+    factory = _module_factory(name) if name.startswith(MODULE_PREFIX) else _REGISTRY.get(name)
     if factory is None:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+        raise ConfigError(
+            f"unknown model {name!r}; known models: {', '.join(model_names())} "
+            f"or {MODULE_PREFIX}pkg.mod:func"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     shape = tuple(in_shape)
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ConfigError(f"in_shape must be three positive ints (C, H, W), got {in_shape!r}")
-    return factory(num_classes=num_classes, in_shape=shape)
+    try:
+        model = factory(num_classes=num_classes, in_shape=shape)
+    except TypeError as exc:
+        if not name.startswith(MODULE_PREFIX):
+            raise
+        raise ConfigError(
+            f"model {name!r} cannot be called as f(num_classes=..., in_shape=...): {exc}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} returned {type(model).__name__}, expected nn.Module")
+    return model
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:

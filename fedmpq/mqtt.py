@@ -44,7 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -62,6 +62,8 @@ MessageHandler = Callable[["Connection", str, bytes], None]
 ConnectHandler = Callable[["Connection"], None]
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# Query keys of an mqtts:// URL: its CA file, client certificate and key.
+_TLS_QUERY = ("ca", "cert", "key")
 # loop_misc (keepalive pings, CONNACK/PINGRESP timeouts) needs a tick at least this often.
 _MISC_INTERVAL = 1.0
 _BACKOFF_FIRST = 0.5
@@ -102,13 +104,17 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """Parse ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``.
+        """Parse ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...[?ca=FILE]``.
 
         Parameters
         ----------
         url
             Broker URL; the port defaults to 1883 (mqtt) or 8883 (mqtts), user name and
-            password may be percent-encoded, IPv6 hosts go in brackets.
+            password may be percent-encoded, IPv6 hosts go in brackets.  An ``mqtts://``
+            URL may name its TLS files in the query: ``ca`` (the CA that signed the
+            broker's certificate; default: the system's CAs), ``cert`` and ``key`` (a
+            client certificate, for a broker that requires one), so one string (e.g.
+            ``$FEDMPQ_BROKER``) says everything about the connection.
 
         Returns
         -------
@@ -117,9 +123,10 @@ class BrokerAddress:
         Raises
         ------
         ConfigError
-            If the URL has another scheme, no host, a bad port, or a path, query or fragment.
+            If the URL has another scheme, no host, a bad port, a path or fragment, or a
+            query other than the TLS files of an ``mqtts://`` URL.
         """
-        hint = "expected mqtt://[user[:password]@]host[:port] or mqtts://..."
+        hint = "expected mqtt://[user[:password]@]host[:port] or mqtts://...[?ca=FILE]"
         try:
             parts = urlsplit(url.strip())
             port = parts.port
@@ -130,14 +137,26 @@ class BrokerAddress:
             raise ConfigError(f"invalid broker URL {url!r}: unknown scheme {scheme!r}; {hint}")
         if not parts.hostname:
             raise ConfigError(f"invalid broker URL {url!r}: no host; {hint}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"invalid broker URL {url!r}: unexpected path or query; {hint}")
+        if parts.path not in ("", "/") or parts.fragment:
+            raise ConfigError(f"invalid broker URL {url!r}: unexpected path; {hint}")
+        files = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+        unknown = sorted(set(files) - set(_TLS_QUERY))
+        if unknown or any(len(v) != 1 or not v[0] for v in files.values()):
+            raise ConfigError(
+                f"invalid broker URL {url!r}: the query may name {', '.join(_TLS_QUERY)} "
+                f"once each, with a file; {hint}"
+            )
+        if parts.query and not files:
+            raise ConfigError(f"invalid broker URL {url!r}: unexpected query; {hint}")
         return cls(
             host=parts.hostname,
             port=_DEFAULT_PORTS[scheme] if port is None else port,
             tls=scheme == "mqtts",
             username=None if parts.username is None else unquote(parts.username),
             password=None if parts.password is None else unquote(parts.password),
+            ca_file=files.get("ca", [None])[0],
+            cert_file=files.get("cert", [None])[0],
+            key_file=files.get("key", [None])[0],
         )
 
     @property

@@ -189,6 +189,9 @@ def subset(ds: ArrayDataset, indices: Sequence[int] | np.ndarray) -> ArrayDatase
     return ArrayDataset(ds.x[idx], ds.y[idx], ds.mean, ds.std)
 
 
+_STATS_CHUNK_PIXELS = 1 << 20  # 8 MiB of int64 counts per slice
+
+
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 ``(N, C, H, W)`` images, on [0, 1].
 
@@ -197,8 +200,12 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """
     levels = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
+    # np.bincount widens its input to int64 (8 bytes a pixel), so count in slices of images.
+    step = max(1, _STATS_CHUNK_PIXELS // max(1, int(np.prod(x.shape[2:]))))
     for c in range(x.shape[1]):
-        hist = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+        hist = np.zeros(256, dtype=np.float64)
+        for i in range(0, len(x), step):
+            hist += np.bincount(x[i : i + step, c].ravel(), minlength=256)
         p = hist / max(hist.sum(), 1.0)
         mean = float(p @ levels)
         means.append(mean)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
+from fedmpq.optim import Optimizer
 from fedmpq.quant import Rounding
 from fedmpq.quant_spec import OBSERVER_MINMAX, QUANT_BITS
 from fedmpq.wire.messages import KIND_DELTA, KIND_WEIGHTS, DeviceProfile, TensorPayload
@@ -157,7 +158,7 @@ class ClientHooks:
         """A term added to the cross-entropy of every batch, or None."""
         return None
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, model: nn.Module, optimizer: Optimizer) -> None:
         """Apply one optimizer step after ``backward()``."""
         optimizer.step()
 

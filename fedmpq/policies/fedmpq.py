@@ -47,6 +47,7 @@ from torch.nn.utils import parametrize
 from fedmpq.bitplanes import BitPlaneWeight, PlaneLayer, drop_planes
 from fedmpq.errors import ConfigError
 from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
+from fedmpq.optim import Optimizer
 from fedmpq.policies import register_policy
 from fedmpq.policies.base import (
     BitAllocation,
@@ -136,7 +137,7 @@ class FedMPQHooks(ClientHooks):
         self._coef = {n: sizes[n] * p.planes / total for n, (_, p) in self._planes.items()}
         self._trained: dict[str, PlaneLayer] = {}
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, model: nn.Module, optimizer: Optimizer) -> None:
         # The group lasso's gradient joins after the preconditioner: that rescaling
         # makes a cross-entropy step move a weight as plain SGD would, and applied to
         # the lasso it would multiply its strength by ~1/unit**2, a different amount

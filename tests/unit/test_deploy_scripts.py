@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,119 @@ def test_uninstall_removes_service_and_venv(install):
     assert not (tmp / "opt" / "venv").exists()
     assert not (tmp / "etc" / "agent.env").exists()
     assert "disable --now fedmpq-agent.service" in (tmp / "systemctl.log").read_text()
+
+
+def _fake_uname(tmp: Path, machine: str) -> dict[str, str]:
+    """An environment whose ``uname -m`` says ``machine`` (the installer's only arch probe)."""
+    bin_dir = tmp / f"bin-{machine}"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "uname").write_text(
+        f'#!/bin/sh\n[ "$1" = -m ] && echo {machine} || /bin/uname "$@"\n'
+    )
+    (bin_dir / "uname").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _dry_run(tmp: Path, machine: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(DEPLOY / "install-agent.sh"), "--dry-run", "--source", "/src", *args],
+        env=_fake_uname(tmp, machine), capture_output=True, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "x86_64"])
+def test_training_install_takes_torch_from_the_cpu_index(tmp_path, machine):
+    run = _dry_run(tmp_path, machine)
+    assert run.returncode == 0, run.stderr
+    torch_line, package_line = run.stdout.splitlines()
+    assert torch_line.endswith(
+        f"{machine}: pip install  --index-url https://download.pytorch.org/whl/cpu torch"
+    )
+    assert package_line.endswith("pip install  /src[train]")
+
+
+def test_armv7_needs_a_torch_wheel_or_inference_only(tmp_path):
+    refused = _dry_run(tmp_path, "armv7l")
+    assert refused.returncode == 2 and "--torch-wheel" in refused.stderr
+    wheel = _dry_run(tmp_path, "armv7l", "--torch-wheel", "/w/torch-2.1-cp311-linux_armv7l.whl")
+    assert wheel.stdout.splitlines()[0].endswith("pip install  /w/torch-2.1-cp311-linux_armv7l.whl")
+    inference = _dry_run(tmp_path, "armv7l", "--inference-only")
+    assert inference.returncode == 0 and inference.stdout.splitlines() == [
+        "install-agent.sh: armv7l: pip install  /src"
+    ]
+
+
+def _stub_torch_index(root: Path) -> Path:
+    """A PEP 503 file index holding one stub wheel, torch 2.13.0+cpu (as the CPU index names
+    its builds), so the installer's pip command runs for real without a network."""
+    wheel = root / "torch" / "torch-2.13.0+cpu-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    dist = "torch-2.13.0+cpu.dist-info"
+    files = {
+        "torch/__init__.py": "__version__ = '2.13.0+cpu'\n",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0+cpu\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{dist}/RECORD", "".join(f"{n},,\n" for n in [*files, f"{dist}/RECORD"]))
+    (wheel.parent / "index.html").write_text(
+        '<html><body><a href="torch-2.13.0%2Bcpu-py3-none-any.whl">torch</a></body></html>'
+    )
+    return root
+
+
+def _installed(venv: Path) -> dict[str, str]:
+    """Distribution name -> version of what a venv holds."""
+    (site,) = venv.glob("lib/python*/site-packages")
+    return {
+        d.name.split("-")[0].lower(): d.name[: -len(".dist-info")].split("-")[1]
+        for d in site.glob("*.dist-info")
+    }
+
+
+@pytest.mark.parametrize("inference_only", [False, True], ids=["train", "inference-only"])
+def test_aarch64_install_against_a_local_cpu_index(tmp_path, wheel, inference_only):
+    env = _fake_uname(tmp_path, "aarch64")
+    (tmp_path / "bin-aarch64" / "systemctl").write_text("#!/bin/sh\n")
+    (tmp_path / "bin-aarch64" / "systemctl").chmod(0o755)
+    index = _stub_torch_index(tmp_path / "index")
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    run = subprocess.run(
+        ["bash", str(DEPLOY / "install-agent.sh"),
+         "--prefix", str(tmp_path / "opt"), "--config-dir", str(tmp_path / "etc"),
+         "--state-dir", str(tmp_path / "var"), "--unit-dir", str(tmp_path / "units"),
+         "--user", user, "--pip-args", "--no-deps", "--source", str(wheel),
+         "--torch-index", index.as_uri(), "--broker", "mqtts://pi:pw@broker:8883",
+         "--client-id", "pi", *(["--inference-only"] if inference_only else [])],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    installed = _installed(tmp_path / "opt" / "venv")
+    assert installed["fedmpq"] == "0.1.0"
+    if inference_only:
+        assert "torch" not in installed
+        assert "fetch-model" in run.stdout
+        assert not (tmp_path / "units" / "fedmpq-agent.service").exists()
+    else:
+        assert installed["torch"] == "2.13.0+cpu"  # from the CPU index, kept by fedmpq[train]
+        assert f"--index-url {index.as_uri()} torch" in run.stdout
+        assert (tmp_path / "units" / "fedmpq-agent.service").exists()
+
+
+def test_wheel_needs_torch_only_for_training(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = [
+            line.split(":", 1)[1].strip()
+            for line in z.read(meta).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+    torch_lines = [r for r in requires if r.startswith("torch")]
+    assert torch_lines and all('extra == "train"' in r for r in torch_lines)
+    assert any(r.startswith("onnxruntime") and "extra" not in r for r in requires)
 
 
 def test_make_credentials(tmp_path):

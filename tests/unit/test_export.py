@@ -16,7 +16,6 @@ from onnx import TensorProto, numpy_helper
 
 from coordinator.export import (
     ExportError,
-    InputSpec,
     _Graph,
     build_onnx,
     fake_quant_model,
@@ -185,19 +184,57 @@ def test_affine_per_tensor_and_mlp_export(data):
     assert np.abs(_ort_logits(exported.onnx_bytes, data.test.x[:200]) - ref).max() < 1e-4
 
 
-def test_unsupported_models_and_bit_maps_are_refused(data):
-    resnet = build_model("resnet20", 10, (3, 32, 32))
-    spec = InputSpec((3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3)
-    with pytest.raises(ExportError, match="residual"):
-        build_onnx(
-            resnet, state_to_numpy(resnet), dict.fromkeys(quantizable_layers(resnet), 4), spec
-        )
+def _calibrated_state(name, data, n=256):
+    """A freshly built ``name`` whose BatchNorm statistics come from real images, so its
+    activations and logits have the scale of a trained model's."""
+    torch.manual_seed(4)
+    model = build_model(name, data.num_classes, data.in_shape)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a plain average over the calibration batches
+    x, _ = data.train.tensors()
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            model(x[i : i + 64])
+    return state_to_numpy(model)
+
+
+@pytest.mark.parametrize(("name", "n_test"), [("resnet20", 2000), ("resnet18", 200)])
+def test_residual_networks_export_at_four_bits(data, name, n_test):
+    state = _calibrated_state(name, data)
+    layers = quantizable_layers(build_model(name, data.num_classes, data.in_shape))
+    four = _export(name, data, state, dict.fromkeys(layers, 4))
+    float32 = _export(name, data, state, dict.fromkeys(layers, 32))
+    proto = onnx.load_from_string(four.onnx_bytes)
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert all(inits[f"{n}_quantized"].data_type == TensorProto.INT4 for n in layers)
+    assert not set(layers) & set(inits)  # no float copy of a quantized weight is left
+    assert float32.weight_bytes / four.weight_bytes >= 7.5
+    assert four.weight_bytes == sum(packed_nbytes(state[n].size, 4) for n in layers)
+    x_norm, y = data.test.tensors()
+    reference = fake_quant_model(
+        build_model(name, data.num_classes, data.in_shape), state, dict.fromkeys(layers, 4)
+    )
+    ref = torch_logits(reference, x_norm[:n_test], batch=100)
+    ours = _ort_logits(four.onnx_bytes, data.test.x[:n_test])
+    assert np.abs(ours - ref).max() < 1e-4
+    labels = y.numpy()[:n_test]
+    assert abs((ours.argmax(1) == labels).mean() - (ref.argmax(1) == labels).mean()) <= 0.005
+
+
+def test_bad_bit_maps_and_states_are_refused(data):
     cnn = build_model("cnn", data.num_classes, data.in_shape)
     with pytest.raises(ExportError, match="missing"):
         build_onnx(cnn, state_to_numpy(cnn), {}, input_spec(data))
     with pytest.raises(ExportError, match="9-bit"):
         build_onnx(
             cnn, state_to_numpy(cnn), dict.fromkeys(quantizable_layers(cnn), 9), input_spec(data)
+        )
+    mlp = build_model("mlp", data.num_classes, data.in_shape)
+    with pytest.raises(ExportError, match="does not fit"):
+        build_onnx(
+            cnn, state_to_numpy(mlp), dict.fromkeys(quantizable_layers(cnn), 4), input_spec(data)
         )
 
 
@@ -244,7 +281,8 @@ def test_model_message_store_and_predict(tmp_path, data, trained_cnn):
 
 def test_inference_path_does_not_import_torch():
     code = (
-        "import sys, edge_client.inference, edge_client.predict_cli, edge_client.agent_cli; "
+        "import sys, edge_client.inference, edge_client.predict_cli, edge_client.agent_cli, "
+        "edge_client.fetch_cli, edge_client.model_delivery; "
         "print('torch' in sys.modules, 'onnx' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

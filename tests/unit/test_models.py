@@ -125,6 +125,37 @@ def test_register_model() -> None:
         register_model("", factory)
 
 
+def test_module_spec_builds_a_model_the_package_does_not_ship() -> None:
+    model = build_model("module:examples.tiny_model:build", 10, (3, 32, 32))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert quantizable_layers(model) == [
+        "stem.weight",
+        "depthwise.weight",
+        "pointwise.weight",
+        "head.weight",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("module:examples.tiny_model", "must look like"),
+        ("module:no_such_package.mod:build", "cannot import"),
+        ("module:examples.tiny_model:missing", "has no function"),
+        ("module:builtins:dict", "expected nn.Module"),
+        ("module:fedmpq.models:model_names", "cannot be called"),
+    ],
+)
+def test_bad_module_specs_say_what_is_wrong(name: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_model(name, 10, (1, 28, 28))
+
+
+def test_module_prefix_cannot_be_registered() -> None:
+    with pytest.raises(ConfigError, match="name modules"):
+        register_model("module:x", nn.Identity)
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_deterministic_init(name: str) -> None:
     torch.manual_seed(123)

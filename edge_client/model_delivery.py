@@ -1,0 +1,109 @@
+"""Receive the trained model the coordinator publishes, without torch.
+
+The coordinator publishes a ``ModelMessage`` (ONNX bytes and their SHA-256 fingerprint),
+retained, on ``{prefix}/model`` after a run.  :func:`fetch_model` connects, takes that
+message, checks it and stores it with :class:`~edge_client.model_store.ModelStore`: what an
+inference-only device (``pip install fedmpq``, no torch) needs before ``fedmpq agent
+predict``.  The training agent stores the same message the same way while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from edge_client.model_store import ModelStore, ModelStoreError, StoredModel
+from fedmpq.errors import DecodeError
+from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.topics import Topics
+from fedmpq.wire.codec import DecodeLimits, decode
+from fedmpq.wire.messages import ModelMessage
+
+log = logging.getLogger("fedmpq.agent")
+
+
+def store_model_message(
+    payload: bytes, store: ModelStore, *, run_id: str = "", limits: DecodeLimits | None = None
+) -> StoredModel | None:
+    """Decode a ``ModelMessage`` frame, verify its fingerprint and make it current.
+
+    Returns ``None`` for a model of another run than ``run_id`` (``""``: any run).
+
+    Raises
+    ------
+    DecodeError
+        For a malformed frame.
+    ModelStoreError
+        If the ONNX bytes do not match the fingerprint (nothing is stored).
+    """
+    msg = decode(payload, ModelMessage, limits or DecodeLimits())
+    if run_id and msg.run_id != run_id:
+        return None
+    info = {k: getattr(msg, k) for k in ModelStore.INFO_FIELDS}
+    return store.save(msg.onnx, msg.fingerprint, info)
+
+
+def fetch_model(
+    broker: BrokerAddress,
+    store: ModelStore,
+    *,
+    client_id: str,
+    topics: Topics | None = None,
+    run_id: str = "",
+    timeout: float = 60.0,
+) -> StoredModel:
+    """Wait for the published model, verify it and store it.
+
+    Parameters
+    ----------
+    broker
+        Where the coordinator publishes (``mqtts://`` with the device's credentials).
+    store
+        The device's model directory.
+    client_id
+        This device's MQTT client id (its user name on a broker with ACLs).
+    topics
+        Topic layout (default prefix ``fedmpq``).
+    run_id
+        Only accept the model of this run (``""``: whichever is published).
+    timeout
+        Seconds to wait for a valid model.
+
+    Raises
+    ------
+    ModelStoreError
+        If no valid model arrived within ``timeout`` (the last rejection says why).
+    """
+    topics = topics or Topics()
+    done = threading.Event()
+    result: list[StoredModel] = []
+    rejected: list[str] = []
+
+    def on_message(connection: Connection, topic: str, payload: bytes) -> None:
+        if done.is_set():
+            return
+        try:
+            stored = store_model_message(payload, store, run_id=run_id)
+        except (DecodeError, ModelStoreError) as exc:
+            rejected.append(str(exc))
+            log.warning("%s: rejected model message: %s", client_id, exc)
+            return
+        if stored is not None:
+            result.append(stored)
+            done.set()
+
+    with MqttLoop("fedmpq-fetch") as loop:
+        connection = Connection(loop, broker, client_id, on_message=on_message)
+        connection.subscribe(topics.model, qos=1)
+        connection.connect()
+        try:
+            arrived = done.wait(timeout)
+        finally:
+            connection.close()
+    if not arrived:
+        why = f"; last rejected: {rejected[-1]}" if rejected else ""
+        raise ModelStoreError(
+            f"no model{f' of run {run_id}' if run_id else ''} arrived on {topics.model} "
+            f"from {broker.url} within {timeout:g} s{why}"
+        )
+    return result[0]
