@@ -339,9 +339,8 @@ def build_onnx(
     """
     layers = quantizable_layers(model)
     _check_export_request(layers, bits, scheme, spec)
-    copy = _placeholder_copy(model, state, layers)
     opset = _needed_opset(bits)
-    proto = _float_graph(copy, spec, opset)
+    proto = _float_graph(_placeholder_copy(model, state, layers), spec, opset)
     g = _quantized_weights(proto, state, bits, layers, scheme, 0 if per_channel else -1, observer)
     proto.ir_version = _IR_VERSION
     proto.producer_name = "fedmpq"

@@ -121,12 +121,7 @@ def partition(
     labels = _checked_labels(labels)
     num_clients = _check_int("num_clients", num_clients, 1)
     min_size = _check_int("min_size", min_size, 0)
-    n = len(labels)
-    if n < num_clients * min_size:
-        raise ConfigError(
-            f"{n} samples cannot give {num_clients} clients {min_size} samples each; "
-            "use fewer clients or a smaller min_size"
-        )
+    _check_enough_samples(len(labels), num_clients, min_size)
     rng = np.random.default_rng(seed)
     parts = _split(labels, num_clients, scheme, alpha, shards_per_client, min_size, rng)
     result = [np.sort(p).astype(np.int64) for p in parts]
@@ -146,6 +141,14 @@ def _checked_labels(labels: np.ndarray) -> np.ndarray:
     if labels.size and labels.min() < 0:
         raise ConfigError("labels must be non-negative")
     return labels
+
+
+def _check_enough_samples(n: int, num_clients: int, min_size: int) -> None:
+    if n < num_clients * min_size:
+        raise ConfigError(
+            f"{n} samples cannot give {num_clients} clients {min_size} samples each; "
+            "use fewer clients or a smaller min_size"
+        )
 
 
 def _split(
