@@ -367,9 +367,7 @@ def check_case(data: bytes, limits: DecodeLimits) -> str:
 def run_campaign(cases: int, seed: int, samples: list[Sample]) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     names = list(MUTATORS)
-    stats = {
-        n: {"cases": 0, "accepted": 0, "rejected": 0, "other": 0, "decode_s": 0.0} for n in names
-    }
+    stats = {n: {**dict.fromkeys(COUNTS, 0), "decode_s": 0.0} for n in names}
     failures: list[dict[str, Any]] = []
     started = time.perf_counter()
     for case in range(cases):
@@ -448,9 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = result["stats"]
     print_table(stats)
 
-    totals = {
-        k: sum(row[k] for row in stats.values()) for k in ("cases", "accepted", "rejected", "other")
-    }
+    totals = {k: sum(row[k] for row in stats.values()) for k in COUNTS}
     decode_s = sum(row["decode_s"] for row in stats.values())
     speed = {
         "fuzz_cases_per_s": totals["cases"] / result["seconds"],

@@ -338,6 +338,28 @@ def build_onnx(
         cannot be stored, or a bit map that does not name exactly the quantizable layers.
     """
     layers = quantizable_layers(model)
+    _check_export_request(layers, bits, scheme, spec)
+    opset = _needed_opset(bits)
+    proto = _float_graph(_placeholder_copy(model, state, layers), spec, opset)
+    g = _quantized_weights(proto, state, bits, layers, scheme, 0 if per_channel else -1, observer)
+    proto.ir_version = _IR_VERSION
+    proto.producer_name = "fedmpq"
+    meta = _model_props(spec, bits, metadata)
+    helper.set_model_props(proto, meta)
+    return ExportedModel(
+        onnx_bytes=_checked_bytes(proto),
+        opset=opset,
+        bits=dict(bits),
+        weight_bytes=g.weight_bytes,
+        ideal_weight_bytes=g.ideal_weight_bytes,
+        metadata=meta,
+    )
+
+
+def _check_export_request(
+    layers: list[str], bits: Mapping[str, int], scheme: str, spec: InputSpec
+) -> None:
+    """Raise :class:`ExportError` unless ``bits``, ``scheme`` and ``spec`` can be exported."""
     if set(bits) != set(layers):
         missing, extra = sorted(set(layers) - set(bits)), sorted(set(bits) - set(layers))
         raise ExportError(
@@ -352,18 +374,40 @@ def build_onnx(
     channels = spec.shape[0]
     if len(spec.mean) != channels or len(spec.std) != channels:
         raise ExportError(f"mean/std need {channels} values, one per input channel")
+
+
+def _placeholder_copy(
+    model: nn.Module, state: Mapping[str, np.ndarray], layers: list[str]
+) -> nn.Module:
+    """A copy of ``model`` holding ``state``, its quantizable weights made placeholders."""
     copy = deepcopy(model)
     try:
         load_numpy_state(copy, state)
     except ConfigError as exc:
         raise ExportError(f"state does not fit {type(model).__name__}: {exc}") from exc
     _distinct_placeholders(copy, layers)
-    opset = max(
+    return copy
+
+
+def _needed_opset(bits: Mapping[str, int]) -> int:
+    """The lowest opset whose ``DequantizeLinear`` reads every storage type ``bits`` need."""
+    return max(
         [_MIN_OPSET] + [_STORAGE[storage_bits(b)][2] for b in bits.values() if b in QUANT_BITS]
     )
-    proto = _float_graph(copy, spec, opset)
+
+
+def _quantized_weights(
+    proto: onnx.ModelProto,
+    state: Mapping[str, np.ndarray],
+    bits: Mapping[str, int],
+    layers: list[str],
+    scheme: str,
+    axis: int,
+    observer: str,
+) -> _Graph:
+    """Swap each placeholder initializer of ``proto`` for its quantized weight and the
+    ``DequantizeLinear`` node that restores it; returns what was added."""
     g = _Graph()
-    axis = 0 if per_channel else -1
     pending = set(layers)
     kept = []
     for init in proto.graph.initializer:
@@ -380,9 +424,14 @@ def build_onnx(
     nodes = g.nodes + list(proto.graph.node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    proto.ir_version = _IR_VERSION
-    proto.producer_name = "fedmpq"
-    meta = {
+    return g
+
+
+def _model_props(
+    spec: InputSpec, bits: Mapping[str, int], metadata: Mapping[str, str] | None
+) -> dict[str, str]:
+    """The ``metadata_props`` a device reads: input shape, normalisation, bits, extras."""
+    return {
         "input_shape": ",".join(map(str, spec.shape)),
         "num_classes": str(spec.num_classes),
         "mean": ",".join(map(repr, spec.mean)),
@@ -391,21 +440,17 @@ def build_onnx(
         "bits": ",".join(f"{k}={v}" for k, v in bits.items()),
         **(metadata or {}),
     }
-    helper.set_model_props(proto, meta)
+
+
+def _checked_bytes(proto: onnx.ModelProto) -> bytes:
+    """``proto`` serialized, once the ONNX checker accepts it."""
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph is not valid ONNX: {exc}") from exc
     buffer = io.BytesIO()
     onnx.save_model(proto, buffer)
-    return ExportedModel(
-        onnx_bytes=buffer.getvalue(),
-        opset=opset,
-        bits=dict(bits),
-        weight_bytes=g.weight_bytes,
-        ideal_weight_bytes=g.ideal_weight_bytes,
-        metadata=meta,
-    )
+    return buffer.getvalue()
 
 
 def fake_quant_model(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +26,12 @@ from fedmpq.quant_spec import OBSERVER_MINMAX, SCHEME_SYMMETRIC
 from fedmpq.wire.codec import decode
 from fedmpq.wire.messages import GlobalModelMessage
 from fedmpq.wire.tensors import decode_state
+
+if TYPE_CHECKING:  # torch only for the type checker: --help and bad flags must stay fast
+    from torch import nn
+
+    from coordinator.export import ExportedModel
+    from fedmpq.data.datasets import DatasetSplit
 
 #: Largest accepted top-1 accuracy gap between onnxruntime and torch, in points.
 MAX_ACCURACY_GAP = 0.5
@@ -88,76 +95,123 @@ def validate(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # torch, onnx and the data sets only once the command line is known to be good.
-    from coordinator.export import ExportError, build_onnx, fake_quant_model
-    from coordinator.model_release import input_spec, read_final_bits
+@dataclass(frozen=True)
+class _ExportJob:
+    """A run's global model and how to quantize it, as the run and the flags say."""
+
+    glob: GlobalModelMessage
+    data: DatasetSplit
+    model: nn.Module
+    state: dict[str, np.ndarray]
+    bits: dict[str, int]
+    scheme: str
+    per_channel: bool
+    observer: str
+
+
+def _load_job(args: argparse.Namespace) -> _ExportJob:
+    """Read the run directory and its data set; flags override what the run recorded."""
+    from coordinator.export import ExportError
+    from coordinator.model_release import read_final_bits
     from fedmpq.data.datasets import load_dataset
     from fedmpq.models import build_model, quantizable_layers
 
     try:
-        try:
-            glob = decode((args.run_dir / "global_model.msgpack").read_bytes(), GlobalModelMessage)
-        except OSError as exc:
-            raise ExportError(f"cannot read the run's global model: {exc}") from exc
-        record = read_final_bits(args.run_dir)
-        data = load_dataset(args.dataset or record.get("dataset", "fashion-mnist-small"))
-        state = decode_state(glob.tensors)
-        model = build_model(glob.model_name, data.num_classes, data.in_shape)
-        bits = _bits(args, record, quantizable_layers(model))
-        scheme = args.scheme or record.get("scheme", SCHEME_SYMMETRIC)
-        per_channel = not args.per_tensor and bool(record.get("per_channel", True))
-        observer = args.observer or record.get("observer", OBSERVER_MINMAX)
-        spec = input_spec(data)
-        meta = {"run_id": glob.run_id, "round": str(glob.round), "model_name": glob.model_name}
-        meta |= class_names_metadata(data.class_names)
-        exported = build_onnx(
-            model,
-            state,
-            bits,
-            spec,
-            scheme=scheme,
-            per_channel=per_channel,
-            metadata=meta,
-            observer=observer,
-        )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.out, exported.onnx_bytes)
-        print(
-            f"wrote {args.out}: {len(exported.onnx_bytes)} bytes, opset {exported.opset}; "
-            f"weights {exported.weight_bytes} bytes stored, ideal sum(n*|W|)/8 = "
-            f"{exported.ideal_weight_bytes} bytes"
-        )
-        if args.no_validate:
-            return 0
-        x_norm, y = data.test.tensors()
-        reference = fake_quant_model(
-            build_model(glob.model_name, data.num_classes, data.in_shape),
-            state,
-            bits,
-            scheme=scheme,
-            per_channel=per_channel,
-            observer=observer,
-        )
-        result = validate(exported.onnx_bytes, reference, data.test.x, x_norm, y.numpy())
-    except FedmpqError as exc:
-        print(f"fedmpq export: {exc}", file=sys.stderr)
-        return 2
+        glob = decode((args.run_dir / "global_model.msgpack").read_bytes(), GlobalModelMessage)
+    except OSError as exc:
+        raise ExportError(f"cannot read the run's global model: {exc}") from exc
+    record = read_final_bits(args.run_dir)
+    data = load_dataset(args.dataset or record.get("dataset", "fashion-mnist-small"))
+    state = decode_state(glob.tensors)
+    model = build_model(glob.model_name, data.num_classes, data.in_shape)
+    return _ExportJob(
+        glob=glob,
+        data=data,
+        model=model,
+        state=state,
+        bits=_bits(args, record, quantizable_layers(model)),
+        scheme=args.scheme or record.get("scheme", SCHEME_SYMMETRIC),
+        per_channel=not args.per_tensor and bool(record.get("per_channel", True)),
+        observer=args.observer or record.get("observer", OBSERVER_MINMAX),
+    )
+
+
+def _write_onnx(job: _ExportJob, out: Path) -> ExportedModel:
+    """Export ``job`` to ``out`` and say what it weighs."""
+    from coordinator.export import build_onnx
+    from coordinator.model_release import input_spec
+
+    glob = job.glob
+    meta = {"run_id": glob.run_id, "round": str(glob.round), "model_name": glob.model_name}
+    meta |= class_names_metadata(job.data.class_names)
+    exported = build_onnx(
+        job.model,
+        job.state,
+        job.bits,
+        input_spec(job.data),
+        scheme=job.scheme,
+        per_channel=job.per_channel,
+        metadata=meta,
+        observer=job.observer,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, exported.onnx_bytes)
+    print(
+        f"wrote {out}: {len(exported.onnx_bytes)} bytes, opset {exported.opset}; "
+        f"weights {exported.weight_bytes} bytes stored, ideal sum(n*|W|)/8 = "
+        f"{exported.ideal_weight_bytes} bytes"
+    )
+    return exported
+
+
+def _parity(job: _ExportJob, exported: ExportedModel) -> dict[str, float]:
+    """:func:`validate` of the export against the torch fake-quant model on the test split."""
+    from coordinator.export import fake_quant_model
+    from fedmpq.models import build_model
+
+    x_norm, y = job.data.test.tensors()
+    reference = fake_quant_model(
+        build_model(job.glob.model_name, job.data.num_classes, job.data.in_shape),
+        job.state,
+        job.bits,
+        scheme=job.scheme,
+        per_channel=job.per_channel,
+        observer=job.observer,
+    )
+    return validate(exported.onnx_bytes, reference, job.data.test.x, x_norm, y.numpy())
+
+
+def _report_parity(result: dict[str, float], atol: float) -> int:
+    """Print the parity check; 0 if it passed, else 1."""
     gap = 100 * abs(result["onnx_accuracy"] - result["torch_accuracy"])
     print(
         f"test accuracy: onnxruntime {100 * result['onnx_accuracy']:.2f}%, torch fake-quant "
         f"{100 * result['torch_accuracy']:.2f}% (gap {gap:.2f} points); "
         f"max |logit diff| {result['max_abs_logit_diff']:.2e}"
     )
-    if gap > MAX_ACCURACY_GAP or result["max_abs_logit_diff"] > args.atol:
+    if gap > MAX_ACCURACY_GAP or result["max_abs_logit_diff"] > atol:
         print(
-            f"fedmpq export: parity check failed (allowed: {MAX_ACCURACY_GAP} points, "
-            f"atol {args.atol})",
+            f"fedmpq export: parity check failed (allowed: {MAX_ACCURACY_GAP} points, atol {atol})",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # torch, onnx and the data sets are imported by the steps below, only once the command
+    # line is known to be good.
+    try:
+        job = _load_job(args)
+        exported = _write_onnx(job, args.out)
+        if args.no_validate:
+            return 0
+        result = _parity(job, exported)
+    except FedmpqError as exc:
+        print(f"fedmpq export: {exc}", file=sys.stderr)
+        return 2
+    return _report_parity(result, args.atol)
 
 
 if __name__ == "__main__":

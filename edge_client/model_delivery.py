@@ -75,35 +75,45 @@ def fetch_model(
         If no valid model arrived within ``timeout`` (the last rejection says why).
     """
     topics = topics or Topics()
-    done = threading.Event()
-    result: list[StoredModel] = []
-    rejected: list[str] = []
-
-    def on_message(connection: Connection, topic: str, payload: bytes) -> None:
-        if done.is_set():
-            return
-        try:
-            stored = store_model_message(payload, store, run_id=run_id)
-        except (DecodeError, ModelStoreError) as exc:
-            rejected.append(str(exc))
-            log.warning("%s: rejected model message: %s", client_id, exc)
-            return
-        if stored is not None:
-            result.append(stored)
-            done.set()
-
+    catcher = _ModelCatcher(store, client_id, run_id)
     with MqttLoop("fedmpq-fetch") as loop:
-        connection = Connection(loop, broker, client_id, on_message=on_message)
+        connection = Connection(loop, broker, client_id, on_message=catcher.on_message)
         connection.subscribe(topics.model, qos=1)
         connection.connect()
         try:
-            arrived = done.wait(timeout)
+            arrived = catcher.done.wait(timeout)
         finally:
             connection.close()
     if not arrived:
-        why = f"; last rejected: {rejected[-1]}" if rejected else ""
+        why = f"; last rejected: {catcher.rejected[-1]}" if catcher.rejected else ""
         raise ModelStoreError(
             f"no model{f' of run {run_id}' if run_id else ''} arrived on {topics.model} "
             f"from {broker.url} within {timeout:g} s{why}"
         )
-    return result[0]
+    return catcher.stored[0]
+
+
+class _ModelCatcher:
+    """Stores the first valid model message of the run and sets ``done``; keeps why the
+    others were rejected."""
+
+    def __init__(self, store: ModelStore, client_id: str, run_id: str) -> None:
+        self.store = store
+        self.client_id = client_id
+        self.run_id = run_id
+        self.done = threading.Event()
+        self.stored: list[StoredModel] = []
+        self.rejected: list[str] = []
+
+    def on_message(self, connection: Connection, topic: str, payload: bytes) -> None:
+        if self.done.is_set():
+            return
+        try:
+            stored = store_model_message(payload, self.store, run_id=self.run_id)
+        except (DecodeError, ModelStoreError) as exc:
+            self.rejected.append(str(exc))
+            log.warning("%s: rejected model message: %s", self.client_id, exc)
+            return
+        if stored is not None:
+            self.stored.append(stored)
+            self.done.set()

@@ -223,6 +223,24 @@ def pack_bits(codes: np.ndarray, bits: int, *, check: bool = True) -> bytes:
     return out.tobytes()
 
 
+def _packed_buffer(
+    data: bytes | bytearray | memoryview | np.ndarray, bits: int, count: int
+) -> np.ndarray:
+    """``data`` as a flat ``uint8`` view, checked to hold exactly ``count`` codes."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"packed data must be a uint8 array, got dtype {data.dtype}")
+        buf = data.reshape(-1)
+    else:
+        buf = np.frombuffer(data, dtype=np.uint8)
+    expected = packed_nbytes(count, bits)
+    if buf.size != expected:
+        raise DecodeError(
+            f"packed data for {count} codes of {bits} bits must be {expected} bytes, got {buf.size}"
+        )
+    return buf
+
+
 def unpack_bits(
     data: bytes | bytearray | memoryview | np.ndarray, bits: int, count: int
 ) -> np.ndarray:
@@ -256,17 +274,7 @@ def unpack_bits(
     count = operator.index(count)
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    if isinstance(data, np.ndarray):
-        if data.dtype != np.uint8:
-            raise TypeError(f"packed data must be a uint8 array, got dtype {data.dtype}")
-        buf = data.reshape(-1)
-    else:
-        buf = np.frombuffer(data, dtype=np.uint8)
-    expected = packed_nbytes(count, bits)
-    if buf.size != expected:
-        raise DecodeError(
-            f"packed data for {count} codes of {bits} bits must be {expected} bytes, got {buf.size}"
-        )
+    buf = _packed_buffer(data, bits, count)
 
     plan = _plan(bits)
     out = np.empty(count, dtype=np.uint8)

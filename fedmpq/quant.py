@@ -191,31 +191,42 @@ def quantize(
         NaN/infinite values, or (affine) a value range too wide for a float32 scale.
     """
     check_quant_args(bits, scheme)
-    if observer not in OBSERVERS or (scheme == SCHEME_AFFINE and observer != OBSERVER_MINMAX):
-        raise QuantizationError(
-            f"observer {observer!r} does not go with the {scheme} scheme; use "
-            + (f"one of {sorted(OBSERVERS)}" if scheme == SCHEME_SYMMETRIC else "'minmax'")
-        )
-    try:
-        mode = Rounding(rounding)
-    except ValueError:
-        raise QuantizationError(
-            f"unknown rounding {rounding!r}; use one of {[r.value for r in Rounding]}"
-        ) from None
+    _check_observer(observer, scheme)
+    mode = _rounding_mode(rounding)
     w32 = np.asarray(w, dtype=np.float32)
     _check_axis(axis, w32.ndim)
     if w32.ndim == 0:  # elementwise numpy ops turn 0-d arrays into scalars
         q = quantize(w32.reshape(1), bits, scheme, rounding=mode, rng=rng, observer=observer)
         return replace(q, codes=q.codes.reshape(()))
-    # rng is None from here on exactly when rounding to nearest.
-    if mode is Rounding.NEAREST:
-        rng = None
-    elif rng is None:
-        rng = np.random.default_rng()
+    rng = _rounding_rng(mode, rng)
     reduce_axes = None if axis == -1 else tuple(i for i in range(w32.ndim) if i != axis)
     if scheme == SCHEME_SYMMETRIC:
         return _quantize_symmetric(w32, bits, axis, reduce_axes, rng, observer)
     return _quantize_affine(w32, bits, axis, reduce_axes, rng)
+
+
+def _check_observer(observer: str, scheme: str) -> None:
+    if observer not in OBSERVERS or (scheme == SCHEME_AFFINE and observer != OBSERVER_MINMAX):
+        raise QuantizationError(
+            f"observer {observer!r} does not go with the {scheme} scheme; use "
+            + (f"one of {sorted(OBSERVERS)}" if scheme == SCHEME_SYMMETRIC else "'minmax'")
+        )
+
+
+def _rounding_mode(rounding: Rounding | str) -> Rounding:
+    try:
+        return Rounding(rounding)
+    except ValueError:
+        raise QuantizationError(
+            f"unknown rounding {rounding!r}; use one of {[r.value for r in Rounding]}"
+        ) from None
+
+
+def _rounding_rng(mode: Rounding, rng: np.random.Generator | None) -> np.random.Generator | None:
+    """The generator stochastic rounding draws from; None exactly when rounding to nearest."""
+    if mode is Rounding.NEAREST:
+        return None
+    return np.random.default_rng() if rng is None else rng
 
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:

@@ -2,6 +2,20 @@
 
 Every scheme returns disjoint index sets that together cover every sample exactly once, and is
 a pure function of its arguments (the seed included).
+
+Schemes
+-------
+``iid``
+    A random permutation cut into ``num_clients`` near-equal parts.
+``dirichlet``
+    Label skew (Hsu et al. 2019) in its common per-class form: the samples of each class
+    are divided among the clients in proportions drawn from ``Dirichlet(alpha, ..., alpha)``.
+    Small ``alpha`` gives each client few classes; large ``alpha`` approaches IID.  The draw
+    is repeated until every client has at least ``min_size`` samples.
+``shards``
+    The pathological split of McMahan et al. 2017: samples sorted by label (random order
+    within a class), cut into ``num_clients * shards_per_client`` near-equal shards, and
+    each client dealt ``shards_per_client`` random shards.
 """
 
 from __future__ import annotations
@@ -73,21 +87,8 @@ def partition(
     seed: int = 0,
     min_size: int = 1,
 ) -> list[np.ndarray]:
-    """Split sample indices among ``num_clients`` clients.
-
-    Schemes
-    -------
-    ``iid``
-        A random permutation cut into ``num_clients`` near-equal parts.
-    ``dirichlet``
-        Label skew (Hsu et al. 2019) in its common per-class form: the samples of each class
-        are divided among the clients in proportions drawn from ``Dirichlet(alpha, ..., alpha)``.
-        Small ``alpha`` gives each client few classes; large ``alpha`` approaches IID.  The draw
-        is repeated until every client has at least ``min_size`` samples.
-    ``shards``
-        The pathological split of McMahan et al. 2017: samples sorted by label (random order
-        within a class), cut into ``num_clients * shards_per_client`` near-equal shards, and
-        each client dealt ``shards_per_client`` random shards.
+    """Split sample indices among ``num_clients`` clients (the schemes are described in the
+    module docstring).
 
     Parameters
     ----------
@@ -117,31 +118,12 @@ def partition(
         For invalid arguments, or when no partition with ``min_size`` samples per client exists
         (or, for ``dirichlet``, none was drawn in 1000 tries).
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
-        raise ConfigError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
-    if labels.size and labels.min() < 0:
-        raise ConfigError("labels must be non-negative")
+    labels = _checked_labels(labels)
     num_clients = _check_int("num_clients", num_clients, 1)
     min_size = _check_int("min_size", min_size, 0)
-    n = len(labels)
-    if n < num_clients * min_size:
-        raise ConfigError(
-            f"{n} samples cannot give {num_clients} clients {min_size} samples each; "
-            "use fewer clients or a smaller min_size"
-        )
+    _check_enough_samples(len(labels), num_clients, min_size)
     rng = np.random.default_rng(seed)
-    if scheme == "iid":
-        parts = np.array_split(rng.permutation(n), num_clients)
-    elif scheme == "dirichlet":
-        if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
-            raise ConfigError(f"dirichlet alpha must be a positive number, got {alpha!r}")
-        parts = _dirichlet(labels, num_clients, float(alpha), min_size, rng)
-    elif scheme == "shards":
-        spc = _check_int("shards_per_client", shards_per_client, 1)
-        parts = _shards(labels, num_clients, spc, rng)
-    else:
-        raise ConfigError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    parts = _split(labels, num_clients, scheme, alpha, shards_per_client, min_size, rng)
     result = [np.sort(p).astype(np.int64) for p in parts]
     smallest = min(len(p) for p in result)
     if smallest < min_size:
@@ -150,6 +132,45 @@ def partition(
             "use fewer clients or a smaller min_size"
         )
     return result
+
+
+def _checked_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise ConfigError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise ConfigError("labels must be non-negative")
+    return labels
+
+
+def _check_enough_samples(n: int, num_clients: int, min_size: int) -> None:
+    if n < num_clients * min_size:
+        raise ConfigError(
+            f"{n} samples cannot give {num_clients} clients {min_size} samples each; "
+            "use fewer clients or a smaller min_size"
+        )
+
+
+def _split(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    alpha: float,
+    shards_per_client: int,
+    min_size: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """The unsorted parts of ``scheme``, its own parameter checked first."""
+    if scheme == "iid":
+        return np.array_split(rng.permutation(len(labels)), num_clients)
+    if scheme == "dirichlet":
+        if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"dirichlet alpha must be a positive number, got {alpha!r}")
+        return _dirichlet(labels, num_clients, float(alpha), min_size, rng)
+    if scheme == "shards":
+        spc = _check_int("shards_per_client", shards_per_client, 1)
+        return _shards(labels, num_clients, spc, rng)
+    raise ConfigError(f"unknown partition scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
 
 
 def _dirichlet(

@@ -167,54 +167,18 @@ class DeviceSession:
         self.plan.check_round(inbox.run_id, inbox.round)
         if inbox.client_id != self.client_id:
             raise SecAggError(f"shares for {inbox.client_id!r} reached {self.client_id!r}")
-        members = {self.client_id}
-        for item in inbox.shares:
-            peer = item.sender
-            if peer not in self._roster or peer in members or item.receiver != self.client_id:
-                raise SecAggError(f"unexpected share from {peer!r} to {item.receiver!r}")
-            key = self.plan.share_key(
-                self.client_id, self._cipher_key, peer, self._roster[peer].cipher_key
-            )
-            plaintext = crypto.open_sealed(
-                key,
-                self.plan.index(peer),
-                self._index,
-                item.ciphertext,
-                self.plan.share_context(peer, self.client_id),
-            )
-            if len(plaintext) != _PLAINTEXT_BYTES:
-                raise SecAggError(f"the share from {peer!r} has the wrong length")
-            self._held[peer] = (plaintext[: shamir.SHARE_BYTES], plaintext[shamir.SHARE_BYTES :])
-            members.add(peer)
+        members = self._open_shares(inbox)
         if len(members) < self.plan.threshold:
             raise SecAggError(
                 f"only {len(members)} devices shared keys; the threshold is {self.plan.threshold}"
             )
-
-        flat = self._lifted(codes, bits)
-        self_mask = crypto.mask_words(self._self_seed, self.plan.size, self.plan.word_dtype)
-        np.add(flat, self_mask, out=flat)
-        for peer in members - {self.client_id}:
-            seed = self.plan.pair_seed(
-                self.client_id, self._mask_key, peer, self._roster[peer].mask_key
-            )
-            self.plan.apply_pair_mask(flat, seed, self.client_id, peer)
+        flat = self._masked_words(codes, bits, members)
         self._members = sorted(members)
-        tensors = []
-        for layer, k, lo, hi in zip(
-            self.plan.layers,
-            self.plan.ring_bits,
-            self.plan.offsets,
-            self.plan.offsets[1:],
-            strict=False,
-        ):
-            words = flat[lo:hi] & ring_mask(k)
-            tensors.append(MaskedTensor(name=layer.name, ring_bits=k, data=pack_ring(words, k)))
         masked = MaskedInput(
             run_id=self.plan.run_id,
             round=self.plan.round,
             client_id=self.client_id,
-            tensors=tensors,
+            tensors=self._ring_tensors(flat),
         )
         self._masked = (inbox, masked)
         return masked
@@ -260,6 +224,57 @@ class DeviceSession:
         )
         self._unmasked = (request, response)
         return response
+
+    def _open_shares(self, inbox: ForwardedShares) -> set[str]:
+        """Decrypt and keep the shares in ``inbox``; returns U2 (this device and the senders)."""
+        members = {self.client_id}
+        for item in inbox.shares:
+            peer = item.sender
+            if peer not in self._roster or peer in members or item.receiver != self.client_id:
+                raise SecAggError(f"unexpected share from {peer!r} to {item.receiver!r}")
+            key = self.plan.share_key(
+                self.client_id, self._cipher_key, peer, self._roster[peer].cipher_key
+            )
+            plaintext = crypto.open_sealed(
+                key,
+                self.plan.index(peer),
+                self._index,
+                item.ciphertext,
+                self.plan.share_context(peer, self.client_id),
+            )
+            if len(plaintext) != _PLAINTEXT_BYTES:
+                raise SecAggError(f"the share from {peer!r} has the wrong length")
+            self._held[peer] = (plaintext[: shamir.SHARE_BYTES], plaintext[shamir.SHARE_BYTES :])
+            members.add(peer)
+        return members
+
+    def _masked_words(
+        self, codes: Mapping[str, np.ndarray], bits: Mapping[str, int], members: set[str]
+    ) -> np.ndarray:
+        """All layers' lifted codes plus the self mask and the pairwise masks with U2."""
+        flat = self._lifted(codes, bits)
+        self_mask = crypto.mask_words(self._self_seed, self.plan.size, self.plan.word_dtype)
+        np.add(flat, self_mask, out=flat)
+        for peer in members - {self.client_id}:
+            seed = self.plan.pair_seed(
+                self.client_id, self._mask_key, peer, self._roster[peer].mask_key
+            )
+            self.plan.apply_pair_mask(flat, seed, self.client_id, peer)
+        return flat
+
+    def _ring_tensors(self, flat: np.ndarray) -> list[MaskedTensor]:
+        """``flat`` cut into layers, each reduced to and packed at its ring width."""
+        tensors = []
+        for layer, k, lo, hi in zip(
+            self.plan.layers,
+            self.plan.ring_bits,
+            self.plan.offsets,
+            self.plan.offsets[1:],
+            strict=False,
+        ):
+            words = flat[lo:hi] & ring_mask(k)
+            tensors.append(MaskedTensor(name=layer.name, ring_bits=k, data=pack_ring(words, k)))
+        return tensors
 
     def _lifted(self, codes: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> np.ndarray:
         flat = np.empty(self.plan.size, dtype=self.plan.word_dtype)

@@ -67,6 +67,18 @@ def simulate_round(
     """
     drop = dropouts or Dropouts()
     clock = _Clock(cpu_seconds)
+    server, devices = _advertise_keys(setup, clock)
+    _share_keys(server, devices, drop, clock)
+    _send_masked_inputs(server, devices, codes, bits, drop, clock)
+    _unmask(server, devices, drop, clock)
+    with clock("coordinator_unmask"):
+        return server.result()
+
+
+def _advertise_keys(
+    setup: SecAggSetup, clock: _Clock
+) -> tuple[SecureAggregation, dict[str, DeviceSession]]:
+    """Steps 1-2: the coordinator and every selected device, each device's keys collected."""
     with clock("coordinator_keys"):
         server = SecureAggregation(setup)
     devices = {}
@@ -76,6 +88,13 @@ def simulate_round(
             keys = devices[cid].advertise()
         with clock("coordinator_keys"):
             server.add_keys(keys)
+    return server, devices
+
+
+def _share_keys(
+    server: SecureAggregation, devices: Mapping[str, DeviceSession], drop: Dropouts, clock: _Clock
+) -> None:
+    """Step 3: the roster goes out; devices still there send their encrypted shares."""
     with clock("coordinator_keys"):
         roster = server.roster()
     for entry in roster.keys:
@@ -85,6 +104,17 @@ def simulate_round(
             shares = devices[entry.client_id].share_keys(roster)
         with clock("coordinator_shares"):
             server.add_shares(shares)
+
+
+def _send_masked_inputs(
+    server: SecureAggregation,
+    devices: Mapping[str, DeviceSession],
+    codes: Mapping[str, Mapping[str, np.ndarray]],
+    bits: Mapping[str, Mapping[str, int]],
+    drop: Dropouts,
+    clock: _Clock,
+) -> None:
+    """Step 4: shares are forwarded; devices still there send their masked inputs."""
     with clock("coordinator_shares"):
         inboxes = server.forward_shares()
     for inbox in inboxes:
@@ -94,6 +124,12 @@ def simulate_round(
                 masked = devices[cid].masked_input(inbox, codes[cid], bits[cid])
             with clock("coordinator_sum"):
                 server.add_masked_input(masked)
+
+
+def _unmask(
+    server: SecureAggregation, devices: Mapping[str, DeviceSession], drop: Dropouts, clock: _Clock
+) -> None:
+    """Step 5: survivors still there answer the unmasking request."""
     with clock("coordinator_unmask"):
         request = server.unmask_request()
     for cid in request.survivors:
@@ -102,8 +138,6 @@ def simulate_round(
                 response = devices[cid].unmask(request)
             with clock("coordinator_unmask"):
                 server.add_unmask_response(response)
-    with clock("coordinator_unmask"):
-        return server.result()
 
 
 @dataclass

@@ -1,10 +1,9 @@
-"""IDX reader, data set loaders, partitioning, and a centralized training check."""
+"""Data set loaders (shipped, IDX directories, CIFAR-10 binary, image folders, module
+plug-ins), ArrayDataset and subset, and a centralized training check."""
 
 from __future__ import annotations
 
-import gzip
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,99 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from fedmpq.data import (
-    ArrayDataset,
-    DatasetSplit,
-    load_dataset,
-    parse_partition,
-    partition,
-    read_idx,
-    subset,
-    write_idx,
-)
+from fedmpq.data import ArrayDataset, DatasetSplit, load_dataset, subset, write_idx
 from fedmpq.data.datasets import SHIPPED_DIR
 from fedmpq.errors import ConfigError
 from fedmpq.models import build_model
-
-# --------------------------------------------------------------------------- IDX
-
-
-def idx_bytes(code: int, shape: tuple[int, ...], payload: bytes) -> bytes:
-    return bytes([0, 0, code, len(shape)]) + np.asarray(shape, ">u4").tobytes() + payload
-
-
-def test_read_idx_hand_written(tmp_path: Path) -> None:
-    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    (tmp_path / "a.idx").write_bytes(idx_bytes(0x08, (2, 3, 4), images.tobytes()))
-    got = read_idx(tmp_path / "a.idx")
-    np.testing.assert_array_equal(got, images)
-    got[0, 0, 0] = 7  # writable
-
-    values = np.array([-1.5, 2.25], dtype=">f4")
-    with gzip.open(tmp_path / "b.gz", "wb") as f:
-        f.write(idx_bytes(0x0D, (2,), values.tobytes()))
-    got = read_idx(tmp_path / "b.gz")
-    assert got.dtype == np.float32 and got.dtype.isnative
-    np.testing.assert_array_equal(got, [-1.5, 2.25])
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (idx_bytes(0x08, (2, 3), bytes(5)), "truncated"),
-        (idx_bytes(0x08, (2, 3), bytes(7)), "longer"),
-        (b"\x01\x00" + idx_bytes(0x08, (2,), bytes(2))[2:], "magic"),
-        (idx_bytes(0x07, (2,), bytes(2)), "type code"),
-        (bytes([0, 0, 8, 3, 0, 0]), "header"),
-        (bytes([0, 0, 8, 0]), "zero dimensions"),
-        (b"\x00\x00", "too short"),
-    ],
-)
-def test_read_idx_rejects_corrupt(tmp_path: Path, data: bytes, message: str) -> None:
-    path = tmp_path / "bad-idx"
-    path.write_bytes(data)
-    with pytest.raises(ConfigError, match=message) as info:
-        read_idx(path)
-    assert str(path) in str(info.value)
-
-
-def test_read_idx_truncated_gzip_and_missing(tmp_path: Path) -> None:
-    blob = gzip.compress(idx_bytes(0x08, (100,), bytes(range(100))))
-    path = tmp_path / "cut.gz"
-    path.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ConfigError, match="gzip"):
-        read_idx(path)
-    with pytest.raises(ConfigError, match="does not exist"):
-        read_idx(tmp_path / "nope.gz")
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    dtype=st.sampled_from(["u1", "i1", "i2", "i4", "f4", "f8"]),
-    shape=st.lists(st.integers(0, 4), min_size=1, max_size=4),
-    gz=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_idx_round_trip(dtype: str, shape: list[int], gz: bool, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    arr = (rng.standard_normal(shape) * 100).astype(dtype)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / ("x.gz" if gz else "x.idx")
-        write_idx(path, arr)
-        got = read_idx(path)
-    assert got.dtype == arr.dtype and got.shape == arr.shape
-    np.testing.assert_array_equal(got, arr)
-
-
-def test_write_idx_rejects_unsupported(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="dtype"):
-        write_idx(tmp_path / "x", np.zeros(3, np.int64))
-    with pytest.raises(ConfigError, match="dimensions"):
-        write_idx(tmp_path / "x", np.uint8(3))
-
 
 # --------------------------------------------------------------------------- shipped data
 
@@ -328,160 +239,6 @@ def test_split_validates_labels_and_shape() -> None:
         DatasetSplit(ds, ds, 3, (1, 2, 2), "bad")
     with pytest.raises(ConfigError, match="shape"):
         DatasetSplit(ds, ds, 6, (1, 3, 3), "bad")
-
-
-# --------------------------------------------------------------------------- partitioning
-
-labels_strategy = st.lists(st.integers(0, 9), min_size=1, max_size=300).map(
-    lambda xs: np.asarray(xs, np.int64)
-)
-
-
-def check_cover(parts: list[np.ndarray], n: int, num_clients: int) -> None:
-    assert len(parts) == num_clients
-    assert all(p.dtype == np.int64 for p in parts)
-    merged = np.concatenate(parts)
-    assert len(merged) == n
-    np.testing.assert_array_equal(np.sort(merged), np.arange(n))
-
-
-@settings(max_examples=80, deadline=None)
-@given(labels=labels_strategy, data=st.data(), seed=st.integers(0, 2**31))
-def test_iid_and_shards_properties(labels: np.ndarray, data: st.DataObject, seed: int) -> None:
-    n = len(labels)
-    k = data.draw(st.integers(1, n))
-    parts = partition(labels, k, "iid", seed=seed)
-    check_cover(parts, n, k)
-    sizes = [len(p) for p in parts]
-    assert max(sizes) - min(sizes) <= 1
-
-    spc = data.draw(st.integers(1, max(1, n // k)))
-    parts = partition(labels, k, "shards", shards_per_client=spc, seed=seed, min_size=0)
-    check_cover(parts, n, k)
-    assert min(len(p) for p in parts) >= spc * (n // (k * spc))
-    assert [
-        p.tolist()
-        for p in partition(labels, k, "shards", shards_per_client=spc, seed=seed, min_size=0)
-    ] == [p.tolist() for p in parts]
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    labels=labels_strategy,
-    data=st.data(),
-    alpha=st.floats(0.05, 100),
-    seed=st.integers(0, 2**31),
-)
-def test_dirichlet_properties(
-    labels: np.ndarray, data: st.DataObject, alpha: float, seed: int
-) -> None:
-    n = len(labels)
-    k = data.draw(st.integers(1, min(n, 8)))
-    try:
-        parts = partition(labels, k, "dirichlet", alpha=alpha, seed=seed)
-    except ConfigError as e:
-        # Legitimate only when minimum sizes could not be met by random draws.
-        assert "draws" in str(e)
-        return
-    check_cover(parts, n, k)
-    assert min(len(p) for p in parts) >= 1
-    again = partition(labels, k, "dirichlet", alpha=alpha, seed=seed)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-
-
-def test_seed_changes_partition() -> None:
-    labels = np.arange(1000) % 10
-    for scheme in ("iid", "dirichlet", "shards"):
-        a = partition(labels, 10, scheme, seed=1)
-        b = partition(labels, 10, scheme, seed=2)
-        assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True)), scheme
-
-
-def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
-    """Mean total-variation distance between client and global label distributions."""
-    num_classes = int(labels.max()) + 1
-    overall = np.bincount(labels, minlength=num_classes) / len(labels)
-    dists = [
-        0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - overall).sum()
-        for p in parts
-    ]
-    return float(np.mean(dists))
-
-
-def test_dirichlet_skew_falls_with_alpha(shipped: DatasetSplit) -> None:
-    labels = shipped.train.y
-    skewed = label_skew(labels, partition(labels, 20, "dirichlet", alpha=0.1, seed=0))
-    mild = label_skew(labels, partition(labels, 20, "dirichlet", alpha=100.0, seed=0))
-    assert mild < 0.1 < 0.5 < skewed
-
-
-def test_shards_give_few_classes() -> None:
-    labels = np.repeat(np.arange(10), 100)
-    parts = partition(labels, 10, "shards", shards_per_client=2, seed=0)
-    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
-
-
-@pytest.mark.parametrize(
-    ("args", "kwargs"),
-    [
-        ((np.zeros(10, np.int64), 0), {}),
-        ((np.zeros(10, np.int64), 11), {}),
-        ((np.zeros(10, np.int64), 2, "random"), {}),
-        ((np.zeros(10, np.int64), 2, "dirichlet"), {"alpha": 0.0}),
-        ((np.zeros(10, np.int64), 2, "dirichlet"), {"alpha": float("nan")}),
-        ((np.zeros(10, np.int64), 2, "shards"), {"shards_per_client": 0}),
-        ((np.zeros(10, np.int64), 4, "shards"), {"shards_per_client": 3}),
-        ((np.zeros(10, np.float32), 2), {}),
-        ((-np.ones(10, np.int64), 2), {}),
-        ((np.zeros(10, np.int64), 2), {"min_size": 6}),
-        ((np.zeros(10, np.int64), 2), {"min_size": -1}),
-    ],
-)
-def test_partition_bad_arguments(args: tuple, kwargs: dict) -> None:
-    with pytest.raises(ConfigError):
-        partition(*args, **kwargs)
-
-
-def test_dirichlet_gives_up_with_config_error() -> None:
-    labels = np.repeat(np.arange(2), 5)
-    with pytest.raises(ConfigError, match="raise alpha"):
-        partition(labels, 5, "dirichlet", alpha=0.001, min_size=2)
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("iid", ("iid", {})),
-        ("dirichlet:0.5", ("dirichlet", {"alpha": 0.5})),
-        ("dirichlet:100", ("dirichlet", {"alpha": 100.0})),
-        ("shards:2", ("shards", {"shards_per_client": 2})),
-    ],
-)
-def test_parse_partition(spec: str, expected: tuple[str, dict]) -> None:
-    assert parse_partition(spec) == expected
-    scheme, kwargs = expected
-    assert len(partition(np.arange(100) % 10, 5, scheme, **kwargs)) == 5
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [
-        "",
-        "iid:1",
-        "dirichlet",
-        "dirichlet:",
-        "dirichlet:-1",
-        "dirichlet:inf",
-        "dirichlet:x",
-        "shards",
-        "shards:0",
-        "shards:1.5",
-        "pathological",
-    ],
-)
-def test_parse_partition_rejects(spec: str) -> None:
-    with pytest.raises(ConfigError):
-        parse_partition(spec)
 
 
 # --------------------------------------------------------------------------- training check

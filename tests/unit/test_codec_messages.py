@@ -1,0 +1,175 @@
+"""The strict wire codec on valid messages: round trips, canonical bytes, the golden
+frame, layouts learned from a global model, and frame sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from codec_samples import FAST, f32_tensor, frame, golden_update, q4_tensor, strategy_for, wire_body
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedmpq.errors import DecodeError
+from fedmpq.models import build_model, quantizable_layers
+from fedmpq.state import state_to_numpy
+from fedmpq.wire.codec import body_bytes, decode, decode_body, decode_envelope, encode
+from fedmpq.wire.messages import MESSAGE_TYPES, GlobalModelMessage, ResourceUsage, UpdateMessage
+from fedmpq.wire.tensors import encode_state, ideal_nbytes
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "update_v2.msgpack"
+#: A version-1 frame (named, shaped tensors) as the previous release wrote it.
+GOLDEN_V1 = GOLDEN.with_name("update_v1.msgpack")
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("cls", list(MESSAGE_TYPES.values()), ids=list(MESSAGE_TYPES))
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+@FAST
+@given(data=st.data())
+def test_round_trip_every_type(cls: type, compress: bool, data: st.DataObject) -> None:
+    msg = data.draw(strategy_for(cls))
+    sig = data.draw(st.binary(max_size=64))
+    wire = encode(msg, compress=compress, sig=sig)
+    assert wire == encode(msg, compress=compress, sig=sig)
+    env = decode_envelope(wire)
+    assert (env.type, env.codec, env.sig) == (cls.MESSAGE_TYPE, "zstd" if compress else "none", sig)
+    back = decode_body(env, cls)
+    assert back == msg
+    assert encode(back, compress=compress, sig=sig) == wire
+
+
+def test_encoding_is_canonical() -> None:
+    msg = golden_update()
+    shuffled = dataclasses.replace(
+        msg,
+        metrics=dict(reversed(msg.metrics.items())),
+        usage=ResourceUsage(np.float32(12.5), np.int64(123_456_789), 87.5),
+        tensors=[dataclasses.replace(q4_tensor(), shape=[np.int64(3), np.int64(5)]), f32_tensor()],
+    )
+    assert body_bytes(shuffled) == body_bytes(msg)
+    assert decode_envelope(encode(msg)).body == body_bytes(msg)
+
+
+def test_float_fields_accept_ints_and_become_floats() -> None:
+    body = wire_body(golden_update())
+    body["usage"]["train_seconds"] = 12
+    msg = decode(frame(body), UpdateMessage)
+    assert type(msg.usage.train_seconds) is float and msg.usage.train_seconds == 12.0
+
+
+def test_fields_with_defaults_may_be_absent() -> None:
+    body = wire_body(golden_update())
+    del body["bits_dropped"], body["usage"]["emulated_seconds"]
+    msg = decode(frame(body), UpdateMessage)
+    assert msg.bits_dropped == {} and msg.usage.emulated_seconds == 0.0
+
+
+def test_encode_refuses_non_messages() -> None:
+    with pytest.raises(TypeError, match="ResourceUsage"):
+        encode(ResourceUsage(1.0, 1, 1.0))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- golden bytes
+
+
+def write_golden() -> None:
+    """Regenerate the golden frame: only when the wire format changes on purpose."""
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_bytes(encode(golden_update()))
+
+
+def test_golden_update_frame() -> None:
+    if os.environ.get("FEDMPQ_REGEN_GOLDEN") == "1":
+        write_golden()
+    stored = GOLDEN.read_bytes()
+    assert encode(golden_update()) == stored
+    assert decode(stored, UpdateMessage) == golden_update()
+
+
+def test_a_version_1_frame_gets_a_clear_error() -> None:
+    with pytest.raises(DecodeError, match="frame version 1 is no longer supported; this build"):
+        decode(GOLDEN_V1.read_bytes(), UpdateMessage)
+
+
+def test_tensors_travel_in_layout_order_without_names() -> None:
+    msg = golden_update()
+    shuffled = dataclasses.replace(msg, tensors=list(reversed(msg.tensors)))
+    assert body_bytes(shuffled) == body_bytes(msg)
+    assert decode(encode(shuffled), UpdateMessage) == msg
+    body = body_bytes(msg)
+    assert b"conv.weight" not in body.replace(b"conv.weight", b"", 1)  # only in bits_dropped
+    assert all(t.name.encode() not in body for t in msg.tensors[1:])
+
+
+def test_an_update_of_an_unseen_layout_is_refused() -> None:
+    wire = encode(golden_update())
+    unseen = dataclasses.replace(golden_update(), tensors=[f32_tensor("never.seen")])
+    body = wire_body(unseen)
+    body["layout"] = b"\xff" * 8
+    with pytest.raises(DecodeError, match="unknown model layout ffffffffffffffff"):
+        decode(frame(body))
+    assert decode(wire, UpdateMessage) == golden_update()
+
+
+# --------------------------------------------------------------------------- size
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_updates_stay_near_their_ideal_size(model_name: str, bits: int) -> None:
+    """Framing costs at most 1% + 1 KiB over ``sum n_l * b_l / 8`` (+ float32 rest); the
+    per-channel float32 scales come on top, and are all else a frame adds."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, (1, 28, 28))
+    state = state_to_numpy(model)
+    assignment = dict.fromkeys(quantizable_layers(model), bits)
+    msg = dataclasses.replace(golden_update(), tensors=encode_state(state, assignment))
+    size = len(encode(msg))
+    ideal = ideal_nbytes(state, assignment)
+    scales = sum(len(t.scale) + len(t.zero_point) for t in msg.tensors)
+    allowed = 0.01 * ideal + 1024
+    assert size - scales - ideal <= allowed
+    assert size - scales - ideal <= 400 + 8 * len(state)  # envelope, fields, per-tensor headers
+    if model_name == "cnn":
+        assert size - ideal <= allowed
+
+
+_MAKE_FRAMES = """
+import sys
+from pathlib import Path
+import numpy as np
+from fedmpq.wire.codec import encode
+from fedmpq.wire.messages import GlobalModelMessage, ResourceUsage, UpdateMessage
+from fedmpq.wire.tensors import encode_state
+
+state = {"only.in.child.weight": np.ones((4, 3), np.float32), "only.in.child.bias": np.zeros(4)}
+glob = GlobalModelMessage("r", 1, "m", "fp", encode_state(state, {}))
+update = UpdateMessage(
+    "r", 1, "d", 1, "fp", "weights", encode_state(state, {"only.in.child.weight": 2}),
+    ResourceUsage(1.0, 1, 1.0), {},
+)
+out = Path(sys.argv[1])
+(out / "global").write_bytes(encode(glob))
+(out / "update").write_bytes(encode(update))
+"""
+
+
+def test_a_process_decodes_updates_of_the_layout_its_global_model_carried(tmp_path: Path) -> None:
+    """Another process encodes; this one learns the layout from the global model alone."""
+    subprocess.run([sys.executable, "-c", _MAKE_FRAMES, str(tmp_path)], check=True)
+    update = (tmp_path / "update").read_bytes()
+    with pytest.raises(DecodeError, match="unknown model layout"):
+        decode(update, UpdateMessage)
+    glob = decode((tmp_path / "global").read_bytes(), GlobalModelMessage)
+    msg = decode(update, UpdateMessage)
+    assert [t.name for t in msg.tensors] == [t.name for t in glob.tensors]
+    assert [t.bits for t in msg.tensors] == [32, 2]
