@@ -98,12 +98,18 @@ def release_model(
 ) -> bytes | None:
     """Write the run's final artefacts and return the encoded ``ModelMessage`` to publish.
 
-    Always writes ``final_bits.json``; with ``config.publish_onnx`` also exports
-    ``model.onnx`` into the run directory and returns the message (``None`` otherwise,
-    or when the model cannot be exported: that is logged, the run's result stands).
+    Writes ``final_bits.json``; with ``config.publish_onnx`` also exports ``model.onnx``
+    into the run directory and returns the message (``None`` otherwise, or when the model
+    cannot be exported: that is logged, the run's result stands).  With no allocations
+    (no round of this process changed the model, e.g. a resumed run that had nothing left
+    to do) the bits already in ``final_bits.json`` stand; with none there either, nothing
+    is written or published: an empty allocation would only break ``fedmpq export``.
     """
     out_dir = Path(config.out_dir)
-    bits = final_bits(allocations)
+    bits = final_bits(allocations) or read_final_bits(out_dir).get("bits", {})
+    if not bits:
+        log.warning("no round changed the model: no %s written, no model published", FINAL_BITS)
+        return None
     record = {
         "run_id": config.run_id,
         "round": round,
