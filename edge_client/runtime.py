@@ -111,7 +111,13 @@ class AgentRuntime:
 
     # --- loop thread: queue and return ----------------------------------------------
     def _on_message(self, client_id: str, _conn: Connection, topic: str, payload: bytes) -> None:
-        self.inbox.put(partial(self._handle, self.sessions[client_id], topic, payload))
+        session = self.sessions[client_id]
+        if topic == self.topics.status(client_id):
+            # Answered here, not behind a training job: the coordinator must hear the
+            # device's own word before it selects the next round.
+            self._on_own_status(session, payload)
+            return
+        self.inbox.put(partial(self._handle, session, topic, payload))
 
     def _on_connect(self, client_id: str, conn: Connection) -> None:
         # Its own status topic too: to answer a spoofed or replayed status about itself.
@@ -129,11 +135,15 @@ class AgentRuntime:
 
     # --- worker thread -----------------------------------------------------------------
     def _announce(self, session: Session) -> None:
+        """On every (re)connect: the device is online over this connection."""
         session.sent_statuses.clear()  # statuses of earlier connections are theirs
-        self._publish_status(session, "online", session.last_round, STATUS_CONNECTED)
+        session.last_status = ("online", session.last_round, STATUS_CONNECTED)
         self._register(session)
 
     def _register(self, session: Session) -> None:
+        """Register, then say the device's last status again: the registration opens the
+        coordinator's record of the device, the status names the connection that is the
+        device's own (a will of any other connection is then ignored)."""
         device = session.device
         msg = RegisterMessage(
             client_id=device.client_id,
@@ -149,6 +159,8 @@ class AgentRuntime:
             encode(msg, key=device.key),
             *publish_options(REGISTER),
         )
+        if session.last_status is not None:
+            self._publish_status(session, *session.last_status)
 
     def _handle(self, session: Session, topic: str, payload: bytes) -> None:
         kind, _ = self.topics.parse(topic) or ("unknown", None)
@@ -171,8 +183,6 @@ class AgentRuntime:
                     raise DecodeError(f"task topic: unexpected {type(msg).__name__}")
             elif kind == MODEL:
                 self._on_model(session, decode(payload, ModelMessage, limits))
-            elif kind == STATUS:
-                self._on_own_status(session, payload)
         except (DecodeError, ModelStoreError) as exc:
             log.warning("%s: rejected %s message: %s", session.device.client_id, kind, exc)
 
@@ -196,10 +206,13 @@ class AgentRuntime:
         last = session.last_status
         if last is None or payload in session.sent_statuses:
             return
-        client_id = session.device.client_id
-        log.warning(
-            "%s: a status it did not send is on its topic; announcing its own again", client_id
-        )
+        try:
+            earlier = decode(payload, StatusMessage, self.options.limits).connection
+        except DecodeError:
+            earlier = ""
+        # The retained will of its previous connection is expected after a reconnect.
+        level = logging.INFO if earlier and earlier != session.connection_id else logging.WARNING
+        log.log(level, "%s: a status it did not send is on its topic", session.device.client_id)
         self._publish_status(session, *last)
 
     def _round_opened(self, session: Session, round: int, global_bytes: int) -> None:
@@ -391,7 +404,8 @@ class AgentRuntime:
                     log.exception("job failed")
         finally:
             for session in self.sessions.values():
-                self._publish_status(session, "offline", session.last_round, "")
+                # Round 0: gone until it connects again, not away for a round by its word.
+                self._publish_status(session, "offline", 0, "stopped")
                 session.connection.flush(5.0)
                 session.connection.close()
             loop.stop()
