@@ -86,17 +86,19 @@ class Registry:
         if record is None:
             return "noted"
         new = status.connection != record.connection
-        if status.connection and record.connection:
+        if record.connection:
             if not new and status.sent_at < record.status_at and not is_will(status):
                 return "ignored"  # a replay of an older status of this connection
             # A device whose will arrived may come back with any clock (a board that
             # rebooted without a real-time clock); an online one only with a newer status.
             newer = not record.online or status.sent_at >= record.status_at
-            if new and not (status.state == "online" and newer):
-                return "ignored"  # a status of an earlier connection
+            if new and not (status.connection and status.state == "online" and newer):
+                return "ignored"  # of an earlier connection, or without the nonce it uses
+        # The first nonce learned is no reconnect: the device said so when it registered.
         # Agents that send no nonce announce a reconnect in the detail instead.
         legacy_connect = not status.connection and status.detail == STATUS_CONNECTED
-        connected = status.state == "online" and (new or legacy_connect)
+        reconnect = new and bool(record.connection)
+        connected = status.state == "online" and (reconnect or legacy_connect)
         record.status_at = status.sent_at if new else max(record.status_at, status.sent_at)
         record.connection = status.connection
         record.online = status.state != "offline"

@@ -212,3 +212,17 @@ def test_with_no_bits_anywhere_no_final_bits_file_is_written(tmp_path):
     w = engine.workload
     assert release_model(engine.config, w.model, w.global_state, {}, w.data, 1) is None
     assert not (tmp_path / FINAL_BITS).exists()
+
+
+def test_a_status_without_the_nonce_the_device_uses_is_ignored(tmp_path):
+    engine, _ = engine_with(tmp_path, devices=("a",))
+    connect(engine, "a", "n1", 1.0)
+    will(engine, "a", "")  # the constant will of agents before nonces: spoofable by anyone
+    assert engine.registry.devices["a"].online
+
+
+def test_the_first_nonce_learned_is_not_a_reconnect(tmp_path):
+    engine, _ = engine_with(tmp_path, devices=("a",))
+    engine.open_round(1)
+    assert connect(engine, "a", "n1", 1.0) == []  # said right after registering: no re-send
+    assert [m.kind for m in connect(engine, "a", "n2", 2.0)] == [TASK]
