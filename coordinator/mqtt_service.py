@@ -67,8 +67,8 @@ class MqttCoordinator:
         self.on_round = on_round
         self.resume = resume
         # Time spent connected and waiting on an empty inbox: the time in which a device
-        # that came back would have been heard.  The offline grace runs on it, so a busy
-        # worker or a lost broker link never turns a reconnect into a dropped device.
+        # that came back would have been heard.  The offline grace runs on it, so time a
+        # busy worker or a lost broker link kept a reconnect unheard does not count.
         self.listening_s = 0.0
         if engine is None:
             engine = RoundEngine(config, grace_clock=lambda: self.listening_s)
