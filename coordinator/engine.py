@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -70,14 +71,18 @@ class RoundEngine:
         config: RunConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        grace_clock: Callable[[], float] | None = None,
         workload: Workload | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        # What offline_grace_s is measured on (RoundState.grace_clock); default: clock.
+        self.grace_clock = grace_clock if grace_clock is not None else clock
         self.workload = workload if workload is not None else Workload(config)
         self.limits = DecodeLimits(max_message_bytes=config.max_message_bytes)
         self.registry = Registry()
         self.rejections = Rejections()
+        self.rejections_reported: Counter[str] = Counter()  # totals up to the last row
         self.rng = random.Random(config.seed)
         self.observers = Observers()
         name, params = config.policy_params()
@@ -133,14 +138,20 @@ class RoundEngine:
         status = decode_body(env, StatusMessage, self.limits)
         if status.client_id != client_id:
             return []
-        online, announced = status.state != "offline", status.round > 0
-        self.registry.set_online(client_id, online, announced=announced)
+        verdict = self.registry.note_status(status)
+        if verdict == "ignored":
+            log.info(
+                "ignored %s status of %s: not of its current connection, or older than its last",
+                status.state,
+                client_id,
+            )
+            return []
         rs = self.round_state
         if rs is None:
             return []
         if rs.note_gone(status):
             log.info("round %d: %s dropped out (%s)", rs.round, client_id, status.state)
-        task = rs.welcome_back(status)
+        task = rs.welcome_back(status, reconnected=verdict == "connected")
         return [] if task is None else [Outgoing(TASK, client_id, task)]
 
     def _update(self, client_id: str, env: Envelope, frame_bytes: int) -> None:
@@ -211,7 +222,7 @@ class RoundEngine:
         allocation = self.policy.allocate(round, clients)
         rule = make_rule(rule_name(self.policy), self.global_state, self.quantization)
         fp = fingerprint(self.global_state)
-        rs = RoundState(round, fp, allocation, rule, clock=self.clock)
+        rs = RoundState(round, fp, allocation, rule, clock=self.clock, grace_clock=self.grace_clock)
         rs.quorum_target = math.ceil(cfg.quorum * len(admitted))
         rs.offline_grace_s = cfg.offline_grace_s
         rs.started = self.clock()
@@ -241,11 +252,11 @@ class RoundEngine:
         if rs is None:
             raise FedmpqError("close_round() without an open round")
         self.round_state = None
-        self.last_allocation = rs.selected
         collected = self.clock()
         answered = len(rs.accepted)
         counted = answered > 0 and answered >= rs.quorum_target
         if counted:
+            self.last_allocation = rs.selected  # what the model now was trained at
             self.workload.global_state = rs.rule.result()
             self.policy.observe(rs.round, list(rs.accepted.values()))
         else:
@@ -253,7 +264,9 @@ class RoundEngine:
                 "round %d: %d of %d answered, model unchanged", rs.round, answered, len(rs.selected)
             )
         evaluation = self.evaluate(rs.round)
-        rejected = dict(self.rejections.counts)
+        # This round's rejections (and any between rounds); the totals go to the checkpoint.
+        rejected = dict(self.rejections.counts - self.rejections_reported)
+        self.rejections_reported = Counter(self.rejections.counts)
         row = metrics_row(
             rs, self.workload.layers, evaluation, counted=counted, collected=collected,
             rejected=rejected,

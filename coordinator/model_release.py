@@ -43,6 +43,13 @@ def final_bits(allocations: Mapping[str, BitAllocation]) -> dict[str, int]:
     return bits
 
 
+def released_bits(out_dir: Path, allocations: Mapping[str, BitAllocation]) -> dict[str, int]:
+    """The per-layer maximum of ``allocations`` or, with none (no round of this process
+    changed the model, e.g. a resumed run with nothing left to do), the bits already in
+    ``final_bits.json``; ``{}`` if neither: an empty file would only break ``fedmpq export``."""
+    return final_bits(allocations) or read_final_bits(out_dir).get("bits", {})
+
+
 def input_spec(data: DatasetSplit) -> InputSpec:
     """Input shape, classes and normalisation of a data set, for the exported graph."""
     train = data.train
@@ -98,12 +105,15 @@ def release_model(
 ) -> bytes | None:
     """Write the run's final artefacts and return the encoded ``ModelMessage`` to publish.
 
-    Always writes ``final_bits.json``; with ``config.publish_onnx`` also exports
-    ``model.onnx`` into the run directory and returns the message (``None`` otherwise,
+    Writes ``final_bits.json`` (never an empty one: :func:`released_bits`); with
+    ``config.publish_onnx`` also ``model.onnx``, returning its message (``None`` otherwise,
     or when the model cannot be exported: that is logged, the run's result stands).
     """
     out_dir = Path(config.out_dir)
-    bits = final_bits(allocations)
+    bits = released_bits(out_dir, allocations)
+    if not bits:
+        log.warning("no round changed the model: no %s written, no model published", FINAL_BITS)
+        return None
     record = {
         "run_id": config.run_id,
         "round": round,

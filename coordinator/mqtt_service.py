@@ -66,7 +66,13 @@ class MqttCoordinator:
         self.protocol = protocol
         self.on_round = on_round
         self.resume = resume
-        self.engine = engine if engine is not None else RoundEngine(config)
+        # Time spent connected and waiting on an empty inbox: the time in which a device
+        # that came back would have been heard.  The offline grace runs on it, so time a
+        # busy worker or a lost broker link kept a reconnect unheard does not count.
+        self.listening_s = 0.0
+        if engine is None:
+            engine = RoundEngine(config, grace_clock=lambda: self.listening_s)
+        self.engine = engine
         self.topics = Topics(config.topic_prefix)
         self.out_dir = Path(config.out_dir)
         self.checkpoints = checkpoints or DirectoryCheckpoints(self.out_dir)
@@ -115,17 +121,33 @@ class MqttCoordinator:
     def _next_job(self, timeout: float) -> None:
         """Run the next inbox job, waiting at most ``timeout`` s for one."""
         started = time.perf_counter()
+        listening = self._connected()
         try:
             job = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
             job = None
-        self.idle_s += time.perf_counter() - started
+        waited = time.perf_counter() - started
+        self.idle_s += waited
+        if listening and self._connected():
+            self.listening_s += waited
         if job is not None:
             job()
 
+    def _connected(self) -> bool:
+        return self.conn is not None and self.conn.connected.is_set()
+
     def _round_done(self) -> bool:
-        self._send(self.engine.tick())
-        return self.engine.done()
+        """Whether the open round should close, once what had arrived is handled: an
+        update or a reconnect queued behind a slow job still counts.  Only the backlog
+        of this moment is handled, so a flood of messages cannot hold the round open."""
+        engine = self.engine
+        self._send(engine.tick())
+        if not engine.done():
+            return False
+        for _ in range(self.inbox.qsize()):
+            self._next_job(0.0)
+        self._send(engine.tick())
+        return engine.done()
 
     def _run_round(self, round: int) -> dict[str, Any]:
         engine = self.engine
@@ -138,23 +160,28 @@ class MqttCoordinator:
         engine.observers.emit(RoundTimed(round, wall, self.idle_s - idle))
         return row
 
-    def _wait_for_devices(self, round: int) -> None:
-        """Wait for ``min_clients`` devices (before every round: e.g. the fleet is
-        reconnecting after a broker restart); devices that announced they are away
-        (churn, crash) are not waited for."""
+    def _wait_for_devices(self, round: int, *, first: bool) -> None:
+        """Before the ``first`` round this process runs (round 1, or the next one after
+        ``--resume``), wait for ``min_clients`` devices, at most ``registration_timeout_s``.
+        Later rounds go on with whoever is there (``quorum`` decides whether a round
+        counts), and wait, however long, only while no device is there at all.  Devices
+        that announced they are away (churn, crash) count: they come back by themselves."""
         cfg, engine = self.config, self.engine
-        deadline = engine.clock() + cfg.registration_timeout_s
-        while len(engine.registry.accounted_for()) < cfg.min_clients:
-            remaining = deadline - engine.clock()
-            if remaining <= 0:
-                break
-            self._next_job(min(remaining, 1.0))
-        online = len(engine.registry.accounted_for())
-        if online < cfg.min_clients:
-            raise FedmpqError(
-                f"only {online} of the {cfg.min_clients} devices the run needs registered within "
-                f"{cfg.registration_timeout_s:.0f} s; start more agents or lower min_clients"
-            )
+        needed = cfg.min_clients if first else 1
+        started = engine.clock()
+        warned = started
+        while len(engine.registry.accounted_for()) < needed:
+            now = engine.clock()
+            if first and now - started >= cfg.registration_timeout_s:
+                online = len(engine.registry.accounted_for())
+                raise FedmpqError(
+                    f"only {online} of the {needed} devices the run needs registered within "
+                    f"{cfg.registration_timeout_s:.0f} s; start more agents or lower min_clients"
+                )
+            if not first and now - warned >= cfg.registration_timeout_s:
+                log.warning("round %d: no device connected; waiting for one", round)
+                warned = now
+            self._next_job(1.0)
         engine.observers.emit(DevicesReady(round, time.time()))
 
     def _rounds(self, metrics: MetricsSink, ckpt: Checkpoint | None) -> None:
@@ -164,8 +191,9 @@ class MqttCoordinator:
             loss, accuracy = engine.evaluate()
             row0: dict[str, Any] = {"round": 0, "accuracy": accuracy, "loss": loss}
             self._emit(metrics, row0 | {"uplink_bytes": 0, "cumulative_uplink_bytes": 0})
-        for r in range((ckpt.round if ckpt is not None else 0) + 1, cfg.rounds + 1):
-            self._wait_for_devices(r)
+        first = (ckpt.round if ckpt is not None else 0) + 1
+        for r in range(first, cfg.rounds + 1):
+            self._wait_for_devices(r, first=r == first)
             row = self._run_round(r)
             cumulative += row["uplink_bytes"]
             row["cumulative_uplink_bytes"] = cumulative

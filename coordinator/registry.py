@@ -1,12 +1,27 @@
-"""The device registry: who is there, what they can do, whether they are online."""
+"""The device registry: who is there, what they can do, whether they are connected.
+
+Liveness comes from the device's connection: every status a device sends carries the
+nonce of the MQTT connection it was sent over, and its last will carries the same one
+(``StatusMessage.connection``).  A status of an earlier connection (a replayed will) or one
+older than the newest seen over the current connection (a replay) is ignored; only the
+broker publishes a connection's will, and only once that connection is gone.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
-from fedmpq.wire.messages import DeviceProfile, RegisterMessage
+from fedmpq.wire.messages import STATUS_CONNECTED, DeviceProfile, RegisterMessage, StatusMessage
+
+log = logging.getLogger("fedmpq.coordinator")
+
+#: What a status meant to the registry: ignored (not about the device's current
+#: connection), noted, or the first word of a new connection (the device reconnected).
+StatusVerdict = Literal["ignored", "noted", "connected"]
 
 
 @dataclass
@@ -20,6 +35,14 @@ class DeviceRecord:
     # Said itself that it is unavailable (a status for a round, e.g. churn or a crash),
     # rather than lost its connection (its last will): not waited for.
     away: bool = False
+    data_fingerprint: str = ""
+    connection: str = ""  # nonce of the device's current connection ("" = not known yet)
+    status_at: float = 0.0  # sent_at of the newest status seen over that connection
+
+
+def is_will(status: StatusMessage) -> bool:
+    """A connection's last will (also what a device says when it shuts down untrained)."""
+    return status.state == "offline" and status.round == 0
 
 
 class Registry:
@@ -29,19 +52,59 @@ class Registry:
         self.devices: dict[str, DeviceRecord] = {}
 
     def register(self, msg: RegisterMessage) -> DeviceRecord:
+        known = self.devices.get(msg.client_id)
         record = DeviceRecord(
             msg.client_id, msg.profile, msg.num_samples, msg.accepts_zstd, True, time.time()
         )
+        record.data_fingerprint = msg.data_fingerprint
+        if known is not None:  # a re-registration does not start a new connection
+            record.connection, record.status_at = known.connection, known.status_at
+        self._warn_shared_data(record)
         self.devices[msg.client_id] = record
         return record
 
-    def set_online(self, client_id: str, online: bool, *, announced: bool = False) -> None:
-        """Record liveness; ``announced``: the device itself said so (not its will)."""
-        record = self.devices.get(client_id)
-        if record is not None:
-            record.online = online
-            record.away = not online and announced
-            record.last_seen = time.time()
+    def _warn_shared_data(self, record: DeviceRecord) -> None:
+        fp = record.data_fingerprint
+        twins = [
+            d.client_id
+            for d in self.devices.values()
+            if fp and d.data_fingerprint == fp and d.client_id != record.client_id
+        ]
+        if twins:
+            log.warning(
+                "%s trains on the same data as %s (data fingerprint %s): give each agent its"
+                " own share (--partition-index)",
+                record.client_id,
+                ", ".join(sorted(twins)),
+                fp,
+            )
+
+    def note_status(self, status: StatusMessage) -> StatusVerdict:
+        """Record the liveness ``status`` reports, unless it is not about the device's
+        current connection (see the module docstring)."""
+        record = self.devices.get(status.client_id)
+        if record is None:
+            return "noted"
+        new = status.connection != record.connection
+        if record.connection:
+            if not new and status.sent_at < record.status_at and not is_will(status):
+                return "ignored"  # a replay of an older status of this connection
+            # A device whose will arrived may come back with any clock (a board that
+            # rebooted without a real-time clock); an online one only with a newer status.
+            newer = not record.online or status.sent_at >= record.status_at
+            if new and not (status.connection and status.state == "online" and newer):
+                return "ignored"  # of an earlier connection, or without the nonce it uses
+        # The first nonce learned is no reconnect: the device said so when it registered.
+        # Agents that send no nonce announce a reconnect in the detail instead.
+        legacy_connect = not status.connection and status.detail == STATUS_CONNECTED
+        reconnect = new and bool(record.connection)
+        connected = status.state == "online" and (reconnect or legacy_connect)
+        record.status_at = status.sent_at if new else max(record.status_at, status.sent_at)
+        record.connection = status.connection
+        record.online = status.state != "offline"
+        record.away = not record.online and status.round > 0
+        record.last_seen = time.time()
+        return "connected" if connected else "noted"
 
     def accounted_for(self) -> list[DeviceRecord]:
         """Devices online or away by their own word: everyone not lost to a broken link."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from coordinator.checkpoint import Checkpoint, model_frame
 from coordinator.engine import RoundEngine
@@ -42,4 +43,5 @@ def restore(engine: RoundEngine, ckpt: Checkpoint) -> None:
     engine.registry.devices = {d.client_id: d for d in ckpt.devices}
     engine.rng.setstate(ckpt.rng_state)
     engine.rejections = Rejections(ckpt.rejected)
+    engine.rejections_reported = Counter(ckpt.rejected)
     log.info("resumed after round %d from model %s", ckpt.round, glob.fingerprint)

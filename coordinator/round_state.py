@@ -11,7 +11,7 @@ import psutil
 
 from coordinator.aggregation import AggregationRule
 from fedmpq.policies import BitAllocation, ClientResult, LayerInfo
-from fedmpq.wire.messages import STATUS_CONNECTED, StatusMessage, UpdateMessage
+from fedmpq.wire.messages import StatusMessage, UpdateMessage
 
 Clock = Callable[[], float]
 _PROCESS = psutil.Process()
@@ -26,6 +26,9 @@ class RoundState:
     selected: dict[str, BitAllocation]
     rule: AggregationRule
     clock: Clock = time.monotonic
+    # Measures offline_grace_s: the transport's time spent able to hear a device come
+    # back (connected, with no backlog), not time lost while busy or cut off.
+    grace_clock: Clock = time.monotonic
     accepted: dict[str, ClientResult] = field(default_factory=dict)
     uplink_bytes: int = 0
     downlink_bytes: int = 0
@@ -44,7 +47,7 @@ class RoundState:
 
     def complete(self) -> bool:
         """Every selected device answered or is gone (offline past the grace counts)."""
-        now = self.clock()
+        now = self.grace_clock()
         for client_id, since in list(self.offline_since.items()):
             if now - since >= self.offline_grace_s:
                 del self.offline_since[client_id]
@@ -61,37 +64,46 @@ class RoundState:
         self.accepted[msg.client_id] = ClientResult(
             msg.client_id, msg.num_samples, sent_bits, dict(msg.bits_dropped), dict(msg.metrics)
         )
+        # An update counts whatever was said of the device's liveness before it came.
+        self.offline_since.pop(msg.client_id, None)
+        self.dropped.pop(msg.client_id, None)
         self.uplink_bytes += frame_bytes
         self.emulated_s = max(self.emulated_s, msg.usage.emulated_seconds)
 
     def note_gone(self, status: StatusMessage) -> bool:
         """Stop waiting for a selected device that will not answer this round: it went
-        offline (its last will, round 0, or a crash) or refused its task ("rejected").
-        A status about a later round (a device announcing it will be away) does not
-        count.  True when the device was dropped now."""
+        offline (its last will, round 0, or a crash) or refused its task ("rejected") or
+        failed it ("error").  A status about another round (a device announcing it will be
+        away) does not count, nor one about a device whose update is aggregated.  True
+        when the device was dropped now."""
         cid = status.client_id
         if status.state not in ("offline", "rejected", "error") or cid not in self.selected:
             return False
-        if status.round not in (0, self.round) or cid in self.accepted:
+        current = status.round == self.round or (status.round == 0 and status.state == "offline")
+        if not current or cid in self.accepted:
             return False
         if status.state == "offline":
             # A will also fires when the broker itself restarts: give the device the
             # grace to reconnect before the round stops waiting for it.
-            self.offline_since.setdefault(cid, self.clock())
+            self.offline_since.setdefault(cid, self.grace_clock())
             return False
         self.dropped[cid] = f"{status.state}: {status.detail}"
         return True
 
-    def welcome_back(self, status: StatusMessage) -> bytes | None:
-        """The task to send again to a selected device that (re)connected while the round
-        is open (the broker may have lost the task or the update); the device answers a
-        task it already answered with the same update, aggregated at most once."""
-        if status.state != "online":
+    def welcome_back(self, status: StatusMessage, *, reconnected: bool) -> bytes | None:
+        """A selected device said it is online while the round is open: it is back, and
+        no longer waited out (nor dropped, if it was dropped for going offline).  The task
+        to send again if it ``reconnected`` (the broker may have lost the task or the
+        update); the device answers a task it already answered with the same update,
+        aggregated at most once."""
+        cid = status.client_id
+        if status.state != "online" or cid not in self.selected:
             return None
-        self.offline_since.pop(status.client_id, None)
-        task = self.task_frames.get(status.client_id)
-        reconnected = status.detail == STATUS_CONNECTED
-        if reconnected and task is not None and status.client_id not in self.accepted:
+        self.offline_since.pop(cid, None)
+        if self.dropped.get(cid) == "offline":
+            del self.dropped[cid]
+        task = self.task_frames.get(cid)
+        if reconnected and task is not None and cid not in self.accepted:
             return task
         return None
 

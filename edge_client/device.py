@@ -2,9 +2,10 @@
 
 The runtime (``edge_client.runtime``) owns the MQTT side: connections, topics, status and
 reports.  A device owns what happens on the board: what it registers with, whether it is
-there to see a task, and what running a task comes to (:data:`Outcome`).  A real device
-measures itself and trains; ``edge_client.emulated_device.EmulatedDevice`` wraps one and
-makes it obey a profile instead, so the runtime treats both alike.
+there to see a task, and what running a task comes to (:data:`Outcome`; a task that raises
+is :class:`Failed`, which the runtime reports).  A real device measures itself and trains;
+``edge_client.emulated_device.EmulatedDevice`` wraps one and makes it obey a profile
+instead, so the runtime treats both alike.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +26,7 @@ from edge_client.task import execute_task
 from edge_client.training import TrainResult
 from fedmpq.errors import BudgetError
 from fedmpq.resources import ModelCost
+from fedmpq.state import fingerprint
 from fedmpq.wire.codec import encode
 from fedmpq.wire.messages import DeviceProfile, TaskMessage, UpdateMessage
 
@@ -53,6 +56,13 @@ class Crashed:
     reason: str
 
 
+@dataclass(frozen=True)
+class Failed:
+    """The task could not be done (status ``error`` with the reason): the round need not wait."""
+
+    reason: str
+
+
 @dataclass
 class Trained:
     """A task done: the update and its encoded, signed frame, ready to publish."""
@@ -67,7 +77,7 @@ class Trained:
 
 
 #: What running a task comes to.
-Outcome = Trained | Refused | Crashed
+Outcome = Trained | Refused | Crashed | Failed
 
 
 class Device(Protocol):
@@ -86,6 +96,10 @@ class Device(Protocol):
 
     @property
     def num_samples(self) -> int: ...
+
+    @property
+    def data_fingerprint(self) -> str:
+        """What the device trains on (``fedmpq.state.fingerprint`` of its data share)."""
 
     @property
     def online(self) -> bool:
@@ -133,6 +147,10 @@ class RealDevice:
     @property
     def num_samples(self) -> int:
         return len(self.y)
+
+    @cached_property
+    def data_fingerprint(self) -> str:
+        return fingerprint({"x": self.x.numpy(), "y": self.y.numpy()})
 
     @property
     def online(self) -> bool:

@@ -46,6 +46,10 @@ class EmulatedDevice:
         return self.real.num_samples
 
     @property
+    def data_fingerprint(self) -> str:
+        return self.real.data_fingerprint
+
+    @property
     def online(self) -> bool:
         return self.binding.online
 

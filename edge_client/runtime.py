@@ -15,20 +15,24 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_client.device import Crashed, Device, Refused, Trained
+import numpy as np
+
+from edge_client.device import Crashed, Device, Failed, Outcome, Refused, Trained
 from edge_client.model_store import ModelStore, ModelStoreError
 from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq import __version__
 from fedmpq.errors import DecodeError, FedmpqError
-from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Will
 from fedmpq.mqtt import Protocol as MqttProtocol
 from fedmpq.topics import (
     CONTROL,
@@ -56,7 +60,7 @@ from fedmpq.wire.messages import (
 log = logging.getLogger("fedmpq.agent")
 
 #: The states a device announces on its status topic.
-DeviceState = Literal["online", "offline", "rejected"]
+DeviceState = Literal["online", "offline", "rejected", "error"]
 
 
 @dataclass
@@ -83,6 +87,11 @@ class Session:
     last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
     last_update: tuple[int, str, bytes] | None = None  # (round, global fingerprint, frame)
+    connection_id: str = ""  # nonce of the current connection, in its will and statuses
+    # The device's own last statuses (newest last) and what the newest said, so that any
+    # other word on its status topic can be answered by saying it again.
+    sent_statuses: deque[bytes] = field(default_factory=lambda: deque(maxlen=4))
+    last_status: tuple[DeviceState, int, str] | None = None
 
 
 class AgentRuntime:
@@ -102,19 +111,39 @@ class AgentRuntime:
 
     # --- loop thread: queue and return ----------------------------------------------
     def _on_message(self, client_id: str, _conn: Connection, topic: str, payload: bytes) -> None:
-        self.inbox.put(partial(self._handle, self.sessions[client_id], topic, payload))
+        session = self.sessions[client_id]
+        if topic == self.topics.status(client_id):
+            # Answered here, not behind a training job: the coordinator must hear the
+            # device's own word before it selects the next round.
+            self._on_own_status(session, payload)
+            return
+        self.inbox.put(partial(self._handle, session, topic, payload))
 
     def _on_connect(self, client_id: str, conn: Connection) -> None:
-        for topic in self.topics.device_subscriptions(client_id):
+        # Its own status topic too: to answer a spoofed or replayed status about itself.
+        for topic in (*self.topics.device_subscriptions(client_id), self.topics.status(client_id)):
             conn.subscribe(topic, qos=QOS)
         self.inbox.put(partial(self._announce, self.sessions[client_id]))
 
+    def _will(self, client_id: str) -> Will:
+        """The last will of the next connection attempt: offline, under a fresh nonce that
+        the connection's statuses carry too (called on the loop thread before each attempt)."""
+        session = self.sessions[client_id]
+        session.connection_id = secrets.token_hex(8)
+        frame = self._status_frame(session, "offline", 0, "connection lost")
+        return (self.topics.status(client_id), frame, *publish_options(STATUS))
+
     # --- worker thread -----------------------------------------------------------------
     def _announce(self, session: Session) -> None:
-        self._publish_status(session, "online", session.last_round, STATUS_CONNECTED)
+        """On every (re)connect: the device is online over this connection."""
+        session.sent_statuses.clear()  # statuses of earlier connections are theirs
+        session.last_status = ("online", session.last_round, STATUS_CONNECTED)
         self._register(session)
 
     def _register(self, session: Session) -> None:
+        """Register, then say the device's last status again: the registration opens the
+        coordinator's record of the device, the status names the connection that is the
+        device's own (a will of any other connection is then ignored)."""
         device = session.device
         msg = RegisterMessage(
             client_id=device.client_id,
@@ -123,12 +152,15 @@ class AgentRuntime:
             num_samples=device.num_samples,
             accepts_zstd=True,
             sent_at=time.time(),
+            data_fingerprint=device.data_fingerprint,
         )
         session.connection.publish(
             self.topics.register(device.client_id),
             encode(msg, key=device.key),
             *publish_options(REGISTER),
         )
+        if session.last_status is not None:
+            self._publish_status(session, *session.last_status)
 
     def _handle(self, session: Session, topic: str, payload: bytes) -> None:
         kind, _ = self.topics.parse(topic) or ("unknown", None)
@@ -166,6 +198,18 @@ class AgentRuntime:
         elif msg.state == "finished" and self.options.exit_when_done:
             log.info("run %s finished", msg.run_id)
             self.stopped.set()
+
+    def _on_own_status(self, session: Session, payload: bytes) -> None:
+        """A status about this device that it did not send (a spoofed offline, a replayed
+        or retained will of an earlier connection): while connected, its own word stands,
+        so it says its last status again, newer than the one it answers."""
+        last = session.last_status
+        if last is None or payload in session.sent_statuses:
+            return
+        # Not decoded here on the loop thread: anyone may publish anything on this topic.
+        # After a reconnect this is usually the retained will of the previous connection.
+        log.info("%s: answering a status it did not send", session.device.client_id)
+        self._publish_status(session, *last)
 
     def _round_opened(self, session: Session, round: int, global_bytes: int) -> None:
         """Round ``round`` opened: announce what the device says of its availability."""
@@ -233,18 +277,32 @@ class AgentRuntime:
         assert global_state is not None
         client_id = session.device.client_id
         session.last_round = task.round
-        outcome = session.device.run_task(task, global_state, self.pool)
+        outcome = self._run_task(session, task, global_state)
         if isinstance(outcome, Trained):
             self._send_update(session, task, outcome)
             return
         if isinstance(outcome, Crashed):
             self._publish_status(session, "offline", task.round, outcome.reason)
             event = "crash"
+        elif isinstance(outcome, Failed):
+            self._publish_status(session, "error", task.round, outcome.reason)
+            event = "error"
         else:
             assert isinstance(outcome, Refused)
             self._publish_status(session, "rejected", task.round, outcome.reason)
             event = "rejected"
         self._report({"event": event, "client_id": client_id, "round": task.round})
+
+    def _run_task(
+        self, session: Session, task: TaskMessage, global_state: Mapping[str, np.ndarray]
+    ) -> Outcome:
+        """The device's outcome; a task that raises has failed, and the coordinator is told
+        so the round does not wait for it until its deadline."""
+        try:
+            return session.device.run_task(task, global_state, self.pool)
+        except Exception as exc:
+            log.exception("%s: round %d failed", session.device.client_id, task.round)
+            return Failed(f"{type(exc).__name__}: {exc}")
 
     def _send_update(self, session: Session, task: TaskMessage, trained: Trained) -> None:
         device = session.device
@@ -284,17 +342,20 @@ class AgentRuntime:
             fh.write(json.dumps(row) + "\n")
 
     # --- publishing: every message a device sends goes out here ----------------------
-    def _status_frame(
-        self, device: Device, state: DeviceState, round: int, detail: str, sent_at: float
-    ) -> bytes:
-        status = StatusMessage(device.client_id, state, round, detail, sent_at)
+    def _status_frame(self, session: Session, state: DeviceState, round: int, detail: str) -> bytes:
+        device = session.device
+        status = StatusMessage(
+            device.client_id, state, round, detail, time.time(), session.connection_id
+        )
         return encode(status, key=device.key)
 
     def _publish_status(
         self, session: Session, state: DeviceState, round: int, detail: str
     ) -> None:
         device = session.device
-        frame = self._status_frame(device, state, round, detail, time.time())
+        frame = self._status_frame(session, state, round, detail)
+        session.sent_statuses.append(frame)
+        session.last_status = (state, round, detail)
         session.connection.publish(
             self.topics.status(device.client_id), frame, *publish_options(STATUS)
         )
@@ -306,15 +367,13 @@ class AgentRuntime:
     # --- lifecycle ---------------------------------------------------------------------
     def _connection(self, loop: MqttLoop, device: Device) -> Connection:
         client_id = device.client_id
-        # What the broker publishes for the device if its link drops: it is offline.
-        will = self._status_frame(device, "offline", 0, "connection lost", 0.0)
         return Connection(
             loop,
             self.options.broker,
             client_id,
             on_message=partial(self._on_message, client_id),
             on_connect=partial(self._on_connect, client_id),
-            will=(self.topics.status(client_id), will, *publish_options(STATUS)),
+            will=partial(self._will, client_id),
             protocol=self.options.protocol,
         )
 
@@ -341,7 +400,8 @@ class AgentRuntime:
                     log.exception("job failed")
         finally:
             for session in self.sessions.values():
-                self._publish_status(session, "offline", session.last_round, "")
+                # Round 0: gone until it connects again, not away for a round by its word.
+                self._publish_status(session, "offline", 0, "stopped")
                 session.connection.flush(5.0)
                 session.connection.close()
             loop.stop()

@@ -60,6 +60,8 @@ logger = logging.getLogger("fedmpq.mqtt")
 Protocol = Literal["5", "3.1.1"]
 MessageHandler = Callable[["Connection", str, bytes], None]
 ConnectHandler = Callable[["Connection"], None]
+#: A last will: ``(topic, payload, qos, retain)``.
+Will = tuple[str, bytes, int, bool]
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Query keys of an mqtts:// URL: its CA file, client certificate and key.
@@ -442,7 +444,8 @@ class Connection:
         is set.  It may publish, but must not wait for anything the loop has to do.
     will
         ``(topic, payload, qos, retain)`` the broker publishes if the connection drops
-        without a DISCONNECT.
+        without a DISCONNECT, or a function returning it, called on the loop thread
+        before every connection attempt (a will that differs per connection).
     protocol
         ``"5"`` (default) or ``"3.1.1"``.
     keepalive
@@ -462,7 +465,7 @@ class Connection:
         *,
         on_message: MessageHandler,
         on_connect: ConnectHandler | None = None,
-        will: tuple[str, bytes, int, bool] | None = None,
+        will: Will | Callable[[], Will] | None = None,
         protocol: Protocol = "5",
         keepalive: int = 30,
         max_payload: int | None = None,
@@ -498,12 +501,13 @@ class Connection:
         self._idle.set()
         self._sub_requests: dict[int, list[str]] = {}
         self._restore_mid: int | None = None
+        self._will_factory = will if callable(will) else None
 
-        self._client = self._make_client(keepalive, session_expiry, will)
+        self._client = self._make_client(
+            keepalive, session_expiry, None if callable(will) else will
+        )
 
-    def _make_client(
-        self, keepalive: int, session_expiry: int, will: tuple[str, bytes, int, bool] | None
-    ) -> paho.Client:
+    def _make_client(self, keepalive: int, session_expiry: int, will: Will | None) -> paho.Client:
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
@@ -673,6 +677,8 @@ class Connection:
     def _attempt(self) -> None:
         self._timer = None
         self._state = _State.CONNECTING
+        if self._will_factory is not None:
+            self._client.will_set(*self._will_factory())
         logger.debug("%s: connecting to %s", self._client_id, self._broker.url)
         self._loop._run_blocking(self._client.reconnect, self._attempt_done)
 

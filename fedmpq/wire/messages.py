@@ -77,6 +77,9 @@ class RegisterMessage:
     num_samples: int
     accepts_zstd: bool
     sent_at: float
+    # What the device trains on (``fedmpq.state.fingerprint`` of its share); "" = not
+    # reported.  Two devices with the same one train on the same data: the coordinator warns.
+    data_fingerprint: str = ""
 
 
 @dataclass
@@ -177,6 +180,11 @@ class StatusMessage:
     ``detail == STATUS_CONNECTED``: the coordinator then re-sends the task of an open
     round the device was selected for and has not answered, since a broker restart
     may have lost it.
+
+    ``connection`` is a fresh random value per MQTT connection, the same in that
+    connection's will and in every status sent over it: the coordinator ignores a status
+    of an earlier connection (a replayed will), and a status it has not seen before
+    cannot be made from a captured one when frames are signed.  "" = not reported.
     """
 
     MESSAGE_TYPE: ClassVar[str] = "status"
@@ -186,6 +194,7 @@ class StatusMessage:
     round: int
     detail: str
     sent_at: float
+    connection: str = ""
 
 
 @dataclass

@@ -21,17 +21,21 @@ from fedmpq.wire.messages import GlobalModelMessage
 DEADLINE_S = 240
 
 
+def _agent(
+    url: str, run_id: str, out: Path, index: int, count: int, *extra: str, env=None
+) -> subprocess.Popen:
+    """Agent process hosting device ``index`` of ``count`` (its log: ``agent-INDEX.log``)."""
+    cmd = [
+        sys.executable, "-m", "edge_client", "--broker", url, "--clients", "1",
+        "--first-index", str(index), "--num-partitions", str(count), "--run-id", run_id,
+        "--exit-when-done", "--threads", "1", "--report", str(out / "agents.jsonl"), *extra,
+    ]  # fmt: skip
+    log = (out / f"agent-{index}.log").open("ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 def _agents(url: str, run_id: str, out: Path, count: int) -> list[subprocess.Popen]:
-    procs = []
-    for i in range(count):
-        cmd = [
-            sys.executable, "-m", "edge_client", "--broker", url, "--clients", "1",
-            "--first-index", str(i), "--num-partitions", str(count), "--run-id", run_id,
-            "--exit-when-done", "--threads", "1", "--report", str(out / "agents.jsonl"),
-        ]  # fmt: skip
-        log = (out / f"agent-{i}.log").open("wb")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-    return procs
+    return [_agent(url, run_id, out, i, count) for i in range(count)]
 
 
 def _coordinator(url: str, run_id: str, out: Path, rounds: int, *extra: str) -> subprocess.Popen:
