@@ -80,5 +80,6 @@ def execute_task(
         ),
         metrics={"loss": result.loss, "accuracy": result.accuracy},
         bits_dropped=dropped,
+        token=task.token,
     )
     return update, result

@@ -135,6 +135,7 @@ def test_anchored_aggregation_keeps_what_quantizing_the_start_lost(tmp_path, anc
         tensors,
         ResourceUsage(0.0, 0, 0.0),
         {},
+        token=task.token,
     )
     coordinator.receive(UPDATE, "dev-0", encode(update))
     coordinator.close_round()

@@ -65,7 +65,7 @@ def echo_update(engine: RoundEngine, task_frame: bytes) -> bytes:
     return encode(
         UpdateMessage(
             "eng", task.round, task.client_id, 100, task.model_fingerprint, "weights", tensors,
-            usage, {},
+            usage, {}, token=task.token,
         )
     )  # fmt: skip
 

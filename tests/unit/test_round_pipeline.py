@@ -27,7 +27,7 @@ from fedmpq.wire.messages import (
     TaskMessage,
     UpdateMessage,
 )
-from fedmpq.wire.signing import generate_keys, write_keyring
+from fedmpq.wire.signing import generate_coordinator_key, generate_keys, write_keyring
 from fedmpq.wire.tensors import decode_state
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
@@ -43,7 +43,8 @@ def make_coordinator(tmp_path, policy, keys=None):
     key_file = ""
     if keys is not None:
         key_file = str(tmp_path / "keys.toml")
-        write_keyring(key_file, keys)
+        private, public = generate_coordinator_key()
+        write_keyring(key_file, keys, coordinator_public=public, coordinator_private=private)
     config = RunConfig(
         device_keys=key_file,
         run_id="unit",
