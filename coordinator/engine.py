@@ -23,6 +23,7 @@ import math
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,13 @@ from fedmpq.wire.codec import (
     encode,
     sign_frame,
 )
-from fedmpq.wire.messages import ControlMessage, RegisterMessage, StatusMessage, UpdateMessage
+from fedmpq.wire.messages import (
+    ControlMessage,
+    NoticeMessage,
+    RegisterMessage,
+    StatusMessage,
+    UpdateMessage,
+)
 from fedmpq.wire.signing import CoordinatorSigner, load_key_file
 from fedmpq.wire.tensors import decode_state
 
@@ -72,6 +79,8 @@ log = logging.getLogger("fedmpq.coordinator")
 
 #: Frames a device sends: with device keys configured, each must carry its signature.
 SIGNED = frozenset({REGISTER, STATUS, UPDATE})
+#: Unsigned registrations waiting for their liveness probe to be answered, at most.
+MAX_PENDING_REGISTRATIONS = 4096
 
 
 class RoundEngine:
@@ -114,6 +123,9 @@ class RoundEngine:
             self.keyring, self.signer = keys.keys, keys.signer(config.device_keys)
         self.guard = MoveGuard(config.max_round_move)
         self.proven: set[str] = set()  # devices that answered a task this run
+        # Unsigned registrations wait here until the device answers a probe sent to its
+        # task topic: a flood of registrations from nowhere never reaches the registry.
+        self.pending: OrderedDict[str, RegisterMessage] = OrderedDict()
         self.silent: set[str] = set()  # selected, never answered, not heard from since
         self.round_state: RoundState | None = None
         self.last_allocation: dict[str, BitAllocation] = {}
@@ -136,7 +148,7 @@ class RoundEngine:
             if problem is not None:
                 self.rejections.reject(problem[0], client_id, problem[1])
             elif kind == REGISTER:
-                self._register(client_id, env)
+                out = self._register(client_id, env)
             elif kind == STATUS:
                 out = self._status(client_id, env)
             elif kind == UPDATE:
@@ -147,17 +159,45 @@ class RoundEngine:
         self.observers.emit(FrameHandled(kind, client_id, len(payload), elapsed))
         return out
 
-    def _register(self, client_id: str | None, env: Envelope) -> None:
+    def _register(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
+        """A signed registration counts at once; an unsigned one once the device answers
+        a liveness probe on its task topic (which an agent echoes in a status)."""
         msg = decode_body(env, RegisterMessage, self.limits)
         if msg.client_id != client_id:
             self.rejections.reject("spoofed", client_id, f"registers as {msg.client_id!r}")
-            return
+            return []
+        if self.keyring is not None:
+            self._enroll(msg)
+            return []
+        self.pending.pop(msg.client_id, None)
+        self.pending[msg.client_id] = msg
+        if len(self.pending) > MAX_PENDING_REGISTRATIONS:
+            dropped, _ = self.pending.popitem(last=False)
+            self.rejections.reject("unproven", dropped, "registration never proved liveness")
+        notice = NoticeMessage(self.config.run_id, msg.client_id, 0, self._probe(msg.client_id))
+        return [Outgoing(TASK, msg.client_id, encode(notice))]
+
+    def _probe(self, client_id: str) -> str:
+        return f"liveness probe {self.task_token(0, client_id)}"
+
+    def _enroll(self, msg: RegisterMessage) -> None:
         self.registry.register(msg)
-        log.info("registered %s (%d samples)", client_id, msg.num_samples)
+        log.info("registered %s (%d samples)", msg.client_id, msg.num_samples)
+
+    def _probe_answered(self, status: StatusMessage) -> bool:
+        """True if ``status`` answers a liveness probe (it then enrolls the device)."""
+        if status.round != 0 or status.state != "rejected":
+            return False
+        if not hmac.compare_digest(status.detail, self._probe(status.client_id)):
+            return False
+        msg = self.pending.pop(status.client_id, None)
+        if msg is not None:
+            self._enroll(msg)
+        return True
 
     def _status(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
         status = decode_body(env, StatusMessage, self.limits)
-        if status.client_id != client_id:
+        if status.client_id != client_id or self._probe_answered(status):
             return []
         online, announced = status.state != "offline", status.round > 0
         self.registry.set_online(client_id, online, announced=announced)

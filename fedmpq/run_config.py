@@ -108,7 +108,7 @@ class RunConfig:
         0.0, "reject updates further than this (L2) from the global model; 0 = off", minimum=0
     )
     clip_multiple: float = setting(
-        3.0, "clip each update's change to this many times the round's median; 0 = off",
+        10.0, "clip each update's change to this many times the round's median; 0 = off",
         minimum=0,
     )  # fmt: skip
     max_round_move: float = setting(

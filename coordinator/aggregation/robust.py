@@ -26,8 +26,8 @@ log = logging.getLogger("fedmpq.coordinator")
 
 State = dict[str, np.ndarray]
 
-#: Default clip: 3x the median change norm of the round, the first 3 updates held back.
-CLIP_MULTIPLE = 3.0
+#: Default clip: 10x the median change norm of the round, the first 3 updates held back.
+CLIP_MULTIPLE = 10.0
 CLIP_WARMUP = 3
 
 
