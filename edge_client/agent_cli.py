@@ -8,6 +8,7 @@ imported; training starts in edge_client.cli.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keys",
         type=Path,
+        default=os.environ.get("FEDMPQ_KEYS") or None,
         help="device key file (fedmpq keys): each device signs with its key, and refuses"
-        " whatever the coordinator's key did not sign",
+        " whatever the coordinator's key did not sign; default $FEDMPQ_KEYS",
     )
     p.add_argument("--max-epochs", type=int, default=20, help="refuse tasks asking for more epochs")
     p.add_argument(

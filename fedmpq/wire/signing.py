@@ -183,14 +183,25 @@ def write_key_files(
 ) -> KeyFile:
     """Enroll ``client_ids``: the coordinator's file ``out`` (every device key and the
     coordinator's key pair) and, with ``device_dir``, one ``<id>.toml`` per device (its own
-    key and the coordinator's public key)."""
-    keys = generate_keys(client_ids)
-    private, public = generate_coordinator_key()
+    key and the coordinator's public key).
+
+    An existing ``out`` keeps its coordinator key pair and device keys (re-running adds
+    devices without re-enrolling the fleet).
+    """
+    existing = load_key_file(out) if Path(out).exists() else KeyFile({})
+    keys = dict(existing.keys)
+    ids = [validate_client_id(cid) for cid in client_ids]
+    keys.update(generate_keys(cid for cid in ids if cid not in keys))
+    private, public = existing.coordinator_private, existing.coordinator_public
+    if private is None or public is None:
+        private, public = generate_coordinator_key()
     write_keyring(out, keys, coordinator_public=public, coordinator_private=private)
     if device_dir is not None:
         Path(device_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-        for cid, key in keys.items():
-            write_keyring(Path(device_dir) / f"{cid}.toml", {cid: key}, coordinator_public=public)
+        for cid in ids:
+            write_keyring(
+                Path(device_dir) / f"{cid}.toml", {cid: keys[cid]}, coordinator_public=public
+            )
     return KeyFile(keys, public, private)
 
 
