@@ -81,6 +81,8 @@ log = logging.getLogger("fedmpq.coordinator")
 SIGNED = frozenset({REGISTER, STATUS, UPDATE})
 #: Unsigned registrations waiting for their liveness probe to be answered, at most.
 MAX_PENDING_REGISTRATIONS = 4096
+#: An update weighs at most this many times the median registered samples of its round.
+SAMPLE_CAP_MULTIPLE = 10.0
 
 
 class RoundEngine:
@@ -122,6 +124,7 @@ class RoundEngine:
             keys = load_key_file(config.device_keys)
             self.keyring, self.signer = keys.keys, keys.signer(config.device_keys)
         self.guard = MoveGuard(config.max_round_move)
+        self.sample_cap = math.inf  # an update's weight at most: set per round
         self.proven: set[str] = set()  # devices that answered a task this run
         # Unsigned registrations wait here until the device answers a probe sent to its
         # task topic: a flood of registrations from nowhere never reaches the registry.
@@ -217,11 +220,8 @@ class RoundEngine:
     def _update(self, client_id: str, env: Envelope, frame_bytes: int) -> None:
         msg = decode_body(env, UpdateMessage, self.limits)
         rs = self.round_state
-        problem = update_problem(msg, client_id, rs, self.config.run_id, self.policy.update_kind)
-        if problem is None and not hmac.compare_digest(
-            msg.token, self.task_token(msg.round, client_id)
-        ):
-            problem = "token", "does not echo the token of the device's task"
+        kind = self.policy.update_kind
+        problem = update_problem(msg, client_id, rs, self.config.run_id, kind, self.task_token)
         if problem is None:
             assert rs is not None  # update_problem calls an update with no round open stale
             problem = self._aggregate(rs, msg, frame_bytes)
@@ -242,6 +242,7 @@ class RoundEngine:
         if problem is None:
             device = self.registry.devices.get(msg.client_id)
             weight = update_weight(msg, device.num_samples if device is not None else 1)
+            weight = min(weight, self.sample_cap)
             rs.rule.add(tensors, weight, norm)
             rs.accept(msg, frame_bytes)
             self.proven.add(msg.client_id)
@@ -287,6 +288,10 @@ class RoundEngine:
         if selected is None:
             selected = self.select(cfg.clients_per_round)
         admitted, clients, excluded = self.messages.admit(round, selected)
+        if admitted:
+            # No device outweighs SAMPLE_CAP_MULTIPLE typical ones, whatever it registered.
+            median = float(np.median([d.num_samples for d in admitted]))
+            self.sample_cap = SAMPLE_CAP_MULTIPLE * max(median, 1.0)
         allocation = self.policy.allocate(round, clients)
         rule = make_rule(rule_name(self.policy), self.global_state, self.quantization)
         rule.clip.multiple = cfg.clip_multiple if cfg.clip_multiple > 0 else math.inf
@@ -345,7 +350,8 @@ class RoundEngine:
         collected = self.clock()
         answered = len(rs.accepted)
         # Asked, and neither answered nor said why: not asked again until heard from.
-        self.silent.update(set(rs.selected) - set(rs.accepted) - set(rs.dropped))
+        # (Devices that answered before stay selectable: a missed round locks no one out.)
+        self.silent.update(set(rs.selected) - set(rs.accepted) - set(rs.dropped) - self.proven)
         counted = answered > 0 and answered >= rs.quorum_target
         if counted:
             new_state = rs.rule.result()

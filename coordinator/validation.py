@@ -9,6 +9,7 @@ the model much further than recent rounds did is discarded (:class:`MoveGuard`).
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import time
@@ -77,9 +78,15 @@ def signature_problem(
 
 
 def update_problem(
-    msg: UpdateMessage, client_id: str, rs: RoundState | None, run_id: str, update_kind: str
+    msg: UpdateMessage,
+    client_id: str,
+    rs: RoundState | None,
+    run_id: str,
+    update_kind: str,
+    token: Callable[[int, str], str],
 ) -> Problem | None:
-    """Why an update cannot be aggregated in the open round ``rs``, or None."""
+    """Why an update cannot be aggregated in the open round ``rs``, or None (``token``:
+    the token of a device's task in a round, which its update must echo)."""
     if msg.client_id != client_id:
         return "spoofed", f"update on {client_id}'s topic claims {msg.client_id!r}"
     if msg.run_id != run_id:
@@ -88,6 +95,8 @@ def update_problem(
         return "stale", f"round {msg.round} is not open"
     if client_id not in rs.selected:
         return "unexpected", f"not selected for round {rs.round}"
+    if not hmac.compare_digest(msg.token, token(rs.round, client_id)):
+        return "token", "does not echo the token of the device's task"
     if client_id in rs.accepted:
         return "duplicate", f"already aggregated for round {rs.round}"
     if msg.model_fingerprint != rs.fingerprint:

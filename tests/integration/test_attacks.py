@@ -197,7 +197,7 @@ def assert_like_clean(run: Run, clean: Run) -> None:
 
 def _update(glob: GlobalModelMessage, client_id: str, samples: int, scale: float) -> bytes:
     state = {k: v * np.float32(scale) for k, v in decode_state(glob.tensors).items()}
-    tensors = encode_state(state, {name: 32 for name in state})
+    tensors = encode_state(state, {name: 4 for name in state})  # as a 4-bit device would
     msg = UpdateMessage(
         glob.run_id, glob.round, client_id, samples, glob.fingerprint, "weights", tensors,
         ResourceUsage(0.0, 0, 0.0), {},
