@@ -4,6 +4,7 @@ the model of the clean run (same keys setting), byte for byte."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import zstandard
 
@@ -25,7 +27,9 @@ from coordinator.checkpoint import load_checkpoint
 from coordinator.metrics import read_metrics
 from edge_client.model_store import ModelStore
 from fedmpq.keys_cli import main as keys_main
+from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
+from fedmpq.state import fingerprint, state_to_numpy
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
@@ -190,7 +194,7 @@ def assert_like_clean(run: Run, clean: Run) -> None:
     assert [r["round"] for r in run.rows] == list(range(ROUNDS + 1))
     for row in run.rows[1:]:
         assert row["participants"] == list(DEVICES), row
-        assert row["counted"] and row["dropped"] == {}, row
+        assert row["counted"] and row["dropped"] == {} and row["selected"] == len(DEVICES), row
     assert run.fingerprint == clean.fingerprint
     assert [r["accuracy"] for r in run.rows] == [r["accuracy"] for r in clean.rows]
 
@@ -351,3 +355,54 @@ def test_zstd_bombs_are_refused_cheaply(module_mosquitto, tmp_path, tmp_path_fac
     assert_like_clean(run, clean)
     assert sum(r["rejected"].get("malformed", 0) for r in run.rows[-1:]) == 100
     print(f"bomb run {run.seconds:.1f} s, clean run {clean.seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- device limits
+
+
+def test_sigterm_stops_a_long_task_within_seconds(module_mosquitto, tmp_path):
+    """An agent whose limits admit a 10^6-epoch task still stops on SIGTERM, mid-task."""
+    url, run_id = module_mosquitto.url, "sigterm"
+    registered = threading.Event()
+    with MqttLoop() as loop:
+        conn = Connection(
+            loop, BrokerAddress.parse(url), "test-sigterm",
+            on_message=lambda *_: registered.set(),
+        )  # fmt: skip
+        conn.subscribe(TOPICS.register("device-0000"))
+        conn.connect()
+        assert conn.wait_connected(30.0)
+        cmd = [
+            sys.executable, "-m", "edge_client", "--broker", url, "--run-id", run_id,
+            "--threads", "1", "--max-epochs", str(10**6), "--model-dir", "",
+        ]  # fmt: skip
+        agent = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert registered.wait(DEADLINE_S)
+            state = state_to_numpy(build_model("mlp", 10, (1, 28, 28)))
+            fp = fingerprint(state)
+            glob = GlobalModelMessage(
+                run_id, 1, "mlp", fp, encode_state(state, {k: 32 for k in state})
+            )
+            task = TaskMessage(
+                run_id, 1, "device-0000", "mlp", fp, "fixed", {}, "symmetric", True, 10**6, 32,
+                0.05, 60.0, False,
+            )  # fmt: skip
+            conn.publish(TOPICS.global_model, encode(glob), 1, False)
+            conn.publish(TOPICS.task("device-0000"), encode(task), 1, False)
+            conn.flush(30.0)
+            # Training shows as CPU time: wait until the agent has trained for a while.
+            baseline = sum(agent.cpu_times()[:2])
+            deadline = time.monotonic() + DEADLINE_S
+            while sum(agent.cpu_times()[:2]) < baseline + 3.0:
+                assert time.monotonic() < deadline and agent.poll() is None
+                with contextlib.suppress(psutil.TimeoutExpired):
+                    agent.wait(timeout=0.2)  # returns at once if the agent died
+            agent.terminate()
+            started = time.monotonic()
+            assert agent.wait(timeout=30) == 0
+            print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM")
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+            conn.close()
