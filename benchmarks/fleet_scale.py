@@ -65,7 +65,7 @@ from fedmpq.models import build_model
 from fedmpq.profiles import load_fleet
 from fedmpq.resources import model_cost, training_seconds
 from fedmpq.topics import GLOBAL, REGISTER, TASK, UPDATE
-from fedmpq.wire.signing import generate_keys, write_keyring
+from fedmpq.wire.signing import write_key_files
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fleet_scale.json"
@@ -235,7 +235,7 @@ def run_size(
     shutil.rmtree(out, ignore_errors=True)  # agents append to their report file
     out.mkdir(parents=True)
     run_id = f"scale-{clients}"
-    write_keyring(out / KEY_FILE, generate_keys(f"device-{i:04d}" for i in range(clients)))
+    write_key_files(out / KEY_FILE, (f"device-{i:04d}" for i in range(clients)))
     result_path = out / "coordinator.json"
     emulate_argv = ["--clients", str(clients), "--partition", PARTITION, "--dataset", DATASET]
     emulate_argv += ["--seed", str(SEED), "--fleet", str(FLEET), "--compute-time", compute_time]

@@ -25,13 +25,14 @@ from coordinator.events import Outgoing
 from edge_client.task import execute_task
 from fedmpq.models import build_model
 from fedmpq.resources import training_seconds, transfer_seconds
-from fedmpq.topics import GLOBAL, REGISTER, TASK, UPDATE
+from fedmpq.topics import GLOBAL, REGISTER, STATUS, TASK, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     DeviceProfile,
     GlobalModelMessage,
     NoticeMessage,
     RegisterMessage,
+    StatusMessage,
     TaskMessage,
     UpdateMessage,
 )
@@ -54,7 +55,17 @@ def register(coordinator: RoundEngine, devices: list[SimDevice]) -> None:
     """Register every device with the coordinator through a register frame."""
     for d in devices:
         msg = RegisterMessage(d.client_id, "sim", d.profile, len(d.y), True, time.time())
-        coordinator.receive(REGISTER, d.client_id, encode(msg))
+        enroll(coordinator, msg)
+
+
+def enroll(coordinator: RoundEngine, msg: RegisterMessage, key: bytes | None = None) -> None:
+    """Send ``msg`` and answer what comes back as an agent does: a notice (the liveness
+    probe of an unsigned registration) with a ``rejected`` status echoing its reason."""
+    for out in coordinator.receive(REGISTER, msg.client_id, encode(msg, key=key)):
+        notice = decode(out.payload)
+        if isinstance(notice, NoticeMessage):
+            status = StatusMessage(msg.client_id, "rejected", notice.round, notice.reason, 0.0)
+            coordinator.receive(STATUS, msg.client_id, encode(status, key=key))
 
 
 def frames(sent: list[Outgoing]) -> tuple[bytes, dict[str, bytes]]:

@@ -16,11 +16,14 @@ evaluates and returns the metrics row.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import random
+import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -40,27 +43,46 @@ from coordinator.registry import DeviceRecord, Registry
 from coordinator.round_state import RoundState, metrics_row
 from coordinator.tasks import RoundMessages
 from coordinator.validation import (
+    MoveGuard,
     Problem,
     Rejections,
     norm_problem,
     shape_problem,
     signature_problem,
     update_problem,
+    update_weight,
 )
 from coordinator.workload import Workload
 from fedmpq.errors import DecodeError, FedmpqError
 from fedmpq.policies import BitAllocation, PolicyContext, make_policy
 from fedmpq.state import fingerprint
 from fedmpq.topics import CONTROL, GLOBAL, REGISTER, STATUS, TASK, UPDATE
-from fedmpq.wire.codec import DecodeLimits, Envelope, decode_body, decode_envelope, encode
-from fedmpq.wire.messages import ControlMessage, RegisterMessage, StatusMessage, UpdateMessage
-from fedmpq.wire.signing import load_keyring
+from fedmpq.wire.codec import (
+    DecodeLimits,
+    Envelope,
+    decode_body,
+    decode_envelope,
+    encode,
+    sign_frame,
+)
+from fedmpq.wire.messages import (
+    ControlMessage,
+    NoticeMessage,
+    RegisterMessage,
+    StatusMessage,
+    UpdateMessage,
+)
+from fedmpq.wire.signing import CoordinatorSigner, load_key_file
 from fedmpq.wire.tensors import decode_state
 
 log = logging.getLogger("fedmpq.coordinator")
 
 #: Frames a device sends: with device keys configured, each must carry its signature.
 SIGNED = frozenset({REGISTER, STATUS, UPDATE})
+#: Unsigned registrations waiting for their liveness probe to be answered, at most.
+MAX_PENDING_REGISTRATIONS = 4096
+#: An update weighs at most this many times the median registered samples of its round.
+SAMPLE_CAP_MULTIPLE = 10.0
 
 
 class RoundEngine:
@@ -94,8 +116,24 @@ class RoundEngine:
             lambda: w.global_state, w.heldout_loss, q.scheme, q.per_channel, q.observer
         )
         self.policy.setup(w.layers, context)
-        self.messages = RoundMessages(config, w.cost, self.registry, self.policy)
-        self.keyring = load_keyring(config.device_keys) if config.device_keys else None
+        # A task's token is an HMAC of (run, round, device) under a per-process secret: an
+        # update must echo it, which only whoever received the task can (without keys).
+        self._token_secret = secrets.token_bytes(32)
+        self.messages = RoundMessages(
+            config, w.cost, self.registry, self.policy, token=self.task_token
+        )
+        self.keyring: dict[str, bytes] | None = None
+        self.signer: CoordinatorSigner | None = None
+        if config.device_keys:
+            keys = load_key_file(config.device_keys)
+            self.keyring, self.signer = keys.keys, keys.signer(config.device_keys)
+        self.guard = MoveGuard(config.max_round_move)
+        self.sample_cap = math.inf  # an update's weight at most: set per round
+        self.proven: set[str] = set()  # devices that answered a task this run
+        # Unsigned registrations wait here until the device answers a probe sent to its
+        # task topic: a flood of registrations from nowhere never reaches the registry.
+        self.pending: OrderedDict[str, RegisterMessage] = OrderedDict()
+        self.silent: set[str] = set()  # selected, never answered, not heard from since
         self.round_state: RoundState | None = None
         self.last_allocation: dict[str, BitAllocation] = {}
 
@@ -112,10 +150,12 @@ class RoundEngine:
             # Parsed once: the signature is checked on the envelope, then the body decoded.
             env = decode_envelope(payload, self.limits)
             problem = signature_problem(self.keyring, client_id, env) if kind in SIGNED else None
+            if problem is None:
+                self.silent.discard(client_id or "")  # heard from: may be asked again
             if problem is not None:
                 self.rejections.reject(problem[0], client_id, problem[1])
             elif kind == REGISTER:
-                self._register(client_id, env)
+                out = self._register(client_id, env)
             elif kind == STATUS:
                 out = self._status(client_id, env)
             elif kind == UPDATE:
@@ -126,17 +166,45 @@ class RoundEngine:
         self.observers.emit(FrameHandled(kind, client_id, len(payload), elapsed))
         return out
 
-    def _register(self, client_id: str | None, env: Envelope) -> None:
+    def _register(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
+        """A signed registration counts at once; an unsigned one once the device answers
+        a liveness probe on its task topic (which an agent echoes in a status)."""
         msg = decode_body(env, RegisterMessage, self.limits)
         if msg.client_id != client_id:
             self.rejections.reject("spoofed", client_id, f"registers as {msg.client_id!r}")
-            return
+            return []
+        if self.keyring is not None:
+            self._enroll(msg)
+            return []
+        self.pending.pop(msg.client_id, None)
+        self.pending[msg.client_id] = msg
+        if len(self.pending) > MAX_PENDING_REGISTRATIONS:
+            dropped, _ = self.pending.popitem(last=False)
+            self.rejections.reject("unproven", dropped, "registration never proved liveness")
+        notice = NoticeMessage(self.config.run_id, msg.client_id, 0, self._probe(msg.client_id))
+        return [Outgoing(TASK, msg.client_id, encode(notice))]
+
+    def _probe(self, client_id: str) -> str:
+        return f"liveness probe {self.task_token(0, client_id)}"
+
+    def _enroll(self, msg: RegisterMessage) -> None:
         self.registry.register(msg)
-        log.info("registered %s (%d samples)", client_id, msg.num_samples)
+        log.info("registered %s (%d samples)", msg.client_id, msg.num_samples)
+
+    def _probe_answered(self, status: StatusMessage) -> bool:
+        """True if ``status`` answers a liveness probe (it then enrolls the device)."""
+        if status.round != 0 or status.state != "rejected":
+            return False
+        if not hmac.compare_digest(status.detail, self._probe(status.client_id)):
+            return False
+        msg = self.pending.pop(status.client_id, None)
+        if msg is not None:
+            self._enroll(msg)
+        return True
 
     def _status(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
         status = decode_body(env, StatusMessage, self.limits)
-        if status.client_id != client_id:
+        if status.client_id != client_id or self._probe_answered(status):
             return []
         verdict = self.registry.note_status(status)
         if verdict == "ignored":
@@ -154,10 +222,16 @@ class RoundEngine:
         task = rs.welcome_back(status, reconnected=verdict == "connected")
         return [] if task is None else [Outgoing(TASK, client_id, task)]
 
+    def task_token(self, round: int, client_id: str) -> str:
+        """The token of ``client_id``'s task in ``round`` (echoed by its update)."""
+        text = f"{self.config.run_id}/{round}/{client_id}".encode()
+        return hmac.new(self._token_secret, text, hashlib.sha256).hexdigest()[:32]
+
     def _update(self, client_id: str, env: Envelope, frame_bytes: int) -> None:
         msg = decode_body(env, UpdateMessage, self.limits)
         rs = self.round_state
-        problem = update_problem(msg, client_id, rs, self.config.run_id, self.policy.update_kind)
+        kind = self.policy.update_kind
+        problem = update_problem(msg, client_id, rs, self.config.run_id, kind, self.task_token)
         if problem is None:
             assert rs is not None  # update_problem calls an update with no round open stale
             problem = self._aggregate(rs, msg, frame_bytes)
@@ -170,13 +244,18 @@ class RoundEngine:
         """Fold a valid update into the round's rule unless its tensors are unfit."""
         tensors = decode_state(msg.tensors)
         problem = shape_problem(tensors, self.global_state)
+        if problem is not None:
+            return problem
+        tensors = rs.rule.prepare(tensors, rs.selected[msg.client_id])
+        norm = rs.rule.change_norm(tensors)
+        problem = norm_problem(norm, self.config.max_update_norm)
         if problem is None:
-            tensors = rs.rule.prepare(tensors, rs.selected[msg.client_id])
-            bound = self.config.max_update_norm
-            problem = norm_problem(tensors, self.global_state, msg.kind, bound)
-        if problem is None:
-            rs.rule.add(tensors, float(msg.num_samples))
+            device = self.registry.devices.get(msg.client_id)
+            weight = update_weight(msg, device.num_samples if device is not None else 1)
+            weight = min(weight, self.sample_cap)
+            rs.rule.add(tensors, weight, norm)
             rs.accept(msg, frame_bytes)
+            self.proven.add(msg.client_id)
         return problem
 
     def tick(self) -> list[Outgoing]:
@@ -217,10 +296,15 @@ class RoundEngine:
         device whose profile cannot fit 1-bit training gets a notice instead of a task."""
         cfg = self.config
         if selected is None:
-            selected = self.registry.select(cfg.clients_per_round, self.rng)
+            selected = self.select(cfg.clients_per_round)
         admitted, clients, excluded = self.messages.admit(round, selected)
+        if admitted:
+            # No device outweighs SAMPLE_CAP_MULTIPLE typical ones, whatever it registered.
+            median = float(np.median([d.num_samples for d in admitted]))
+            self.sample_cap = SAMPLE_CAP_MULTIPLE * max(median, 1.0)
         allocation = self.policy.allocate(round, clients)
         rule = make_rule(rule_name(self.policy), self.global_state, self.quantization)
+        rule.clip.multiple = cfg.clip_multiple if cfg.clip_multiple > 0 else math.inf
         fp = fingerprint(self.global_state)
         rs = RoundState(round, fp, allocation, rule, clock=self.clock, grace_clock=self.grace_clock)
         rs.quorum_target = math.ceil(cfg.quorum * len(admitted))
@@ -232,6 +316,26 @@ class RoundEngine:
         out += self.messages.tasks(rs, admitted, excluded)
         self.observers.emit(RoundOpened(round, tuple(out)))
         return out
+
+    def select(self, count: int) -> list[DeviceRecord]:
+        """``count`` online devices at random (all when 0 or too many), leaving out devices
+        that were asked before and never answered nor spoke since (``silent``), and with
+        at least half the places kept for devices that answered a task before, if there are
+        any: a flood of registrations from devices that never answer cannot fill a round."""
+        candidates = sorted(
+            (d for d in self.registry.online() if d.client_id not in self.silent),
+            key=lambda d: d.client_id,
+        )
+        if count <= 0 or count >= len(candidates):
+            return candidates
+        proven = [d for d in candidates if d.client_id in self.proven]
+        reserved = min(len(proven), math.ceil(count / 2))
+        if reserved == 0 or len(proven) == len(candidates):
+            return sorted(self.rng.sample(candidates, count), key=lambda d: d.client_id)
+        chosen = self.rng.sample(proven, reserved)
+        rest = [d for d in candidates if d not in chosen]
+        chosen += self.rng.sample(rest, count - reserved)
+        return sorted(chosen, key=lambda d: d.client_id)
 
     def extend_round(self, devices: list[DeviceRecord]) -> list[Outgoing]:
         """Add ``devices`` to the open round (replacing ones that did not answer); return
@@ -254,12 +358,21 @@ class RoundEngine:
         self.round_state = None
         collected = self.clock()
         answered = len(rs.accepted)
+        # Asked, and neither answered nor said why: not asked again until heard from.
+        # (Devices that answered before stay selectable: a missed round locks no one out.)
+        self.silent.update(set(rs.selected) - set(rs.accepted) - set(rs.dropped) - self.proven)
         counted = answered > 0 and answered >= rs.quorum_target
         if counted:
-            self.last_allocation = rs.selected  # what the model now was trained at
-            self.workload.global_state = rs.rule.result()
-            self.policy.observe(rs.round, list(rs.accepted.values()))
-        else:
+            new_state = rs.rule.result()
+            problem = self.guard.check(new_state, self.global_state)
+            if problem is not None:
+                self.rejections.reject(problem[0], None, f"round {rs.round}: {problem[1]}")
+                counted = False
+            else:
+                self.last_allocation = rs.selected  # what the model now was trained at
+                self.workload.global_state = new_state
+                self.policy.observe(rs.round, list(rs.accepted.values()))
+        if not counted:
             log.warning(
                 "round %d: %d of %d answered, model unchanged", rs.round, answered, len(rs.selected)
             )
@@ -291,6 +404,14 @@ class RoundEngine:
         out.append(Outgoing(GLOBAL, None, rs.global_frame))
         out += [Outgoing(TASK, c, t) for c, t in rs.task_frames.items() if c not in rs.accepted]
         return out
+
+    def signed(self, messages: list[Outgoing]) -> list[Outgoing]:
+        """``messages`` as published: with keys, each frame signed by the coordinator with a
+        fresh sequence (the transport calls this for everything it sends)."""
+        signer = self.signer
+        if signer is None:
+            return messages
+        return [Outgoing(m.kind, m.client_id, sign_frame(m.payload, signer)) for m in messages]
 
     def control(self, state: str, round: int, detail: str = "") -> Outgoing:
         msg = ControlMessage(self.config.run_id, state, round, detail, time.time())

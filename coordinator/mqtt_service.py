@@ -109,7 +109,7 @@ class MqttCoordinator:
         conn = self.conn
         if conn is None:
             return
-        for m in messages:
+        for m in self.engine.signed(messages):
             conn.publish(self._topic(m), m.payload, *publish_options(m.kind))
 
     def _topic(self, m: Outgoing) -> str:

@@ -8,7 +8,7 @@ here without touching the engine or the transport.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -32,12 +32,19 @@ class RoundMessages:
     """Builds the messages of a round for one run's config, model cost and policy."""
 
     def __init__(
-        self, config: RunConfig, cost: ModelCost, registry: Registry, policy: Policy
+        self,
+        config: RunConfig,
+        cost: ModelCost,
+        registry: Registry,
+        policy: Policy,
+        *,
+        token: Callable[[int, str], str] = lambda round, client_id: "",
     ) -> None:
         self.config = config
         self.cost = cost
         self.registry = registry
         self.policy = policy
+        self.token = token  # (round, client id) -> the task's token, echoed by its update
 
     def client_budget(self, device: DeviceRecord) -> float:
         """``device``'s average bit budget: set in the run config, else from its profile.
@@ -122,4 +129,5 @@ class RoundMessages:
             compress=compress,
             options=self.policy.client_options(),
             observer=cfg.observer,
+            token=self.token(rs.round, device.client_id),
         )

@@ -3,7 +3,8 @@
 # (aarch64, armv7 with a torch wheel, x86-64).  Idempotent: re-running updates the
 # install and keeps the existing configuration unless new values are given.
 #
-#   sudo deploy/install-agent.sh --env-file devices/pi-01.env      # from make-credentials.sh
+#   sudo deploy/install-agent.sh --env-file devices/pi-01.env \
+#        --keys-file keys/devices/pi-01.toml                          # from make-credentials.sh
 #   sudo deploy/install-agent.sh --broker mqtts://pi-01:PW@broker:8883 --client-id pi-01 \
 #        --ca-file ca.crt
 #   sudo deploy/install-agent.sh --uninstall [--purge]
@@ -13,6 +14,9 @@
 #   --client-id ID        device id (= MQTT user name)
 #   --env-file FILE       read FEDMPQ_BROKER / FEDMPQ_CLIENT_ID (/ FEDMPQ_DATA) from FILE
 #   --ca-file FILE        CA certificate of the broker's TLS certificate (copied)
+#   --keys-file FILE      this device's key file (fedmpq keys: its key and the coordinator's
+#                         public key; copied); required unless an earlier install has one
+#   --no-keys             run without keys (the coordinator must run without them too)
 #   --data SPEC           local data set (default fashion-mnist-small)
 #   --source SPEC         what pip installs (default: this checkout)
 #   --inference-only      no torch, no training service: the device only receives the
@@ -48,6 +52,8 @@ broker=""
 client_id=""
 env_file=""
 ca_file=""
+keys_file=""
+no_keys=0
 data=""
 pip_args=""
 site_packages=0
@@ -60,7 +66,7 @@ dry_run=0
 purge=0
 
 usage() {
-    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -70,6 +76,8 @@ while [ $# -gt 0 ]; do
         --client-id) client_id="$2"; shift 2 ;;
         --env-file) env_file="$2"; shift 2 ;;
         --ca-file) ca_file="$2"; shift 2 ;;
+        --keys-file) keys_file="$2"; shift 2 ;;
+        --no-keys) no_keys=1; shift ;;
         --data) data="$2"; shift 2 ;;
         --source) source_spec="$2"; shift 2 ;;
         --prefix) prefix="$2"; shift 2 ;;
@@ -145,7 +153,7 @@ if [ "$uninstall" = 1 ]; then
     fi
     rm -rf "$prefix/venv"
     if [ "$purge" = 1 ]; then
-        rm -rf "$config_file" "$config_dir/ca.crt" "$state_dir"
+        rm -rf "$config_file" "$config_dir/ca.crt" "$config_dir/keys.toml" "$state_dir"
     fi
     log "uninstalled (configuration and state $([ "$purge" = 1 ] && echo purged || echo kept))"
     exit 0
@@ -201,6 +209,21 @@ fi
 if [ -f "$config_dir/ca.crt" ]; then
     ca_line="FEDMPQ_CA_FILE=$config_dir/ca.crt"
 fi
+# Keys are on by default: the device signs what it sends and refuses what the coordinator
+# did not sign (README, threat model).
+keys_line=""
+if [ -n "$keys_file" ]; then
+    install -m 640 -g "$service_group" "$keys_file" "$config_dir/keys.toml"
+fi
+if [ "$no_keys" = 1 ]; then
+    rm -f "$config_dir/keys.toml"
+elif [ -f "$config_dir/keys.toml" ]; then
+    keys_line="FEDMPQ_KEYS=$config_dir/keys.toml"
+else
+    echo "install-agent.sh: give --keys-file FILE (fedmpq keys / make-credentials.sh)" \
+        "or --no-keys" >&2
+    exit 2
+fi
 tmp_config="$(mktemp "$config_dir/.agent.env.XXXXXX")"
 cat >"$tmp_config" <<ENV
 # Written by install-agent.sh; re-run it to change these.
@@ -208,6 +231,7 @@ FEDMPQ_BROKER=$broker
 FEDMPQ_CLIENT_ID=$client_id
 FEDMPQ_DATA=$data
 $ca_line
+$keys_line
 ENV
 chmod 640 "$tmp_config"
 chgrp "$service_group" "$tmp_config"

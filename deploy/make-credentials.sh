@@ -12,11 +12,14 @@
 #   fedmpq.passwd                 mosquitto password file (mosquitto_passwd hashes)
 #   passwords/ID                  each account's clear-text password (mode 600)
 #   devices/ID.env                what install-agent.sh --env-file takes for that device
+#   keys/coordinator.toml         every device's signing key and the coordinator's Ed25519
+#                                 key pair: the run config's device_keys (fedmpq keys)
+#   keys/devices/ID.toml          what install-agent.sh --keys-file takes for that device
 #   clients/ID.crt clients/ID.key with --client-certs: client certificates
 set -euo pipefail
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -59,7 +62,7 @@ command -v mosquitto_passwd >/dev/null \
     || { echo "mosquitto_passwd is required (apt-get install mosquitto)" >&2; exit 1; }
 
 umask 077
-mkdir -p "$out/passwords" "$out/devices" "$out/clients"
+mkdir -p "$out/passwords" "$out/devices" "$out/clients" "$out/keys"
 
 if [ ! -f "$out/ca.key" ]; then
     openssl req -x509 -new -newkey rsa:3072 -nodes -sha256 -days "$days" \
@@ -109,5 +112,13 @@ ENV
         rm -f "$ext"
     fi
 done
+# Keys (on by default): needs fedmpq importable by $FEDMPQ_PYTHON (default python3).
+if [ "${#devices[@]}" -gt 0 ]; then
+    "${FEDMPQ_PYTHON:-python3}" -m fedmpq.cli keys --out "$out/keys/coordinator.toml" \
+        --device-dir "$out/keys/devices" "${devices[@]}" >/dev/null || {
+        echo "fedmpq keys failed: install fedmpq (pip install .) or set FEDMPQ_PYTHON" >&2
+        exit 1
+    }
+fi
 chmod 644 "$out/ca.crt" "$out/server.crt"
 echo "credentials for coordinator and ${#devices[@]} device(s) in $out"

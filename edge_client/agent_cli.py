@@ -8,6 +8,7 @@ imported; training starts in edge_client.cli.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-when-done", action="store_true", help="exit when the run finishes")
     p.add_argument("--report", type=Path, help="append one JSON line per update sent")
     p.add_argument(
-        "--keys", type=Path, help="device key file (fedmpq keys); each device signs with its key"
+        "--keys",
+        type=Path,
+        default=os.environ.get("FEDMPQ_KEYS") or None,
+        help="device key file (fedmpq keys): each device signs with its key, and refuses"
+        " whatever the coordinator's key did not sign; default $FEDMPQ_KEYS",
+    )
+    p.add_argument("--max-epochs", type=int, default=20, help="refuse tasks asking for more epochs")
+    p.add_argument(
+        "--max-batch-size", type=int, default=4096, help="refuse tasks with larger batches"
     )
     p.add_argument(
         "--model-dir",

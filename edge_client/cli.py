@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -15,16 +16,19 @@ from edge_client.emulated_device import EmulatedDevice
 from edge_client.emulation import ProfileBinding, raise_fd_limit
 from edge_client.profiling import measure_profile
 from edge_client.runtime import AgentOptions, AgentRuntime
+from edge_client.task import TaskLimits
 from fedmpq.cli_common import broker_address, configure_logging
 from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.data.partition import parse_partition, partition
 from fedmpq.errors import FedmpqError
 from fedmpq.profiles import load_fleet
 from fedmpq.topics import Topics
-from fedmpq.wire.signing import load_keyring
+from fedmpq.wire.signing import KeyFile, load_key_file
 
 
-def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int, int, int]]:
+def make_devices(
+    args: argparse.Namespace, keyfile: KeyFile | None = None, stop: threading.Event | None = None
+) -> tuple[list[Device], int, tuple[int, int, int]]:
     data = load_dataset(args.data)
     scheme, params = parse_partition(args.partition)
     last = args.first_index + args.clients
@@ -35,7 +39,8 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
     fleet = None
     if args.fleet is not None:
         fleet = load_fleet(args.fleet).assign(max(args.num_partitions, last), seed=args.seed)
-    keys = load_keyring(args.keys) if args.keys else {}
+    keys = keyfile.keys if keyfile is not None else {}
+    limits = TaskLimits(max_epochs=args.max_epochs, max_batch_size=args.max_batch_size)
     devices: list[Device] = []
     for index in range(args.first_index, last):
         client_id = (
@@ -47,8 +52,9 @@ def make_devices(args: argparse.Namespace) -> tuple[list[Device], int, tuple[int
         if keys and client_id not in keys:
             raise FedmpqError(f"{args.keys} holds no key for device {client_id}")
         device = RealDevice(
-            client_id, x, y, profile, seed=args.seed * 7919 + index, key=keys.get(client_id)
-        )
+            client_id, x, y, profile, seed=args.seed * 7919 + index, key=keys.get(client_id),
+            limits=limits, stop=stop,
+        )  # fmt: skip
         if fleet is None:
             devices.append(device)
             continue
@@ -70,7 +76,9 @@ def run_agent(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     raise_fd_limit(2 * args.clients + 64)  # a socket per hosted device, plus files
     try:
-        devices, num_classes, in_shape = make_devices(args)
+        keyfile = load_key_file(args.keys) if args.keys else None
+        stop = threading.Event()  # SIGTERM: training stops between batches
+        devices, num_classes, in_shape = make_devices(args, keyfile, stop)
         options = AgentOptions(
             broker=broker_address(args),
             topics=Topics(args.topic_prefix),
@@ -81,9 +89,15 @@ def run_agent(args: argparse.Namespace) -> int:
             exit_when_done=args.exit_when_done,
             report_path=args.report,
             model_dir=Path(args.model_dir) if args.model_dir else None,
+            coordinator_key=keyfile.require_public(args.keys) if keyfile is not None else None,
         )
         runtime = AgentRuntime(devices, options)
-        signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+
+        def on_sigterm(*_: object) -> None:
+            stop.set()
+            runtime.stop()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         runtime.run()
     except FedmpqError as exc:
         print(f"fedmpq agent: {exc}", file=sys.stderr)

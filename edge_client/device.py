@@ -11,6 +11,7 @@ instead, so the runtime treats both alike.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ import torch
 
 from edge_client.memory import fit_batch_size, free_memory_bytes
 from edge_client.shared_models import ModelPool
-from edge_client.task import execute_task
+from edge_client.task import TaskLimits, execute_task, limit_problem
 from edge_client.training import TrainResult
 from fedmpq.errors import BudgetError
 from fedmpq.resources import ModelCost
@@ -119,9 +120,18 @@ class Device(Protocol):
 
 
 def fit_task(
-    client_id: str, task: TaskMessage, cost: ModelCost, free_bytes: int
+    client_id: str,
+    task: TaskMessage,
+    cost: ModelCost,
+    free_bytes: int,
+    limits: TaskLimits | None = None,
 ) -> TaskMessage | Refused:
-    """``task`` with the batch size that fits in ``free_bytes``, or why it cannot run."""
+    """``task`` with the batch size that fits in ``free_bytes``, or why it cannot run
+    (outside the device's ``limits``, or not even fitting memory)."""
+    problem = limit_problem(task, limits or TaskLimits(), cost.params)
+    if problem is not None:
+        log.warning("%s: refused round %d: %s", client_id, task.round, problem)
+        return Refused(problem)
     try:
         batch = fit_batch_size(task, cost, free_bytes)
     except BudgetError as exc:
@@ -143,6 +153,8 @@ class RealDevice:
     seed: int = 0
     key: bytes | None = None
     memory: dict[str, np.ndarray] = field(default_factory=dict)  # policy state (error feedback)
+    limits: TaskLimits = field(default_factory=TaskLimits)  # what it agrees to run
+    stop: threading.Event | None = None  # set: training stops between batches
 
     @property
     def num_samples(self) -> int:
@@ -165,7 +177,8 @@ class RealDevice:
     def run_task(
         self, task: TaskMessage, global_state: Mapping[str, np.ndarray], models: ModelPool
     ) -> Outcome:
-        fitted = fit_task(self.client_id, task, models.cost(task.model_name), free_memory_bytes())
+        cost = models.cost(task.model_name)
+        fitted = fit_task(self.client_id, task, cost, free_memory_bytes(), self.limits)
         if isinstance(fitted, Refused):
             return fitted
         return self.train(fitted, global_state, models)
@@ -183,6 +196,7 @@ class RealDevice:
             self.y,
             seed=self.seed * 100_003 + task.round,
             memory=self.memory,
+            stop=self.stop,
         )
         # With one torch thread training runs on this thread: its CPU time is the work,
         # whatever else the host is doing; with more, only wall time says.

@@ -28,7 +28,7 @@ from fedmpq.policy_catalog import parse_policy, policy_help
 from fedmpq.profiles import COMPUTE_TIMES, MEASURED, load_fleet
 from fedmpq.run_config import RunConfig, load_config
 from fedmpq.settings import as_flags
-from fedmpq.wire.signing import generate_keys, write_keyring
+from fedmpq.wire.signing import write_key_files
 
 KEY_FILE = "device_keys.toml"
 #: The embedded broker is one Python thread sharing a process with this command: at 1000
@@ -111,6 +111,7 @@ def agent_command(
     out: Path,
 ) -> list[str]:
     """The command line of one agent process serving devices ``first .. first+count-1``."""
+    training = run_config(args, out).training  # the devices' limits admit what the run asks
     command = [
         sys.executable, "-m", "edge_client",
         "--broker", url, "--protocol", protocol,
@@ -120,6 +121,8 @@ def agent_command(
         "--run-id", run_id, "--exit-when-done", "--threads", "1",
         "--report", str(out / "agents.jsonl"), "--log-level", "INFO",
         "--keys", str(out / KEY_FILE),
+        "--max-epochs", str(max(20, training.epochs)),
+        "--max-batch-size", str(max(4096, training.batch_size)),
         "--model-dir", str(out / "agent-model"),
     ]  # fmt: skip
     if args.fleet:
@@ -268,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # A local broker inherits this limit and holds a socket per device.
         raise_fd_limit(2 * args.clients + 256)
-        # Every emulated device is enrolled with its own key, as a real fleet would be.
+        # Every emulated device is enrolled with its own key, as a real fleet would be, and
+        # the coordinator signs what it sends; the agents verify it with its public key.
         devices = (f"device-{i:04d}" for i in range(args.clients))
-        write_keyring(out / KEY_FILE, generate_keys(devices))
+        write_key_files(out / KEY_FILE, devices)
         return run_fleet(args, spec, run_id, out)
     except FedmpqError as exc:
         print(f"fedmpq emulate: {exc}", file=sys.stderr)

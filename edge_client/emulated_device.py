@@ -69,7 +69,7 @@ class EmulatedDevice:
         if self.binding.crashes():
             return Crashed("crashed (emulated)")
         cost = models.cost(task.model_name)
-        fitted = fit_task(self.client_id, task, cost, self.binding.available_ram)
+        fitted = fit_task(self.client_id, task, cost, self.binding.available_ram, self.real.limits)
         if isinstance(fitted, Refused):
             return fitted
         models.warm_up(fitted, global_state, self.real.x, self.real.y)

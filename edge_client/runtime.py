@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_client.device import Crashed, Device, Failed, Outcome, Refused, Trained
+from edge_client.downlink_check import DownlinkCheck, RateLimitedLog
 from edge_client.model_store import ModelStore, ModelStoreError
 from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq import __version__
@@ -55,6 +56,7 @@ from fedmpq.wire.messages import (
     RegisterMessage,
     StatusMessage,
     TaskMessage,
+    UpdateMessage,
 )
 
 log = logging.getLogger("fedmpq.agent")
@@ -75,6 +77,7 @@ class AgentOptions:
     report_path: Path | None = None
     model_dir: Path | None = None  # where the trained ONNX model is stored (None: not kept)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    coordinator_key: bytes | None = None  # Ed25519 public key: every frame received must verify
 
 
 @dataclass
@@ -83,10 +86,11 @@ class Session:
 
     device: Device
     connection: Connection
+    check: DownlinkCheck
     registered_run: str = ""
     last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
-    last_update: tuple[int, str, bytes] | None = None  # (round, global fingerprint, frame)
+    last_update: tuple[int, str, UpdateMessage, bytes] | None = None  # round, fingerprint, sent
     connection_id: str = ""  # nonce of the current connection, in its will and statuses
     # The device's own last statuses (newest last) and what the newest said, so that any
     # other word on its status topic can be answered by saying it again.
@@ -108,6 +112,7 @@ class AgentRuntime:
         self.sessions: dict[str, Session] = {}  # by client id, filled as devices connect
         self._report_lock = threading.Lock()
         self._stored_model = ""
+        self.refusals = RateLimitedLog()
 
     # --- loop thread: queue and return ----------------------------------------------
     def _on_message(self, client_id: str, _conn: Connection, topic: str, payload: bytes) -> None:
@@ -165,6 +170,8 @@ class AgentRuntime:
     def _handle(self, session: Session, topic: str, payload: bytes) -> None:
         kind, _ = self.topics.parse(topic) or ("unknown", None)
         limits = self.options.limits
+        if not session.check.admit(session.device.client_id, kind, payload, limits):
+            return
         try:
             if kind == CONTROL:
                 self._on_control(session, decode(payload, ControlMessage, limits))
@@ -195,7 +202,11 @@ class AgentRuntime:
         if msg.state == "open" and msg.run_id != session.registered_run:
             session.registered_run = msg.run_id
             self._register(session)
-        elif msg.state == "finished" and self.options.exit_when_done:
+        elif (
+            msg.state == "finished"
+            and self.options.exit_when_done
+            and msg.run_id == session.registered_run  # not a (retained) end of another run
+        ):
             log.info("run %s finished", msg.run_id)
             self.stopped.set()
 
@@ -252,9 +263,14 @@ class AgentRuntime:
         sent = session.last_update
         if sent is not None and (task.round, task.model_fingerprint) == sent[:2]:
             # The coordinator asks again (it restarted, or the broker lost our update):
-            # the same update again, which the coordinator aggregates at most once.
+            # the same update again, which the coordinator aggregates at most once; a
+            # restarted coordinator gave the task a new token, which the update echoes.
             log.info("%s: re-sending update of round %d", client_id, task.round)
-            self._publish_update(session, sent[2])
+            update, frame = sent[2], sent[3]
+            if update.token != task.token:
+                update = replace(update, token=task.token)
+                frame = encode(update, compress=task.compress, key=session.device.key)
+            self._publish_update(session, frame)
             return
         if task.round <= session.last_round:
             log.info("%s: ignoring task for old round %d", client_id, task.round)
@@ -306,7 +322,7 @@ class AgentRuntime:
 
     def _send_update(self, session: Session, task: TaskMessage, trained: Trained) -> None:
         device = session.device
-        session.last_update = (task.round, task.model_fingerprint, trained.frame)
+        session.last_update = (task.round, task.model_fingerprint, trained.update, trained.frame)
         publish = partial(self._publish_update, session, trained.frame)
         if trained.delay > 0:
             threading.Timer(trained.delay, publish).start()
@@ -383,7 +399,8 @@ class AgentRuntime:
         loop.start()
         try:
             for device in self.devices:
-                session = Session(device, self._connection(loop, device))
+                check = DownlinkCheck(self.options.coordinator_key, self.refusals)
+                session = Session(device, self._connection(loop, device), check)
                 self.sessions[device.client_id] = session
                 session.connection.connect()
             while not self.stopped.is_set():

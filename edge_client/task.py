@@ -6,7 +6,10 @@ benchmarks call it directly, so there is one implementation of what a device doe
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +22,48 @@ from fedmpq.state import load_numpy_state, state_to_numpy
 from fedmpq.wire.messages import ResourceUsage, TaskMessage, UpdateMessage
 
 
+@dataclass(frozen=True)
+class TaskLimits:
+    """What this device agrees to run, whoever asks: a task outside it is refused.
+
+    The defaults are far beyond what a run needs on a Raspberry Pi-class board and far
+    below what would keep it busy for the rest of a run.
+    """
+
+    max_epochs: int = 20
+    max_batch_size: int = 4096
+    max_learning_rate: float = 10.0
+    max_deadline_s: float = 24 * 3600.0
+    max_model_params: int = 50_000_000
+
+
+def limit_problem(task: TaskMessage, limits: TaskLimits, model_params: int) -> str | None:
+    """Why ``task`` (on a model of ``model_params`` parameters) is outside ``limits``, or None."""
+    checks = [
+        (
+            1 <= task.epochs <= limits.max_epochs,
+            f"epochs {task.epochs} not in 1..{limits.max_epochs}",
+        ),
+        (
+            1 <= task.batch_size <= limits.max_batch_size,
+            f"batch size {task.batch_size} not in 1..{limits.max_batch_size}",
+        ),
+        (
+            0 < task.learning_rate <= limits.max_learning_rate,
+            f"learning rate {task.learning_rate} not in (0, {limits.max_learning_rate}]",
+        ),
+        (
+            0 < task.deadline_s <= limits.max_deadline_s and math.isfinite(task.deadline_s),
+            f"deadline {task.deadline_s} s not in (0, {limits.max_deadline_s}]",
+        ),
+        (
+            model_params <= limits.max_model_params,
+            f"model of {model_params} parameters, over {limits.max_model_params}",
+        ),
+    ]
+    return next((f"task outside this device's limits: {why}" for ok, why in checks if not ok), None)
+
+
 def execute_task(
     task: TaskMessage,
     net: nn.Module,
@@ -28,6 +73,7 @@ def execute_task(
     *,
     seed: int,
     memory: MutableMapping[str, np.ndarray] | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[UpdateMessage, TrainResult]:
     """Train ``net`` from ``global_state`` on ``(x, y)`` as ``task`` says; return the update.
 
@@ -46,6 +92,8 @@ def execute_task(
     memory
         What the device keeps for its policy across rounds (e.g. error feedback);
         None for none.
+    stop
+        Set to stop training between batches (``TrainingStopped``).
     """
     load_numpy_state(net, global_state)
     policy = policy_class(task.policy)
@@ -65,6 +113,7 @@ def execute_task(
         momentum=task.options.get("momentum", 0.9),
         seed=seed,
         hooks=hooks,
+        stop=stop,
     )
     tensors, dropped = hooks.make_update(state_to_numpy(net), global_state, policy.update_kind)
     update = UpdateMessage(
@@ -80,5 +129,6 @@ def execute_task(
         ),
         metrics={"loss": result.loss, "accuracy": result.accuracy},
         bits_dropped=dropped,
+        token=task.token,
     )
     return update, result

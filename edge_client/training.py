@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,8 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmpq.errors import FedmpqError
 from fedmpq.optim import MomentumSGD
 from fedmpq.policies.base import ClientHooks
+
+
+class TrainingStopped(FedmpqError):
+    """Training was asked to stop (the agent is shutting down); nothing is sent."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ def train_local(
     momentum: float = 0.9,
     seed: int = 0,
     hooks: ClientHooks | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(x, y)`` with fake-quantized weights (STE).
 
@@ -44,6 +51,8 @@ def train_local(
     The latent float weights are left in ``model`` for the caller to quantize.
     ``hooks`` (the task's policy's :class:`ClientHooks`; default: plain QAT at ``bits``)
     may replace the fake-quantization, add a regulariser and change the step.
+    ``stop`` is checked between batches: once set, :class:`TrainingStopped` is raised, so a
+    shutdown never waits for a long task to finish.
     """
     if hooks is None:
         hooks = ClientHooks(bits, scheme, per_channel)
@@ -58,6 +67,8 @@ def train_local(
             loss_sum = correct = seen = 0.0
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), batch_size):
+                if stop is not None and stop.is_set():
+                    raise TrainingStopped("training stopped: the agent is shutting down")
                 idx = order[start : start + batch_size]
                 logits = model(x[idx])
                 loss = F.cross_entropy(logits, y[idx])

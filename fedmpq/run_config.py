@@ -107,9 +107,18 @@ class RunConfig:
     max_update_norm: float = setting(
         0.0, "reject updates further than this (L2) from the global model; 0 = off", minimum=0
     )
+    clip_multiple: float = setting(
+        10.0, "clip each update's change to this many times the round's median; 0 = off",
+        minimum=0,
+    )  # fmt: skip
+    max_round_move: float = setting(
+        10.0, "discard a round whose model moves this many times the recent median; 0 = off",
+        minimum=0,
+    )  # fmt: skip
     device_keys: str = setting(
-        "", "key file (fedmpq keys); when set, device frames must be signed with their key"
-    )
+        "", "key file (fedmpq keys); when set, device frames must be signed with their key and"
+        " everything the coordinator sends is signed with its key",
+    )  # fmt: skip
     out_dir: str = setting(
         "", "where metrics, checkpoints and models go", shown_default="runs/<run_id>"
     )

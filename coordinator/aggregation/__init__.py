@@ -9,15 +9,17 @@ from coordinator.aggregation.base import (
     register_rule,
     rule_name,
 )
-from coordinator.aggregation.streaming import StreamingAverage, update_norm
+from coordinator.aggregation.robust import AdaptiveClip, change_norm
+from coordinator.aggregation.streaming import StreamingAverage
 
 __all__ = [
+    "AdaptiveClip",
     "AggregationRule",
     "Quantization",
     "StreamingAverage",
+    "change_norm",
     "make_rule",
     "register_rule",
     "rule_name",
     "start_error",
-    "update_norm",
 ]

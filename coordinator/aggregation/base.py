@@ -4,8 +4,10 @@ A rule turns one round's accepted updates into the next global model.  The engin
 opens a fresh rule object per round (``make_rule``), passes every accepted update
 through :meth:`AggregationRule.prepare` (before the norm bound is checked) and
 :meth:`AggregationRule.add`, and asks for :meth:`AggregationRule.result` once the round
-counts.  Rules that need more than decoded float tensors (secure aggregation over the
-integer codes, robust statistics over individual updates) register here the same way.
+counts.  Every rule clips each update's change to a bound that adapts to the round
+(``robust.AdaptiveClip``) before it is folded in.  Rules that need more than decoded
+float tensors (secure aggregation over the integer codes, robust statistics over
+individual updates) register here the same way.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.aggregation.robust import AdaptiveClip, change_norm
 from coordinator.aggregation.streaming import StreamingAverage
 from fedmpq.errors import ConfigError
 from fedmpq.policies import BitAllocation, Policy
-from fedmpq.wire.messages import KIND_DELTA
+from fedmpq.wire.messages import KIND_DELTA, KIND_WEIGHTS
 
 State = dict[str, np.ndarray]
 
@@ -40,22 +43,33 @@ class AggregationRule:
     """
 
     name = "fedavg"
+    kind = KIND_WEIGHTS  # what the prepared tensors are: weights, or changes (delta)
 
     def __init__(self, global_state: Mapping[str, np.ndarray], quant: Quantization) -> None:
         self.global_state = global_state
         self.quant = quant
         self.average = StreamingAverage(global_state)
+        self.clip = AdaptiveClip(global_state, self.kind)
 
     def prepare(self, tensors: State, allocation: BitAllocation) -> State:
         """The update as the change it proposes to the model (identity here)."""
         return tensors
 
-    def add(self, tensors: State, weight: float) -> None:
-        """Fold one accepted, prepared update in with ``weight`` (its sample count)."""
-        self.average.add(tensors, weight)
+    def change_norm(self, tensors: State) -> float:
+        """L2 norm of the change a prepared update proposes (float64; inf if non-finite)."""
+        return change_norm(tensors, self.global_state, self.kind)
+
+    def add(self, tensors: State, weight: float, norm: float | None = None) -> None:
+        """Fold one accepted, prepared update in with ``weight`` (its sample count), its
+        change (of norm ``norm``, computed when not given) clipped (``self.clip``)."""
+        norm = self.change_norm(tensors) if norm is None else norm
+        for clipped, w in self.clip.add(tensors, weight, norm):
+            self.average.add(clipped, w)
 
     def result(self) -> State:
         """The next global model; raises ``ValueError`` when nothing was added."""
+        for clipped, w in self.clip.flush():
+            self.average.add(clipped, w)
         return self.average.mean()
 
 

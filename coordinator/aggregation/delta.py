@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from coordinator.aggregation.base import AggregationRule, State, register_rule
+from fedmpq.wire.messages import KIND_DELTA
 
 
 @register_rule("delta")
@@ -10,6 +11,7 @@ class DeltaRule(AggregationRule):
     """New model = global model + sample-weighted mean of the deltas."""
 
     name = "delta"
+    kind = KIND_DELTA
 
     def result(self) -> State:
         mean = self.average.mean()

@@ -6,8 +6,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedmpq.wire.messages import KIND_DELTA
-
 
 class StreamingAverage:
     """Folds de-quantized updates into a running sample-weighted sum as they arrive.
@@ -35,14 +33,3 @@ class StreamingAverage:
         return {
             name: (acc / self.total_weight).astype(np.float32) for name, acc in self._sums.items()
         }
-
-
-def update_norm(
-    tensors: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray], kind: str
-) -> float:
-    """L2 norm of the change an update proposes to the global model."""
-    total = 0.0
-    for name, w in tensors.items():
-        change = w if kind == KIND_DELTA else w - global_state[name]
-        total += float(np.dot(change.ravel(), change.ravel()))
-    return total**0.5

@@ -2,8 +2,11 @@
 
 A frame is a msgpack map ``{"v", "type", "codec", "body", "sig"}``; ``body`` is
 the msgpack map of the message's fields (nested dataclasses as maps, ``bytes`` as
-bin), zstd-compressed when ``codec == "zstd"``.  ``sig`` is opaque here: it lets a
-caller sign ``body_bytes(msg)`` and verify it against ``Envelope.body``.
+bin), zstd-compressed when ``codec == "zstd"``.  ``sig`` is a device's HMAC or the
+coordinator's Ed25519 signature over the frame's head and wire body
+(``fedmpq.wire.signing``); :func:`encode` signs, :func:`sign_frame` signs a frame
+already encoded, and the ``verify_*`` functions check an :class:`Envelope` before its
+body is decompressed or parsed.
 
 Tensors travel positionally (protocol version 2): a message's ``tensors`` field is
 an array in layout order (``fedmpq.wire.layout``), each tensor ``[bits, data]`` for
@@ -54,7 +57,7 @@ from fedmpq.wire.messages import (
 )
 from fedmpq.wire.positional import convert_message, message_to_wire
 from fedmpq.wire.schema import convert, describe
-from fedmpq.wire.signing import frame_mac
+from fedmpq.wire.signing import CoordinatorSigner, coordinator_sequence, frame_mac
 
 __all__ = [
     "CODECS",
@@ -69,6 +72,8 @@ __all__ = [
     "decode_body",
     "decode_envelope",
     "encode",
+    "sign_frame",
+    "verify_coordinator",
     "verify_envelope",
 ]
 
@@ -89,6 +94,12 @@ CODEC_ZSTD = "zstd"
 CODECS = frozenset({CODEC_NONE, CODEC_ZSTD})
 
 _ZSTD_LEVEL = 3
+#: A zstd body may declare at most this many times its compressed size.  Real bodies
+#: (packed codes, float weights) compress about 1.0-1.3x; a bomb declares thousands.
+_MAX_ZSTD_RATIO = 64
+#: Message types without tensors or a model are small: their bodies stay under this.
+_SMALL_BODY_BYTES = 2**20
+_BULK_TYPES = frozenset({"global_model", "update", "model"})
 _UTF8_MAX_BYTES_PER_CHAR = 4
 
 
@@ -148,7 +159,11 @@ def body_bytes(msg: Message) -> bytes:
 
 
 def encode(
-    msg: Message, *, compress: bool = False, sig: bytes = b"", key: bytes | None = None
+    msg: Message,
+    *,
+    compress: bool = False,
+    sig: bytes = b"",
+    key: bytes | CoordinatorSigner | None = None,
 ) -> bytes:
     """Encode ``msg`` as one frame.
 
@@ -162,22 +177,44 @@ def encode(
     sig
         Opaque signature bytes carried alongside the body.
     key
-        Sign the frame with this device key (``fedmpq.wire.signing``); overrides ``sig``.
+        Sign the frame (``fedmpq.wire.signing``): with a device key (HMAC) or the
+        coordinator's signer (Ed25519, with a fresh sequence); overrides ``sig``.
 
     Returns
     -------
     bytes
-        The frame; deterministic for a given message, ``compress`` and ``sig``.
+        The frame; deterministic for a given message, ``compress`` and ``sig`` (and device
+        key; a coordinator signature carries a fresh sequence every time).
     """
     body = body_bytes(msg)
     if compress:
         body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(body)
     codec = CODEC_ZSTD if compress else CODEC_NONE
     if key is not None:
-        sig = frame_mac(key, PROTOCOL_VERSION, _message_type(msg), codec, body)
+        sig = _signature(key, PROTOCOL_VERSION, _message_type(msg), codec, body)
     return _frame_bytes(
         {"v": PROTOCOL_VERSION, "type": _message_type(msg), "codec": codec}, body, bytes(sig)
     )
+
+
+def _signature(
+    key: bytes | CoordinatorSigner, version: int, msg_type: str, codec: str, body: bytes
+) -> bytes:
+    if isinstance(key, CoordinatorSigner):
+        return key.sign(version, msg_type, codec, body)
+    return frame_mac(key, version, msg_type, codec, body)
+
+
+def sign_frame(frame: bytes, key: bytes | CoordinatorSigner) -> bytes:
+    """``frame`` (one this process encoded) signed with ``key``, replacing its ``sig``.
+
+    The transport signs here, at the one place every outgoing frame passes, so every
+    message kind is covered and each publication (a re-send too) gets a fresh sequence.
+    """
+    env = decode_envelope(frame)
+    sig = _signature(key, env.version, env.type, env.codec, env.body)
+    head = {"v": env.version, "type": env.type, "codec": env.codec}
+    return _frame_bytes(head, env.body, sig)
 
 
 def _bin_header(size: int) -> bytes:
@@ -242,11 +279,13 @@ def _unpack(data: bytes, where: str, max_bin_len: int, limits: DecodeLimits) -> 
         raise DecodeError(f"{where}: {reason} ({type(e).__name__}: {e})") from e
 
 
-def _decompress(body: bytes, where: str, limits: DecodeLimits) -> bytes:
-    """zstd-decompress one frame whose header must declare a size within the limit.
+def _decompress(body: bytes, where: str, limit: int) -> bytes:
+    """zstd-decompress one frame whose header must declare a size within ``limit`` and
+    within ``_MAX_ZSTD_RATIO`` times the frame's own size.
 
-    Requiring the content size keeps the allocation bounded by that declaration;
-    ``encode`` always writes it.
+    Both are checked before anything is allocated: requiring the content size keeps the
+    allocation bounded by that declaration (``encode`` always writes it), and the ratio
+    makes a bomb cost its sender bandwidth in proportion to the work it causes here.
     """
     try:
         size = zstandard.frame_content_size(body)
@@ -254,15 +293,25 @@ def _decompress(body: bytes, where: str, limits: DecodeLimits) -> bytes:
         raise DecodeError(f"{where}: not a zstd frame ({e})") from None
     if size < 0:
         raise DecodeError(f"{where}: zstd frame does not declare its content size")
-    if size > limits.max_decompressed_bytes:
+    if size > limit:
         raise DecodeError(
-            f"{where}: zstd frame declares {size} bytes, over the limit of "
-            f"{limits.max_decompressed_bytes} (DecodeLimits.max_decompressed_bytes)"
+            f"{where}: zstd frame declares {size} bytes, over the limit of {limit} "
+            "(DecodeLimits.max_decompressed_bytes; 1 MiB for messages without tensors)"
+        )
+    if size > _MAX_ZSTD_RATIO * len(body):
+        raise DecodeError(
+            f"{where}: zstd frame of {len(body)} bytes declares {size} bytes, over "
+            f"{_MAX_ZSTD_RATIO} times its size (a decompression bomb?)"
         )
     try:
-        return zstandard.ZstdDecompressor().decompress(body, allow_extra_data=False)
+        out = zstandard.ZstdDecompressor().decompress(
+            body, max_output_size=size, allow_extra_data=False
+        )
     except Exception as e:  # ZstdError, or MemoryError for a size the host cannot give
         raise DecodeError(f"{where}: zstd decompression failed ({e})") from e
+    if len(out) != size:
+        raise DecodeError(f"{where}: zstd frame gave {len(out)} bytes, declared {size}")
+    return out
 
 
 # --------------------------------------------------------------------------- decoding
@@ -296,6 +345,15 @@ def verify_envelope(env: Envelope, key: bytes) -> bool:
     """
     expected = frame_mac(key, env.version, env.type, env.codec, env.body)
     return hmac.compare_digest(expected, env.sig)
+
+
+def verify_coordinator(env: Envelope, public_key: bytes) -> int | None:
+    """The sequence of ``env`` if the coordinator of ``public_key`` signed it, else None.
+
+    Check it before :func:`decode_body`, and refuse a sequence older than the last one
+    accepted of the same type (``fedmpq.wire.signing``).
+    """
+    return coordinator_sequence(public_key, env.version, env.type, env.codec, env.body, env.sig)
 
 
 def decode_envelope(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envelope:
@@ -366,7 +424,10 @@ def decode_body(
             f"frame.type: expected a {expected.MESSAGE_TYPE!r} message, got {env.type!r}"
         )
     where = f"{env.type} body"
-    body = _decompress(env.body, where, limits) if env.codec == CODEC_ZSTD else env.body
+    limit = limits.max_decompressed_bytes
+    if env.type not in _BULK_TYPES:
+        limit = min(limit, _SMALL_BODY_BYTES)
+    body = _decompress(env.body, where, limit) if env.codec == CODEC_ZSTD else env.body
     raw = _unpack(body, where, limits.max_decompressed_bytes, limits)
     return convert_message(raw, cls, env.type, limits)
 

@@ -92,6 +92,8 @@ class TaskMessage:
     output channel when ``per_channel``).  ``options`` carries the policy's
     client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
     says how symmetric scales are chosen, in training and in the update alike.
+    ``token`` is random per task; the update echoes it, which shows (without device
+    keys) that the update comes from whoever received the task.
     """
 
     MESSAGE_TYPE: ClassVar[str] = "task"
@@ -112,6 +114,7 @@ class TaskMessage:
     compress: bool
     options: dict[str, float] = field(default_factory=dict)
     observer: str = OBSERVER_MINMAX
+    token: str = ""
 
 
 @dataclass
@@ -150,7 +153,8 @@ class UpdateMessage:
     """A client's result for one round (device -> coordinator).
 
     ``bits_dropped`` reports, per layer, how many bit-planes local training removed
-    (FedMPQ's delta); policies that do not prune send an empty map.
+    (FedMPQ's delta); policies that do not prune send an empty map.  ``token`` is the
+    task's.
     """
 
     MESSAGE_TYPE: ClassVar[str] = "update"
@@ -165,6 +169,7 @@ class UpdateMessage:
     usage: ResourceUsage
     metrics: dict[str, float]
     bits_dropped: dict[str, int] = field(default_factory=dict)
+    token: str = ""
 
 
 #: ``StatusMessage.detail`` of the announcement a device makes on every (re)connect.

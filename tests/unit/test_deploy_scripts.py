@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from fedmpq.keys_cli import main as keys_main
+from fedmpq.wire.signing import load_key_file
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SCRIPTS = sorted(DEPLOY.glob("*.sh"))
@@ -83,7 +86,11 @@ def install(tmp_path_factory, wheel):
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*base, *args], env=env, capture_output=True, text=True)
 
-    first = run("--broker", "mqtt://pi-01:secret@broker.lan:1883", "--client-id", "pi-01")
+    url = "mqtt://pi-01:secret@broker.lan:1883"
+    keyless = run("--broker", url, "--client-id", "pi-01")
+    assert keyless.returncode == 2 and "--keys-file" in keyless.stderr  # keys are the default
+    assert keys_main(["--out", str(tmp / "keys.toml"), "--device-dir", str(tmp), "pi-01"]) == 0
+    first = run("--broker", url, "--client-id", "pi-01", "--keys-file", str(tmp / "pi-01.toml"))
     assert first.returncode == 0, first.stderr
     return tmp, run
 
@@ -96,6 +103,9 @@ def test_installer_writes_venv_config_and_unit(install):
     config = tmp / "etc" / "agent.env"
     assert "FEDMPQ_BROKER=mqtt://pi-01:secret@broker.lan:1883" in config.read_text()
     assert stat.S_IMODE(config.stat().st_mode) == 0o640  # the password is not world-readable
+    keys = tmp / "etc" / "keys.toml"
+    assert f"FEDMPQ_KEYS={keys}" in config.read_text()
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o640
     unit = (tmp / "units" / "fedmpq-agent.service").read_text()
     assert f"ExecStart={fedmpq} agent" in unit
     assert "Restart=on-failure" in unit
@@ -148,6 +158,7 @@ def test_uninstall_removes_service_and_venv(install):
     assert not (tmp / "units" / "fedmpq-agent.service").exists()
     assert not (tmp / "opt" / "venv").exists()
     assert not (tmp / "etc" / "agent.env").exists()
+    assert not (tmp / "etc" / "keys.toml").exists()
     assert "disable --now fedmpq-agent.service" in (tmp / "systemctl.log").read_text()
 
 
@@ -272,6 +283,11 @@ def test_make_credentials(tmp_path):
     subprocess.run(["bash", script, "--out", str(out), "dev-1", "dev-2"], check=True)
     users = [line.split(":")[0] for line in (out / "fedmpq.passwd").read_text().splitlines()]
     assert users == ["coordinator", "dev-1", "dev-2"]
+    coordinator = load_key_file(out / "keys" / "coordinator.toml")
+    device = load_key_file(out / "keys" / "devices" / "dev-2.toml")
+    assert sorted(coordinator.keys) == ["dev-1", "dev-2"] and coordinator.coordinator_private
+    assert device.keys == {"dev-2": coordinator.keys["dev-2"]}
+    assert device.coordinator_public == coordinator.coordinator_public
     assert stat.S_IMODE((out / "passwords" / "dev-1").stat().st_mode) == 0o600
     subprocess.run(
         ["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.crt")],

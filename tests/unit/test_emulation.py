@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.round_driver import enroll
 from coordinator.config import RunConfig
 from coordinator.engine import RoundEngine
 from edge_client.emulation import ANALYTIC, ProfileBinding, round_seconds
@@ -18,7 +19,7 @@ from fedmpq.errors import BudgetError, ConfigError
 from fedmpq.models import build_model
 from fedmpq.profiles import Figure, load_profile
 from fedmpq.resources import model_cost, training_memory_bytes, training_seconds
-from fedmpq.topics import REGISTER, STATUS
+from fedmpq.topics import STATUS
 from fedmpq.wire.codec import encode
 from fedmpq.wire.messages import RegisterMessage, StatusMessage, TaskMessage
 
@@ -145,7 +146,7 @@ def _coordinator(tmp_path) -> RoundEngine:
     reported = ProfileBinding(PROFILE, 40.0, "s").reported_profile()
     for cid in ("a", "b", "c"):
         reg = RegisterMessage(cid, "test", reported, 600, True, time.time())
-        coordinator.receive(REGISTER, cid, encode(reg))
+        enroll(coordinator, reg)
     return coordinator
 
 

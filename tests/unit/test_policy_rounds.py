@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.round_driver import SimDevice, frames, register, run_round
+from benchmarks.round_driver import SimDevice, enroll, frames, register, run_round
 from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
 from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.errors import ConfigError
 from fedmpq.policies import policy_names
-from fedmpq.topics import REGISTER, UPDATE
+from fedmpq.topics import UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import DeviceProfile, NoticeMessage, RegisterMessage
 
@@ -78,7 +78,7 @@ def test_explicit_budgets_by_client_id_override_the_list(tmp_path):
     )
     for cid in ("dev-0", "dev-1"):
         reg = RegisterMessage(cid, "test", STRONG, 100, True, time.time())
-        coordinator.receive(REGISTER, cid, encode(reg))
+        enroll(coordinator, reg)
     records = {d.client_id: d for d in coordinator.registry.online()}
     assert coordinator.messages.client_budget(records["dev-0"]) == 3.0
     assert coordinator.messages.client_budget(records["dev-1"]) == 7.0
@@ -118,7 +118,7 @@ def test_anchored_aggregation_keeps_what_quantizing_the_start_lost(tmp_path, anc
         tmp_path, {"name": "fixed", "bits": 2, "anchored": anchored}, observer="mse"
     )
     reg = RegisterMessage("dev-0", "test", STRONG, 100, True, time.time())
-    coordinator.receive(REGISTER, "dev-0", encode(reg))
+    enroll(coordinator, reg)
     start = dict(coordinator.global_state)
     _, tasks = frames(coordinator.open_round(1, coordinator.registry.online()))
     task = decode(tasks["dev-0"])
@@ -135,6 +135,7 @@ def test_anchored_aggregation_keeps_what_quantizing_the_start_lost(tmp_path, anc
         tensors,
         ResourceUsage(0.0, 0, 0.0),
         {},
+        token=task.token,
     )
     coordinator.receive(UPDATE, "dev-0", encode(update))
     coordinator.close_round()

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from benchmarks.round_driver import frames
+from benchmarks.round_driver import enroll, frames
 from coordinator.aggregation import Quantization, make_rule, rule_name
 from coordinator.config import RunConfig
 from coordinator.engine import RoundEngine
 from coordinator.events import Evaluated, FrameHandled, RoundClosed, RoundOpened
 from fedmpq.errors import ConfigError
 from fedmpq.policies import make_policy
-from fedmpq.topics import CONTROL, GLOBAL, REGISTER, STATUS, TASK, UPDATE
+from fedmpq.topics import CONTROL, GLOBAL, STATUS, TASK, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     STATUS_CONNECTED,
@@ -53,7 +53,7 @@ def engine_with(tmp_path, devices=("a", "b", "c"), **settings) -> tuple[RoundEng
     engine = RoundEngine(config, clock=clock)
     for cid in devices:
         reg = RegisterMessage(cid, "test", PROFILE, 100, True, time.time())
-        engine.receive(REGISTER, cid, encode(reg))
+        enroll(engine, reg)
     return engine, clock
 
 
@@ -65,7 +65,7 @@ def echo_update(engine: RoundEngine, task_frame: bytes) -> bytes:
     return encode(
         UpdateMessage(
             "eng", task.round, task.client_id, 100, task.model_fingerprint, "weights", tensors,
-            usage, {},
+            usage, {}, token=task.token,
         )
     )  # fmt: skip
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.round_driver import frames
+from benchmarks.round_driver import enroll, frames
 from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
 from coordinator.mqtt_service import MqttCoordinator
@@ -18,7 +18,7 @@ from edge_client.task import execute_task
 from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress
-from fedmpq.topics import REGISTER, UPDATE
+from fedmpq.topics import UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     DeviceProfile,
@@ -27,7 +27,7 @@ from fedmpq.wire.messages import (
     TaskMessage,
     UpdateMessage,
 )
-from fedmpq.wire.signing import generate_keys, write_keyring
+from fedmpq.wire.signing import generate_coordinator_key, generate_keys, write_keyring
 from fedmpq.wire.tensors import decode_state
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
@@ -43,7 +43,8 @@ def make_coordinator(tmp_path, policy, keys=None):
     key_file = ""
     if keys is not None:
         key_file = str(tmp_path / "keys.toml")
-        write_keyring(key_file, keys)
+        private, public = generate_coordinator_key()
+        write_keyring(key_file, keys, coordinator_public=public, coordinator_private=private)
     config = RunConfig(
         device_keys=key_file,
         run_id="unit",
@@ -58,7 +59,7 @@ def make_coordinator(tmp_path, policy, keys=None):
     for cid in ("dev-a", "dev-b"):
         reg = RegisterMessage(cid, "test", PROFILE, 600, True, time.time())
         key = keys[cid] if keys else None
-        coordinator.receive(REGISTER, cid, encode(reg, key=key))
+        enroll(coordinator, reg, key)
     return coordinator
 
 
@@ -149,7 +150,7 @@ def test_short_of_quorum_a_replacement_device_completes_the_round(tmp_path, data
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
     coordinator.config.quorum = 1.0
     reg = RegisterMessage("dev-c", "test", PROFILE, 600, True, time.time())
-    coordinator.receive(REGISTER, "dev-c", encode(reg))
+    enroll(coordinator, reg)
     devices = coordinator.registry.devices
     glob, tasks = frames(coordinator.open_round(1, [devices["dev-a"], devices["dev-b"]]))
     assert coordinator.round_state.quorum_target == 2
