@@ -21,6 +21,15 @@ from fedmpq.profiles import COMPUTE_TIMES, MEASURED
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("fedmpq agent", __doc__)
     add_connection_flags(p, topic_prefix="fedmpq")
+    _add_device_flags(p)
+    _add_run_flags(p)
+    _add_emulation_flags(p)
+    add_log_flag(p)
+    return p
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    """Which devices this process hosts, and the data each trains on."""
     p.add_argument("--client-id", help="this device's id (default PREFIX-INDEX)")
     p.add_argument("--clients", type=int, default=1, help="devices to host in this process")
     p.add_argument("--id-prefix", default="device", help="id prefix of hosted devices")
@@ -42,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         " --num-partitions is larger than --clients, so two agents never train on the same share",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the partition and local training")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Which run to join, the device's keys and limits, and what to keep."""
     p.add_argument("--run-id", default="", help="only take part in this run")
     p.add_argument("--exit-when-done", action="store_true", help="exit when the run finishes")
     p.add_argument("--report", type=Path, help="append one JSON line per update sent")
@@ -63,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         " default $FEDMPQ_MODEL_DIR or ~/.local/share/fedmpq",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+
+
+def _add_emulation_flags(p: argparse.ArgumentParser) -> None:
+    """Emulating devices of a fleet instead of reporting this machine."""
     p.add_argument(
         "--fleet",
         type=Path,
@@ -82,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fleet: emulated compute is this host's CPU time x host/profile GFLOPS"
         " (measured) or the task's FLOP count / profile GFLOPS (analytic)",
     )
-    add_log_flag(p)
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

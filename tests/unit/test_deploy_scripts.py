@@ -246,7 +246,7 @@ def test_aarch64_install_against_a_local_cpu_index(tmp_path, wheel, inference_on
          "--state-dir", str(tmp_path / "var"), "--unit-dir", str(tmp_path / "units"),
          "--user", user, "--pip-args", "--no-deps", "--source", str(wheel),
          "--torch-index", index.as_uri(), "--broker", "mqtts://pi:pw@broker:8883",
-         "--client-id", "pi", *(["--inference-only"] if inference_only else [])],
+         "--client-id", "pi", "--no-keys", *(["--inference-only"] if inference_only else [])],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr

@@ -10,10 +10,10 @@ import time
 
 from test_round_engine import DEADLINE, PROFILE, FakeClock, echo_update, engine_with
 
-from benchmarks.round_driver import frames
+from benchmarks.round_driver import enroll, frames
 from coordinator.model_release import FINAL_BITS, release_model
 from coordinator.resume import restore, snapshot
-from fedmpq.topics import REGISTER, STATUS, TASK, UPDATE
+from fedmpq.topics import STATUS, TASK, UPDATE
 from fedmpq.wire.codec import encode
 from fedmpq.wire.messages import STATUS_CONNECTED, RegisterMessage, StatusMessage
 
@@ -181,8 +181,7 @@ def test_two_devices_with_the_same_data_are_warned_about(tmp_path, caplog):
     engine, _ = engine_with(tmp_path, devices=())
     caplog.set_level(logging.WARNING, "fedmpq.coordinator")
     for cid, fp in (("a", "f1"), ("b", "f2"), ("c", "f1"), ("d", "")):
-        reg = RegisterMessage(cid, "test", PROFILE, 100, True, time.time(), fp)
-        engine.receive(REGISTER, cid, encode(reg))
+        enroll(engine, RegisterMessage(cid, "test", PROFILE, 100, True, time.time(), fp))
     warnings = [r.getMessage() for r in caplog.records if "same data" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("c trains on the same data as a (data fingerprint f1)")
