@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,8 +32,8 @@ from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
 from fedmpq.mqtt import Protocol as MqttProtocol
 from fedmpq.topics import (
     CONTROL,
-    GLOBAL,
     MODEL,
+    MODEL_AT,
     QOS,
     REGISTER,
     STATUS,
@@ -82,6 +82,7 @@ class Session:
     registered_run: str = ""
     last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
+    model_topic: str | None = None  # the model_at topic subscribed while a task waits
     last_update: tuple[int, str, bytes] | None = None  # (round, global fingerprint, frame)
 
 
@@ -135,11 +136,10 @@ class AgentRuntime:
         limits = self.options.limits
         try:
             if kind == CONTROL:
-                self._on_control(session, decode(payload, ControlMessage, limits))
-            elif kind == GLOBAL:
-                if self.models.add(payload, limits) is not None:
-                    self._run_pending()
-                self._round_opened(session, self.models.latest_round, len(payload))
+                control = decode(payload, ControlMessage, limits)
+                self._on_control(session, control, len(payload))
+            elif kind == MODEL_AT:
+                self._on_model_at(session, topic, payload)
             elif kind == TASK:
                 session.device.task_arrived(len(payload))
                 msg = decode(payload, None, limits)
@@ -157,19 +157,22 @@ class AgentRuntime:
     def _wanted(self, run_id: str) -> bool:
         return not self.options.run_id or run_id == self.options.run_id
 
-    def _on_control(self, session: Session, msg: ControlMessage) -> None:
+    def _on_control(self, session: Session, msg: ControlMessage, nbytes: int) -> None:
         if not self._wanted(msg.run_id):
             return
-        if msg.state == "open" and msg.run_id != session.registered_run:
-            session.registered_run = msg.run_id
-            self._register(session)
+        if msg.state == "open":
+            if msg.run_id != session.registered_run:
+                session.registered_run = msg.run_id
+                self._register(session)
+            self._round_opened(session, msg.round, nbytes)
         elif msg.state == "finished" and self.options.exit_when_done:
             log.info("run %s finished", msg.run_id)
             self.stopped.set()
 
-    def _round_opened(self, session: Session, round: int, global_bytes: int) -> None:
-        """Round ``round`` opened: announce what the device says of its availability."""
-        availability = session.device.round_opened(round, global_bytes)
+    def _round_opened(self, session: Session, round: int, nbytes: int) -> None:
+        """Round ``round`` opened (an ``nbytes`` announcement): announce what the device
+        says of its availability."""
+        availability = session.device.round_opened(round, nbytes)
         if availability is None:
             return
         online = availability.online
@@ -179,6 +182,24 @@ class AgentRuntime:
             {"event": "availability", "client_id": session.device.client_id}
             | {"round": availability.round, "online": online}
         )
+
+    def _on_model_at(self, session: Session, topic: str, payload: bytes) -> None:
+        """A global model at an allocation arrived on this device's link (an empty payload
+        is the coordinator clearing a closed round's model)."""
+        if payload:
+            round = self.models.add(payload, self.options.limits)
+            client_id = session.device.client_id
+            report = {"event": "model", "client_id": client_id, "round": round}
+            self._report(report | {"bytes": len(payload)})
+        task = session.pending
+        waiting = task is not None and self._model_of(task) is None
+        if session.model_topic == topic and not waiting:
+            session.connection.unsubscribe(topic)
+            session.model_topic = None
+        self._run_pending()
+
+    def _model_of(self, task: TaskMessage) -> Mapping[str, Any] | None:
+        return self.models.get(task.model_fingerprint, task.model_allocation)
 
     def _on_model(self, session: Session, msg: ModelMessage) -> None:
         """Verify and store the trained model (once per process: devices share the store)."""
@@ -219,20 +240,30 @@ class AgentRuntime:
             log.info("%s: offline, task of round %d unseen", client_id, task.round)
             return
         session.pending = task
+        topic = self.topics.model_at(task.model_allocation)
+        if self._model_of(task) is None and session.model_topic != topic:
+            # Only a device with a task receives a model: the one at its allocation,
+            # retained by the coordinator until the round closes.
+            if session.model_topic is not None:
+                session.connection.unsubscribe(session.model_topic)
+            session.model_topic = topic
+            session.connection.subscribe(topic, qos=QOS)
         self._run_pending()
 
     def _run_pending(self) -> None:
         for session in self.sessions.values():
             task = session.pending
-            if task is not None and self.models.get(task.model_fingerprint) is not None:
+            if task is not None and self._model_of(task) is not None:
                 session.pending = None
                 self._train(session, task)
 
     def _train(self, session: Session, task: TaskMessage) -> None:
-        global_state = self.models.get(task.model_fingerprint)
+        global_state = self._model_of(task)
         assert global_state is not None
         client_id = session.device.client_id
         session.last_round = task.round
+        model_bytes = self.models.payload_bytes(task.model_fingerprint, task.model_allocation)
+        session.device.task_arrived(model_bytes)
         outcome = session.device.run_task(task, global_state, self.pool)
         if isinstance(outcome, Trained):
             self._send_update(session, task, outcome)

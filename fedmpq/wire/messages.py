@@ -83,11 +83,12 @@ class RegisterMessage:
 class TaskMessage:
     """One round's work for one client (coordinator -> device).
 
-    The global model travels once per round in a ``GlobalModelMessage``; the task
-    names it by ``model_fingerprint``.  ``bits`` maps each quantizable layer name to
-    its bit-width for this client and round, quantized with ``scheme`` (one scale per
-    output channel when ``per_channel``).  ``options`` carries the policy's
-    client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
+    The device starts from the ``GlobalModelMessage`` of fingerprint
+    ``model_fingerprint`` at allocation ``model_allocation`` (``""``: all float32), one
+    payload per distinct allocation (``fedmpq.wire.downlink``).  ``bits`` maps each
+    quantizable layer name to its bit-width for this client and round, quantized with
+    ``scheme`` (one scale per output channel when ``per_channel``).  ``options`` carries
+    the policy's client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
     says how symmetric scales are chosen, in training and in the update alike.
     """
 
@@ -109,6 +110,7 @@ class TaskMessage:
     compress: bool
     options: dict[str, float] = field(default_factory=dict)
     observer: str = OBSERVER_MINMAX
+    model_allocation: str = ""
 
 
 @dataclass
