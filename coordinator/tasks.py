@@ -90,10 +90,12 @@ class RoundMessages:
         """The global model at each allocation of ``admitted`` not yet published this round:
         one retained payload per distinct allocation (devices sharing one share it)."""
         cfg = self.config
-        quant = {"per_channel": cfg.per_channel, "observer": cfg.observer}
         starts = {d.client_id: self.start_bits(rs, d.client_id) for d in admitted}
+        groups = group_by_allocation(
+            starts, cfg.scheme, per_channel=cfg.per_channel, observer=cfg.observer
+        )
         out = []
-        for key, members in group_by_allocation(starts, cfg.scheme, **quant).items():
+        for key, members in groups.items():
             rs.allocation_of.update(dict.fromkeys(members, key))
             if key in rs.model_frames:
                 continue
@@ -105,7 +107,8 @@ class RoundMessages:
                 model_name=cfg.model,
                 fingerprint=rs.fingerprint,
                 scheme=cfg.scheme,
-                **quant,
+                per_channel=cfg.per_channel,
+                observer=cfg.observer,
             )
             rs.model_frames[key] = encode(message, compress=cfg.compress)
             self.retained.add(key)
