@@ -297,8 +297,7 @@ def run_size(
             stop_processes([coordinator, *agents], timeout=0)
         broker_peak = broker_rss.stop()
         agent_peak = max(sampler.stop() for sampler in agent_rss)
-        end = counters.wait_samples(2)
-        marks = [counters.at(counters.opened[r]) for r in sorted(counters.opened)] + [end]
+        marks = counters.round_marks(counters.wait_samples(2))
     if code != 0:
         raise SystemExit(f"coordinator failed for {clients} devices: see {out}/coordinator.log")
     measured = json.loads(result_path.read_text())

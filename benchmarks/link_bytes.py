@@ -104,14 +104,24 @@ class BrokerCounters:
         before = [s for s in self.samples if s[0] <= when] or self.samples[:1]
         return before[-1][1], before[-1][2]
 
+    def round_marks(self, end: tuple[int, int]) -> list[tuple[int, int]]:
+        """The counters at each round's announcement (rounds 1, 2, ...), then ``end``: round
+        r's bytes are the difference of marks r and r + 1."""
+        rounds = sorted(r for r in self.opened if r >= 1)  # 0: the coordinator connecting
+        return [self.at(self.opened[r]) for r in rounds] + [end]
+
 
 def emulate(url: str, policy: str, rounds: int, out: Path, extra: list[str]) -> Path:
-    """Run the demo with ``policy`` for ``rounds`` rounds on the broker at ``url``."""
+    """Run the demo with ``policy`` for ``rounds`` rounds on the broker at ``url`` (without
+    the ONNX release at the end: it is not a round's traffic)."""
     run_id = f"links-{policy.replace(':', '')}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "no_release.toml"
+    config.write_text("publish_onnx = false\n")
     cmd = [
         sys.executable, "-m", "fedmpq.cli", "emulate", "--clients", "10", "--rounds",
         str(rounds), "--policy", policy, "--broker", url, "--run-id", run_id,
-        "--out-dir", str(out / run_id), *extra,
+        "--out-dir", str(out / run_id), "--config", str(config), *extra,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out / run_id
@@ -124,8 +134,7 @@ def measure(policy: str, rounds: int, out: Path, extra: list[str]) -> dict[str, 
         start_sent, _ = counters.wait_samples(1)
         run_dir = emulate(broker.url, policy, rounds, out, extra)
         end_sent, end_received = counters.wait_samples(2)
-        opened = dict(counters.opened)
-        marks = [counters.at(opened[r]) for r in sorted(opened)] + [(end_sent, end_received)]
+        marks = counters.round_marks((end_sent, end_received))
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] > 0]
     per_round = []
     for row, before, after in zip(rows, marks, marks[1:], strict=False):
