@@ -14,6 +14,7 @@ from benchmarks.round_driver import frames
 from coordinator.config import RunConfig
 from coordinator.engine import RoundEngine
 from edge_client.shared_models import GlobalModelCache
+from fedmpq.dither import dithered_start
 from fedmpq.fake_quant import fake_quantize
 from fedmpq.quant_spec import (
     OBSERVER_MINMAX,
@@ -84,9 +85,14 @@ def test_a_selected_device_starts_from_the_coordinators_q_b_w(tmp_path, policy, 
         for name, w in expected.items():
             assert start[name].dtype == np.float32
             assert start[name].tobytes() == w.tobytes(), name
-        # Fake quantization of that start changes nothing: the forward pass sees Q_b(w).
-        again = fake_quantized(start, task)
-        assert all(again[n].tobytes() == start[n].tobytes() for n in start)
+        # The latent weights it trains from (spread over the cells) quantize to the same:
+        # the forward pass sees Q_b(w).
+        latent = dithered_start(
+            start, task.bits, task.scheme, per_channel=task.per_channel,
+            observer=task.observer, seed=7,
+        )  # fmt: skip
+        seen = fake_quantized(latent, task)
+        assert all(seen[n].tobytes() == start[n].tobytes() for n in start)
 
 
 def test_float_training_policies_get_the_float_model(tmp_path):
