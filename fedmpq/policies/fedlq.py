@@ -91,7 +91,7 @@ class FedLQPolicy(Policy):
         probe_bits: int = 2,
         every: int = 5,
         floor: float = 1e-4,
-        anchored: bool = False,
+        anchored: bool = True,  # its devices start from Q_b(w): see FixedPolicy
     ) -> None:
         super().__init__(anchored)
         if not MIN_BITS <= bits <= MAX_BITS or not MIN_BITS <= probe_bits <= MAX_BITS:

@@ -146,8 +146,8 @@ def test_observers_see_frames_rounds_and_evaluations(tmp_path):
 @pytest.mark.parametrize(
     ("policy", "rule"),
     [
-        ({"name": "fixed", "bits": 4}, "fedavg"),
-        ({"name": "fixed", "bits": 4, "anchored": True}, "anchored"),
+        ({"name": "fixed", "bits": 4}, "anchored"),
+        ({"name": "fixed", "bits": 4, "anchored": False}, "fedavg"),
         ({"name": "fedmpq"}, "anchored"),
         ({"name": "qsgd"}, "delta"),
     ],
