@@ -39,8 +39,10 @@ def dithered_tensor(
     Returns
     -------
     np.ndarray
-        float32; ``dequantize(quantize(result, ...)) == w_q`` bit for bit (``w_q`` itself
-        when a spread would break that, and for one bit: its cells are the two signs).
+        float32, quantizing bit for bit as ``w_q`` itself does (``w_q`` when a spread
+        would change that, and for one bit: its cells are the two signs).  That is ``w_q``
+        for the symmetric scheme; affine re-quantization of ``w_q`` may move a value by a
+        float32 ulp, the scale being recomputed from the dequantized range.
     """
     if bits < 2:
         return w_q
@@ -56,7 +58,7 @@ def dithered_tensor(
     u[ends] = 0.0
     latent = (w_q + u).astype(np.float32)
     again = dequantize(quantize(latent, bits, scheme, axis=axis, observer=observer))
-    return latent if np.array_equal(again, w_q) else w_q
+    return latent if np.array_equal(again, dequantize(q)) else w_q
 
 
 def dithered_start(
