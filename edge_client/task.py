@@ -52,7 +52,7 @@ def execute_task(
     """
     policy = policy_class(task.policy)
     start = global_state
-    if policy.starts_quantized:
+    if policy.starts_quantized and policy.spreads_start:
         start = dithered_start(
             global_state,
             task.bits,
