@@ -15,6 +15,9 @@ measures
   waiting for devices and minus test-set evaluation;
 * **coordinator peak RSS** (``ru_maxrss`` of the coordinator process) and **broker
   RSS** (psutil on mosquitto's pid, sampled every 0.2 s, peak);
+* **link bytes**: what the broker itself counts (mosquitto's ``$SYS/broker/bytes/sent``,
+  ``sys_interval 1``) per round, against what the selected devices need (their models,
+  tasks and updates, from the metrics row) and against the row's own up + down total;
 * **emulated round time** against the analytic time of the slowest participant:
   FLOP-count compute (``fedmpq.resources.training_seconds`` at the profile's GFLOPS)
   plus both transfers over its links; and against the emulation's own parts (measured
@@ -46,6 +49,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.link_bytes import BROKER_CONFIG, BrokerCounters
 from coordinator.events import (
     DevicesReady,
     Evaluated,
@@ -64,7 +68,7 @@ from fedmpq.data.partition import parse_partition, partition
 from fedmpq.models import build_model
 from fedmpq.profiles import load_fleet
 from fedmpq.resources import model_cost, training_seconds
-from fedmpq.topics import GLOBAL, REGISTER, TASK, UPDATE
+from fedmpq.topics import REGISTER, TASK, UPDATE
 from fedmpq.wire.signing import write_key_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +86,7 @@ class RoundTimer:
     """Observes a coordinator through its engine's events; never changes what it does.
 
     Per round: the wall time, the time spent waiting for devices, the time evaluating and
-    handling frames, and the sizes of the global model, the tasks and the updates.
+    handling frames, and the sizes of the tasks and the updates.
     """
 
     def __init__(self) -> None:
@@ -115,9 +119,7 @@ class RoundTimer:
             self.sizes = {"round": event.round, "task": {}}
             self.handle_s = self.evaluate_s = 0.0
         for m in event.outgoing:
-            if m.kind == GLOBAL:
-                self.sizes["global"] = len(m.payload)
-            elif m.kind == TASK:
+            if m.kind == TASK:
                 self.sizes["task"][m.client_id] = len(m.payload)
 
     def _timed(self, event: RoundTimed) -> None:
@@ -208,7 +210,7 @@ def analytic_slowest(
             index = int(cid.rsplit("-", 1)[1])
             spec = specs[index]
             compute = training_seconds(cost, samples[index], 1, spec.gflops.value)
-            down = sizes["global"] + sizes["task"][cid]
+            down = row["link_bytes"][cid]["down"]  # its task and its model
             slowest = max(slowest, round_seconds(spec, compute, down, sizes["update"][cid]))
         out.append({"emulated_s": row["emulated_seconds"], "analytic_s": slowest})
     return out
@@ -229,6 +231,19 @@ def stretched_slowest(report: Path, clients: int) -> dict[int, float]:
     return slowest
 
 
+def link_bytes(rounds: list[dict[str, Any]], marks: list[tuple[int, int]]) -> dict[str, Any]:
+    """Per round: what the broker sent (its own counter, between round announcements),
+    what the selected devices need (models + tasks down, updates up) and the row's total."""
+    per_round = []
+    for r, before, after in zip(rounds, marks, marks[1:], strict=False):
+        row = r["row"]
+        need = sum(d["up"] + d["down"] for d in row["link_bytes"].values())
+        ours = row["uplink_bytes"] + row["downlink_bytes"]
+        per_round.append({"broker_sent": after[0] - before[0], "need": need, "ours": ours})
+    total = {k: sum(p[k] for p in per_round) for k in ("broker_sent", "need", "ours")}
+    return {"per_round": per_round, "total": total}
+
+
 def run_size(
     clients: int, per_round: int, rounds: int, workers: int, compute_time: str, out: Path
 ) -> dict:
@@ -240,8 +255,8 @@ def run_size(
     emulate_argv = ["--clients", str(clients), "--partition", PARTITION, "--dataset", DATASET]
     emulate_argv += ["--seed", str(SEED), "--fleet", str(FLEET), "--compute-time", compute_time]
     args = emulate_parser().parse_args(emulate_argv)
-    broker = MosquittoBroker()
-    with broker:
+    broker = MosquittoBroker(extra_config=BROKER_CONFIG)
+    with broker, BrokerCounters(broker.address) as counters:
         assert broker.pid is not None
         broker_rss = PeakRss(broker.pid)
         spec = {
@@ -282,6 +297,7 @@ def run_size(
             stop_processes([coordinator, *agents], timeout=0)
         broker_peak = broker_rss.stop()
         agent_peak = max(sampler.stop() for sampler in agent_rss)
+        marks = counters.round_marks(counters.wait_samples(2))
     if code != 0:
         raise SystemExit(f"coordinator failed for {clients} devices: see {out}/coordinator.log")
     measured = json.loads(result_path.read_text())
@@ -305,6 +321,7 @@ def run_size(
         "coordinator_peak_rss_bytes": measured["peak_rss_bytes"],
         "broker_peak_rss_bytes": broker_peak,
         "agent_process_peak_rss_bytes": agent_peak,
+        "link_bytes": link_bytes(rows, marks),
         "emulated_vs_analytic": emulated,
         "emulated_vs_rebuilt": [
             {"emulated_s": r["row"]["emulated_seconds"], "rebuilt_s": rebuilt[r["round"]]}
@@ -318,11 +335,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(
         f"\n{'devices':>7} {'/round':>6} {'register':>9} {'burst':>6} {'overhead/round':>15}"
         f" {'coord RSS':>10} {'x first':>7} {'broker RSS':>10} {'agent RSS':>9}"
-        f" {'emul/analytic':>13}"
+        f" {'emul/analytic':>13} {'broker sent/round':>17} {'/ need':>6} {'/ ours':>6}"
     )
     for r in results:
         over = r["overhead_s"]
         ratios = [e["emulated_s"] / e["analytic_s"] for e in r["emulated_vs_analytic"]]
+        links, n = r["link_bytes"]["total"], len(r["link_bytes"]["per_round"])
         print(
             f"{r['clients']:>7} {r['per_round']:>6} {r['register_s']:>8.1f}s"
             f" {r['register_burst_s']:>5.1f}s"
@@ -332,12 +350,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f" {r['broker_peak_rss_bytes'] / MIB:>9.1f}M"
             f" {r['agent_process_peak_rss_bytes'] / MIB:>8.0f}M"
             f" {min(ratios):>6.2f}-{max(ratios):<6.2f}"
+            f" {links['broker_sent'] / n:>15,.0f} B {links['broker_sent'] / links['need']:>6.3f}"
+            f" {links['broker_sent'] / links['ours']:>6.3f}"
         )
     print(
         "overhead/round: mean/max over rounds; x first: coordinator RSS over the first size's;"
         " agent RSS: peak of the largest agent process;"
         "\nemul/analytic: emulated round time over the FLOP-count analytic time of the slowest"
-        " participant (min-max over rounds)"
+        " participant (min-max over rounds);\nbroker sent/round: mosquitto's own count; / need:"
+        " over the models, tasks and updates of the selected devices; / ours: over the row's"
+        " up + down"
     )
 
 

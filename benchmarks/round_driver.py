@@ -25,7 +25,7 @@ from coordinator.events import Outgoing
 from edge_client.task import execute_task
 from fedmpq.models import build_model
 from fedmpq.resources import training_seconds, transfer_seconds
-from fedmpq.topics import GLOBAL, REGISTER, STATUS, TASK, UPDATE
+from fedmpq.topics import MODEL_AT, REGISTER, STATUS, TASK, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     DeviceProfile,
@@ -68,11 +68,30 @@ def enroll(coordinator: RoundEngine, msg: RegisterMessage, key: bytes | None = N
             coordinator.receive(STATUS, msg.client_id, encode(status, key=key))
 
 
-def frames(sent: list[Outgoing]) -> tuple[bytes, dict[str, bytes]]:
-    """The broadcast global model and the per-device frames (tasks, notices) of ``sent``."""
-    glob = next(m.payload for m in sent if m.kind == GLOBAL)
+def frames(sent: list[Outgoing]) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """The global models by allocation key and the per-device frames (tasks, notices) of
+    ``sent``."""
+    models = {
+        m.client_id: m.payload for m in sent if m.kind == MODEL_AT and m.client_id is not None
+    }
     tasks = {m.client_id: m.payload for m in sent if m.kind == TASK and m.client_id is not None}
-    return glob, tasks
+    return models, tasks
+
+
+class StartStates:
+    """The decoded models of one round's ``models`` (from :func:`frames`), by allocation."""
+
+    def __init__(self, models: dict[str, bytes]) -> None:
+        self.models = models
+        self._decoded: dict[str, dict[str, np.ndarray]] = {}
+
+    def of(self, task: TaskMessage) -> dict[str, np.ndarray]:
+        """The state ``task``'s device starts from (its allocation's model)."""
+        key = task.model_allocation
+        if key not in self._decoded:
+            msg = decode(self.models[key], GlobalModelMessage)
+            self._decoded[key] = decode_state(msg.tensors)
+        return self._decoded[key]
 
 
 def run_round(
@@ -82,8 +101,8 @@ def run_round(
     ``emulated_round_s``, ``sent_bits`` (per client, per layer, as sent) and
     ``notices`` (clients told they were left out) and ``emulated_upload_s`` (the
     slowest upload)."""
-    glob, tasks = frames(coordinator.open_round(round))
-    state = decode_state(decode(glob, GlobalModelMessage).tensors)
+    models, tasks = frames(coordinator.open_round(round))
+    starts = StartStates(models)
     nets: dict[str, nn.Module] = {}
     slowest = slowest_upload = 0.0
     sent_bits: dict[str, dict[str, int]] = {}
@@ -101,7 +120,7 @@ def run_round(
         update, _ = execute_task(
             msg,
             nets[msg.model_name],
-            state,
+            starts.of(msg),
             device.x,
             device.y,
             seed=device.seed * 100_003 + round,
@@ -111,7 +130,7 @@ def run_round(
         coordinator.receive(UPDATE, cid, payload)
         sent_bits[cid] = {p.name: p.bits for p in decode(payload, UpdateMessage).tensors}
         compute, down, up = emulated_seconds(
-            coordinator, device, msg, len(glob) + len(raw), len(payload)
+            coordinator, device, msg, len(models[msg.model_allocation]) + len(raw), len(payload)
         )
         slowest = max(slowest, compute + down + up)
         slowest_upload = max(slowest_upload, up)

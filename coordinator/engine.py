@@ -56,7 +56,7 @@ from coordinator.workload import Workload
 from fedmpq.errors import DecodeError, FedmpqError
 from fedmpq.policies import BitAllocation, PolicyContext, make_policy
 from fedmpq.state import fingerprint
-from fedmpq.topics import CONTROL, GLOBAL, REGISTER, STATUS, TASK, UPDATE
+from fedmpq.topics import CONTROL, MODEL_AT, REGISTER, STATUS, TASK, UPDATE
 from fedmpq.wire.codec import (
     DecodeLimits,
     Envelope,
@@ -292,8 +292,9 @@ class RoundEngine:
     # --- commands --------------------------------------------------------------------
     def open_round(self, round: int, selected: list[DeviceRecord] | None = None) -> list[Outgoing]:
         """Open ``round`` for ``selected`` (default: the registry's random selection of
-        ``clients_per_round`` online devices); return the downlink and the tasks.  A
-        device whose profile cannot fit 1-bit training gets a notice instead of a task."""
+        ``clients_per_round`` online devices); return the round's announcement (to all),
+        the models at the selected devices' allocations and their tasks.  A device whose
+        profile cannot fit 1-bit training gets a notice instead of a task."""
         cfg = self.config
         if selected is None:
             selected = self.select(cfg.clients_per_round)
@@ -312,7 +313,9 @@ class RoundEngine:
         rs.started = self.clock()
         rs.deadline = rs.started + cfg.round_deadline_s
         self.round_state = rs
-        out = self.messages.downlink(rs, self.global_state)
+        announce = self.control("open", round)
+        rs.control_bytes = len(announce.payload) * len(self.registry.online())
+        out = [announce, *self.messages.models(rs, self.global_state, admitted)]
         out += self.messages.tasks(rs, admitted, excluded)
         self.observers.emit(RoundOpened(round, tuple(out)))
         return out
@@ -345,7 +348,8 @@ class RoundEngine:
             raise FedmpqError("extend_round() without an open round")
         admitted, clients, excluded = self.messages.admit(rs.round, devices)
         rs.selected.update(self.policy.allocate(rs.round, clients))
-        out = self.messages.tasks(rs, admitted, excluded)
+        out = self.messages.models(rs, self.global_state, admitted)
+        out += self.messages.tasks(rs, admitted, excluded)
         self.observers.emit(RoundOpened(rs.round, tuple(out)))
         return out
 
@@ -387,6 +391,10 @@ class RoundEngine:
         self.observers.emit(RoundClosed(rs.round, row))
         return row
 
+    def withdraw_models(self) -> list[Outgoing]:
+        """After :meth:`close_round`: clear the closed round's retained models."""
+        return self.messages.withdraw()
+
     def evaluate(self, round: int = 0) -> tuple[float, float]:
         """Loss and accuracy of the global model on the test split."""
         started = time.perf_counter()
@@ -395,13 +403,13 @@ class RoundEngine:
         return result
 
     def resend(self) -> list[Outgoing]:
-        """After a (re)connect: the run announcement, and the open round's model and the
+        """After a (re)connect: the run announcement, and the open round's models and the
         tasks not answered yet (devices ignore a task for a round they already have)."""
         rs = self.round_state
         out = [self.control("open", rs.round if rs is not None else 0)]
-        if rs is None or not rs.global_frame:
+        if rs is None:
             return out
-        out.append(Outgoing(GLOBAL, None, rs.global_frame))
+        out += [Outgoing(MODEL_AT, key, frame) for key, frame in rs.model_frames.items()]
         out += [Outgoing(TASK, c, t) for c, t in rs.task_frames.items() if c not in rs.accepted]
         return out
 
@@ -411,7 +419,11 @@ class RoundEngine:
         signer = self.signer
         if signer is None:
             return messages
-        return [Outgoing(m.kind, m.client_id, sign_frame(m.payload, signer)) for m in messages]
+        # An empty payload is no frame: it is how a retained model is cleared (MQTT).
+        return [
+            Outgoing(m.kind, m.client_id, sign_frame(m.payload, signer) if m.payload else b"")
+            for m in messages
+        ]
 
     def control(self, state: str, round: int, detail: str = "") -> Outgoing:
         msg = ControlMessage(self.config.run_id, state, round, detail, time.time())

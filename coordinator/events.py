@@ -16,10 +16,10 @@ from typing import Any
 class Outgoing:
     """One message to deliver.
 
-    ``kind`` is a topic kind of ``fedmpq.topics`` (``task``, ``global``, ``control``,
-    ``model``); ``client_id`` names the device for per-device kinds and is ``None`` for
-    a broadcast.  A per-device or per-allocation downlink is a list of ``Outgoing`` with
-    client ids, so transports need no change for it.
+    ``kind`` is a topic kind of ``fedmpq.topics`` (``task``, ``model_at``, ``control``,
+    ``model``); ``client_id`` is the last topic level: the device for per-device kinds,
+    the allocation key for ``model_at`` (``""``: all float32), ``None`` for a broadcast.
+    An empty ``model_at`` payload clears that retained model.
     """
 
     kind: str

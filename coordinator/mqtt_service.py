@@ -33,7 +33,7 @@ from coordinator.outputs import (
 from coordinator.resume import restore, snapshot
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Protocol
-from fedmpq.topics import CONTROL, GLOBAL, MODEL, QOS, TASK, Topics, publish_options
+from fedmpq.topics import CONTROL, MODEL, MODEL_AT, QOS, TASK, Topics, publish_options
 
 log = logging.getLogger("fedmpq.coordinator")
 
@@ -115,8 +115,8 @@ class MqttCoordinator:
     def _topic(self, m: Outgoing) -> str:
         t = self.topics
         if m.client_id is not None:
-            return {TASK: t.task}[m.kind](m.client_id)
-        return {GLOBAL: t.global_model, CONTROL: t.control, MODEL: t.model}[m.kind]
+            return {TASK: t.task, MODEL_AT: t.model_at}[m.kind](m.client_id)
+        return {CONTROL: t.control, MODEL: t.model}[m.kind]
 
     def _next_job(self, timeout: float) -> None:
         """Run the next inbox job, waiting at most ``timeout`` s for one."""
@@ -156,6 +156,7 @@ class MqttCoordinator:
         while not self._round_done():
             self._next_job(min(engine.deadline() - engine.clock(), 1.0))
         row = engine.close_round()
+        self._send(engine.withdraw_models())
         wall = time.perf_counter() - started
         engine.observers.emit(RoundTimed(round, wall, self.idle_s - idle))
         return row

@@ -31,10 +31,16 @@ class RoundState:
     grace_clock: Clock = time.monotonic
     accepted: dict[str, ClientResult] = field(default_factory=dict)
     uplink_bytes: int = 0
-    downlink_bytes: int = 0
     emulated_s: float = 0.0
-    global_frame: bytes = b""  # what was published, for re-sending after a reconnect
+    # The models published (allocation key -> frame), for re-sending after a reconnect.
+    model_frames: dict[str, bytes] = field(default_factory=dict)
+    allocation_of: dict[str, str] = field(default_factory=dict)  # client id -> its key
     task_frames: dict[str, bytes] = field(default_factory=dict)
+    # Link bytes by device as the broker delivers them: down = task (or notice) + model,
+    # up = accepted update; control_bytes = the round's announcement x online devices.
+    down_bytes: dict[str, int] = field(default_factory=dict)
+    up_bytes: dict[str, int] = field(default_factory=dict)
+    control_bytes: int = 0
     started: float = 0.0
     deadline: float = 0.0
     quorum_checked: bool = False  # the one retry for quorum was decided
@@ -68,6 +74,7 @@ class RoundState:
         self.offline_since.pop(msg.client_id, None)
         self.dropped.pop(msg.client_id, None)
         self.uplink_bytes += frame_bytes
+        self.up_bytes[msg.client_id] = frame_bytes
         self.emulated_s = max(self.emulated_s, msg.usage.emulated_seconds)
 
     def note_gone(self, status: StatusMessage) -> bool:
@@ -127,7 +134,12 @@ def metrics_row(
         "participants": sorted(rs.accepted),
         "counted": counted,
         "uplink_bytes": rs.uplink_bytes,
-        "downlink_bytes": rs.downlink_bytes,
+        "downlink_bytes": sum(rs.down_bytes.values()) + rs.control_bytes,
+        "control_bytes": rs.control_bytes,
+        "link_bytes": {
+            cid: {"up": rs.up_bytes.get(cid, 0), "down": down}
+            for cid, down in sorted(rs.down_bytes.items())
+        },
         "client_bits": {cid: round_bits(rs.selected[cid], layers) for cid in sorted(rs.selected)},
         "client_metrics": {cid: dict(r.metrics) for cid, r in sorted(rs.accepted.items())},
         "round_seconds": rs.clock() - rs.started,

@@ -1,8 +1,11 @@
 """What a round sends: who can train (budgets), their tasks, and the model downlink.
 
-The downlink is one place (:meth:`RoundMessages.downlink`): today a single retained
-float32 global model for everyone; per-device or per-allocation payloads replace it
-here without touching the engine or the transport.
+The downlink (:meth:`RoundMessages.models`) goes to the selected devices only: each starts
+from the global model as its policy trains from it -- quantized at its own per-layer bits
+with the run's quantizer and observer (``Q_b(w)``), or float32 for policies that train in
+float (``Policy.starts_quantized``) -- one retained payload per distinct allocation on
+``model_at/{key}``, which a device subscribes to while its task waits for it.  Devices
+not selected receive nothing but the round's control announcement.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from fedmpq.budget import RoundDemand, budget_bits
 from fedmpq.errors import BudgetError
 from fedmpq.policies import ClientInfo, Policy
 from fedmpq.resources import ModelCost
-from fedmpq.topics import GLOBAL, TASK
+from fedmpq.topics import MODEL_AT, TASK
 from fedmpq.wire.codec import encode
-from fedmpq.wire.messages import GlobalModelMessage, NoticeMessage, TaskMessage
-from fedmpq.wire.tensors import encode_state
+from fedmpq.wire.downlink import global_model_at, group_by_allocation
+from fedmpq.wire.messages import NoticeMessage, TaskMessage
 
 log = logging.getLogger("fedmpq.coordinator")
 
@@ -45,6 +48,7 @@ class RoundMessages:
         self.registry = registry
         self.policy = policy
         self.token = token  # (round, client id) -> the task's token, echoed by its update
+        self.retained: set[str] = set()  # allocation keys holding a retained model
 
     def client_budget(self, device: DeviceRecord) -> float:
         """``device``'s average bit budget: set in the run config, else from its profile.
@@ -82,15 +86,48 @@ class RoundMessages:
             clients.append(ClientInfo(d.client_id, d.profile, d.num_samples, budget))
         return admitted, clients, excluded
 
-    def downlink(self, rs: RoundState, state: Mapping[str, np.ndarray]) -> list[Outgoing]:
-        """The model the round's devices start from: one retained float32 broadcast."""
+    def start_bits(self, rs: RoundState, client_id: str) -> dict[str, int]:
+        """The bits ``client_id`` starts training from: its allocation's when the policy
+        trains quantized, none (all float32) when it trains in float."""
+        return dict(rs.selected[client_id].bits) if self.policy.starts_quantized else {}
+
+    def models(
+        self, rs: RoundState, state: Mapping[str, np.ndarray], admitted: list[DeviceRecord]
+    ) -> list[Outgoing]:
+        """The global model at each allocation of ``admitted`` not yet published this round:
+        one retained payload per distinct allocation (devices sharing one share it)."""
         cfg = self.config
-        all_float = {name: 32 for name in state}
-        message = GlobalModelMessage(
-            cfg.run_id, rs.round, cfg.model, rs.fingerprint, encode_state(state, all_float)
+        starts = {d.client_id: self.start_bits(rs, d.client_id) for d in admitted}
+        groups = group_by_allocation(
+            starts, cfg.scheme, per_channel=cfg.per_channel, observer=cfg.observer
         )
-        rs.global_frame = encode(message, compress=cfg.compress)
-        return [Outgoing(GLOBAL, None, rs.global_frame)]
+        out = []
+        for key, members in groups.items():
+            rs.allocation_of.update(dict.fromkeys(members, key))
+            if key in rs.model_frames:
+                continue
+            message = global_model_at(
+                state,
+                starts[members[0]],
+                run_id=cfg.run_id,
+                round=rs.round,
+                model_name=cfg.model,
+                fingerprint=rs.fingerprint,
+                scheme=cfg.scheme,
+                per_channel=cfg.per_channel,
+                observer=cfg.observer,
+            )
+            rs.model_frames[key] = encode(message, compress=cfg.compress)
+            self.retained.add(key)
+            out.append(Outgoing(MODEL_AT, key, rs.model_frames[key]))
+        return out
+
+    def withdraw(self) -> list[Outgoing]:
+        """Clear the retained models (an empty retained payload deletes one), so no device
+        subscribing later receives a closed round's model."""
+        out = [Outgoing(MODEL_AT, key, b"") for key in sorted(self.retained)]
+        self.retained.clear()
+        return out
 
     def tasks(
         self, rs: RoundState, admitted: list[DeviceRecord], excluded: dict[str, str]
@@ -105,9 +142,12 @@ class RoundMessages:
             tasks[client_id] = encode(NoticeMessage(cfg.run_id, client_id, rs.round, reason))
         rs.excluded.update(excluded)
         rs.task_frames.update(tasks)
-        # The broker fans the retained global model out to every selected device.
-        rs.downlink_bytes += len(rs.global_frame) * len(admitted)
-        rs.downlink_bytes += sum(len(t) for t in tasks.values())
+        for client_id, frame in tasks.items():
+            # What the broker delivers to the device: its task (or notice) and, to a
+            # device with a task, the model at its allocation.
+            key = rs.allocation_of.get(client_id) if client_id not in excluded else None
+            model = len(rs.model_frames[key]) if key is not None else 0
+            rs.down_bytes[client_id] = rs.down_bytes.get(client_id, 0) + len(frame) + model
         return [Outgoing(TASK, client_id, frame) for client_id, frame in tasks.items()]
 
     def _task(self, rs: RoundState, device: DeviceRecord, compress: bool) -> TaskMessage:
@@ -130,4 +170,5 @@ class RoundMessages:
             options=self.policy.client_options(),
             observer=cfg.observer,
             token=self.token(rs.round, device.client_id),
+            model_allocation=rs.allocation_of[device.client_id],
         )

@@ -107,11 +107,12 @@ class Device(Protocol):
         """Whether the device is there to see a task now."""
 
     def round_opened(self, round: int, global_bytes: int) -> Availability | None:
-        """Round ``round``'s global model (``global_bytes`` long) arrived: what to announce
-        about the device's availability, or None for nothing."""
+        """Round ``round`` was announced (``global_bytes`` long, to every device): what to
+        announce about the device's availability, or None for nothing."""
 
     def task_arrived(self, nbytes: int) -> None:
-        """``nbytes`` arrived on the device's task topic (a task or a notice)."""
+        """``nbytes`` arrived for the device's task: a task or a notice, then the model at
+        its allocation that the task starts from."""
 
     def run_task(
         self, task: TaskMessage, global_state: Mapping[str, np.ndarray], models: ModelPool

@@ -58,7 +58,7 @@ class ProfileBinding:
     online: bool = True  # this round's state
     announced_online: bool = True  # what the coordinator was last told
     round_seen: int = 0
-    downlink_bytes: int = 0  # received for the current round: global model + task
+    downlink_bytes: int = 0  # received for the current round: announcement, task, model
     _churn: random.Random = field(init=False, repr=False)
     _crash: random.Random = field(init=False, repr=False)
     _next_online: bool = field(init=False, repr=False)  # next round's state, drawn ahead
@@ -96,7 +96,7 @@ class ProfileBinding:
 
     # --- churn and crashes -------------------------------------------------------------
     def open_round(self, round: int, global_bytes: int) -> bool | None:
-        """Round ``round``'s global model (``global_bytes`` long) arrived.
+        """Round ``round`` was announced (``global_bytes`` long).
 
         Steps the availability chain to round ``round + 1`` and returns the state to
         announce for it (True online, False offline), or None if the coordinator already

@@ -37,8 +37,8 @@ from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Will
 from fedmpq.mqtt import Protocol as MqttProtocol
 from fedmpq.topics import (
     CONTROL,
-    GLOBAL,
     MODEL,
+    MODEL_AT,
     QOS,
     REGISTER,
     STATUS,
@@ -90,6 +90,7 @@ class Session:
     registered_run: str = ""
     last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
+    model_topic: str | None = None  # the model_at topic subscribed while a task waits
     last_update: tuple[int, str, UpdateMessage, bytes] | None = None  # round, fingerprint, sent
     connection_id: str = ""  # nonce of the current connection, in its will and statuses
     # The device's own last statuses (newest last) and what the newest said, so that any
@@ -170,15 +171,16 @@ class AgentRuntime:
     def _handle(self, session: Session, topic: str, payload: bytes) -> None:
         kind, _ = self.topics.parse(topic) or ("unknown", None)
         limits = self.options.limits
-        if not session.check.admit(session.device.client_id, kind, payload, limits):
+        # An empty retained payload is the broker clearing a model (nothing to trust).
+        cleared = kind == MODEL_AT and not payload
+        if not cleared and not session.check.admit(session.device.client_id, kind, payload, limits):
             return
         try:
             if kind == CONTROL:
-                self._on_control(session, decode(payload, ControlMessage, limits))
-            elif kind == GLOBAL:
-                if self.models.add(payload, limits) is not None:
-                    self._run_pending()
-                self._round_opened(session, self.models.latest_round, len(payload))
+                control = decode(payload, ControlMessage, limits)
+                self._on_control(session, control, len(payload))
+            elif kind == MODEL_AT:
+                self._on_model_at(session, topic, payload)
             elif kind == TASK:
                 session.device.task_arrived(len(payload))
                 msg = decode(payload, None, limits)
@@ -196,12 +198,14 @@ class AgentRuntime:
     def _wanted(self, run_id: str) -> bool:
         return not self.options.run_id or run_id == self.options.run_id
 
-    def _on_control(self, session: Session, msg: ControlMessage) -> None:
+    def _on_control(self, session: Session, msg: ControlMessage, nbytes: int) -> None:
         if not self._wanted(msg.run_id):
             return
-        if msg.state == "open" and msg.run_id != session.registered_run:
-            session.registered_run = msg.run_id
-            self._register(session)
+        if msg.state == "open":
+            if msg.run_id != session.registered_run:
+                session.registered_run = msg.run_id
+                self._register(session)
+            self._round_opened(session, msg.round, nbytes)
         elif (
             msg.state == "finished"
             and self.options.exit_when_done
@@ -222,9 +226,10 @@ class AgentRuntime:
         log.info("%s: answering a status it did not send", session.device.client_id)
         self._publish_status(session, *last)
 
-    def _round_opened(self, session: Session, round: int, global_bytes: int) -> None:
-        """Round ``round`` opened: announce what the device says of its availability."""
-        availability = session.device.round_opened(round, global_bytes)
+    def _round_opened(self, session: Session, round: int, nbytes: int) -> None:
+        """Round ``round`` opened (an ``nbytes`` announcement): announce what the device
+        says of its availability."""
+        availability = session.device.round_opened(round, nbytes)
         if availability is None:
             return
         online = availability.online
@@ -234,6 +239,24 @@ class AgentRuntime:
             {"event": "availability", "client_id": session.device.client_id}
             | {"round": availability.round, "online": online}
         )
+
+    def _on_model_at(self, session: Session, topic: str, payload: bytes) -> None:
+        """A global model at an allocation arrived on this device's link (an empty payload
+        is the coordinator clearing a closed round's model)."""
+        if payload:
+            round = self.models.add(payload, self.options.limits)
+            client_id = session.device.client_id
+            report = {"event": "model", "client_id": client_id, "round": round}
+            self._report(report | {"bytes": len(payload)})
+        task = session.pending
+        waiting = task is not None and self._model_of(task) is None
+        if session.model_topic == topic and not waiting:
+            session.connection.unsubscribe(topic)
+            session.model_topic = None
+        self._run_pending()
+
+    def _model_of(self, task: TaskMessage) -> Mapping[str, Any] | None:
+        return self.models.get(task.model_fingerprint, task.model_allocation)
 
     def _on_model(self, session: Session, msg: ModelMessage) -> None:
         """Verify and store the trained model (once per process: devices share the store)."""
@@ -279,20 +302,30 @@ class AgentRuntime:
             log.info("%s: offline, task of round %d unseen", client_id, task.round)
             return
         session.pending = task
+        topic = self.topics.model_at(task.model_allocation)
+        if self._model_of(task) is None and session.model_topic != topic:
+            # Only a device with a task receives a model: the one at its allocation,
+            # retained by the coordinator until the round closes.
+            if session.model_topic is not None:
+                session.connection.unsubscribe(session.model_topic)
+            session.model_topic = topic
+            session.connection.subscribe(topic, qos=QOS)
         self._run_pending()
 
     def _run_pending(self) -> None:
         for session in self.sessions.values():
             task = session.pending
-            if task is not None and self.models.get(task.model_fingerprint) is not None:
+            if task is not None and self._model_of(task) is not None:
                 session.pending = None
                 self._train(session, task)
 
     def _train(self, session: Session, task: TaskMessage) -> None:
-        global_state = self.models.get(task.model_fingerprint)
+        global_state = self._model_of(task)
         assert global_state is not None
         client_id = session.device.client_id
         session.last_round = task.round
+        model_bytes = self.models.payload_bytes(task.model_fingerprint, task.model_allocation)
+        session.device.task_arrived(model_bytes)
         outcome = self._run_task(session, task, global_state)
         if isinstance(outcome, Trained):
             self._send_update(session, task, outcome)

@@ -20,31 +20,39 @@ from fedmpq.wire.tensors import decode_state
 
 
 class GlobalModelCache:
-    """Decoded global models by fingerprint; identical payloads are decoded once even when
-    hundreds of emulated devices in this process each receive their own copy."""
+    """Decoded global models by (fingerprint, allocation); identical payloads are decoded
+    once even when hundreds of emulated devices in this process each receive their own
+    copy."""
 
-    def __init__(self, keep: int = 2) -> None:
-        self.keep = keep
-        self._by_fp: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep  # models kept: a round may use several allocations
+        self._models: OrderedDict[tuple[str, str], tuple[dict[str, np.ndarray], int]] = (
+            OrderedDict()
+        )
         self._seen: OrderedDict[bytes, int] = OrderedDict()  # payload digest -> its round
-        self.latest_round = 0  # round of the payload the last add() was given
 
-    def add(self, payload: bytes, limits: DecodeLimits) -> GlobalModelMessage | None:
-        """Decode and cache ``payload``; None if this exact payload was already cached."""
+    def add(self, payload: bytes, limits: DecodeLimits) -> int:
+        """Decode and cache ``payload`` (unless this exact payload is cached); its round."""
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest in self._seen:
-            self.latest_round = self._seen[digest]
-            return None
+            return self._seen[digest]
         msg = decode(payload, GlobalModelMessage, limits)
-        self._by_fp[msg.fingerprint] = decode_state(msg.tensors)
-        self._seen[digest] = self.latest_round = msg.round
-        for cache in (self._by_fp, self._seen):
+        self._models[(msg.fingerprint, msg.allocation)] = (decode_state(msg.tensors), len(payload))
+        self._seen[digest] = msg.round
+        for cache in (self._models, self._seen):
             while len(cache) > self.keep:
                 cache.popitem(last=False)
-        return msg
+        return msg.round
 
-    def get(self, fingerprint: str) -> dict[str, np.ndarray] | None:
-        return self._by_fp.get(fingerprint)
+    def get(self, fingerprint: str, allocation: str) -> dict[str, np.ndarray] | None:
+        """The decoded model of ``fingerprint`` at ``allocation``, if cached."""
+        entry = self._models.get((fingerprint, allocation))
+        return None if entry is None else entry[0]
+
+    def payload_bytes(self, fingerprint: str, allocation: str) -> int:
+        """How long that model's payload was (0 if not cached)."""
+        entry = self._models.get((fingerprint, allocation))
+        return 0 if entry is None else entry[1]
 
 
 class ModelPool:

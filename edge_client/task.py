@@ -17,6 +17,7 @@ from torch import nn
 
 from edge_client.profiling import peak_rss_bytes
 from edge_client.training import TrainResult, train_local
+from fedmpq.dither import dithered_start
 from fedmpq.policies import policy_class
 from fedmpq.state import load_numpy_state, state_to_numpy
 from fedmpq.wire.messages import ResourceUsage, TaskMessage, UpdateMessage
@@ -84,7 +85,9 @@ def execute_task(
     net
         A model of ``task.model_name``'s architecture; its weights are overwritten.
     global_state
-        The decoded global model the task names by fingerprint.
+        The decoded global model the task names by fingerprint and allocation: ``Q_b(w)``
+        for policies that start quantized (``Policy.starts_quantized``), whose latent
+        weights then start spread over their quantization cells (``fedmpq.dither``).
     x, y
         The device's local training data.
     seed
@@ -95,8 +98,18 @@ def execute_task(
     stop
         Set to stop training between batches (``TrainingStopped``).
     """
-    load_numpy_state(net, global_state)
     policy = policy_class(task.policy)
+    start = global_state
+    if policy.starts_quantized and policy.spreads_start:
+        start = dithered_start(
+            global_state,
+            task.bits,
+            task.scheme,
+            per_channel=task.per_channel,
+            observer=task.observer,
+            seed=seed,
+        )
+    load_numpy_state(net, start)
     hooks = policy.hooks(
         task.bits, task.scheme, task.per_channel, task.options, memory, seed, task.observer
     )

@@ -593,6 +593,10 @@ class Connection:
         _check_qos(qos)
         self._loop.call_soon(lambda: self._subscribe(topic, qos))
 
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription made with :meth:`subscribe` (now, and on reconnects)."""
+        self._loop.call_soon(lambda: self._unsubscribe(topic))
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Queue a message; it is sent now if connected, else after the next connect.
 
@@ -729,6 +733,13 @@ class Connection:
         self._subscriptions[topic] = qos
         if self._state in (_State.SUBSCRIBING, _State.UP):
             self._send_subscribe([topic])
+
+    def _unsubscribe(self, topic: str) -> None:
+        if self._subscriptions.pop(topic, None) is not None and self._state in (
+            _State.SUBSCRIBING,
+            _State.UP,
+        ):
+            self._client.unsubscribe(topic)
 
     def _send_subscribe(self, topics: list[str]) -> int | None:
         if self._v5:

@@ -26,7 +26,7 @@ POLICIES: Mapping[str, PolicyEntry] = {
     "float32": PolicyEntry("plain FedAvg, float32 updates", {"anchored": False}),
     "fixed": PolicyEntry(
         "uniform n-bit quantization-aware training",
-        {"bits": 4, "use_budget": False, "anchored": False},
+        {"bits": 4, "use_budget": False, "anchored": True},
     ),
     "qsgd": PolicyEntry("float training, stochastically rounded n-bit deltas", {"bits": 4}),
     "fedmpq": PolicyEntry(
@@ -35,7 +35,7 @@ POLICIES: Mapping[str, PolicyEntry] = {
     ),
     "fedlq": PolicyEntry(
         "FedLQ-style per-layer bits from measured loss significance",
-        {"bits": 4.0, "probe_bits": 2, "every": 5, "floor": 1e-4, "anchored": False},
+        {"bits": 4.0, "probe_bits": 2, "every": 5, "floor": 1e-4, "anchored": True},
     ),
 }
 

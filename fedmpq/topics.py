@@ -3,17 +3,23 @@
 Every topic lives under a configurable prefix (default ``"fedmpq"``) so several runs
 or deployments can share one broker:
 
-==========================  =====================  ===  ========  ======================
-topic                       direction              QoS  retained  carries
-==========================  =====================  ===  ========  ======================
-``{prefix}/register/{id}``  device -> coordinator  1    no        registration
-``{prefix}/status/{id}``    device -> coordinator  1    yes       online / offline (will)
-``{prefix}/task/{id}``      coordinator -> device  1    no        the device's round task
-``{prefix}/update/{id}``    device -> coordinator  1    no        the device's update
-``{prefix}/global``         coordinator -> all     1    yes       global model of the round
-``{prefix}/control``        coordinator -> all     1    yes       run announcements
-``{prefix}/model``          coordinator -> all     1    yes       trained ONNX model
-==========================  =====================  ===  ========  ======================
+=============================  =====================  ===  ========  =========================
+topic                          direction              QoS  retained  carries
+=============================  =====================  ===  ========  =========================
+``{prefix}/register/{id}``     device -> coordinator  1    no        registration
+``{prefix}/status/{id}``       device -> coordinator  1    yes       online / offline (will)
+``{prefix}/task/{id}``         coordinator -> device  1    no        the device's round task
+``{prefix}/update/{id}``       device -> coordinator  1    no        the device's update
+``{prefix}/model_at/{key}``    coordinator -> the     1    yes       the round's global model
+                               selected devices                  at one allocation
+``{prefix}/control``           coordinator -> all     1    yes       run / round announcements
+``{prefix}/model``             coordinator -> all     1    yes       trained ONNX model
+=============================  =====================  ===  ========  =========================
+
+Only the devices selected for a round receive a training model: a device subscribes to
+the ``model_at`` topic its task names (``TaskMessage.model_allocation``) while it waits
+for that model, and the coordinator clears the retained models when the round closes.
+Every other device sees only the round's small ``control`` announcement.
 
 Device ids double as MQTT client ids and topic levels, so they are restricted to
 ``[A-Za-z0-9_.-]{1,64}``: no wildcards, no separators, nothing a broker may reject.
@@ -31,16 +37,20 @@ REGISTER = "register"
 STATUS = "status"
 TASK = "task"
 UPDATE = "update"
-GLOBAL = "global"
+MODEL_AT = "model_at"
 CONTROL = "control"
 MODEL = "model"
 
 #: Kinds whose topic ends in a device id.
 PER_DEVICE_KINDS = frozenset({REGISTER, STATUS, TASK, UPDATE})
+#: Kinds whose topic ends in an allocation key (``fedmpq.wire.downlink.allocation_key``).
+PER_ALLOCATION_KINDS = frozenset({MODEL_AT})
 #: Kinds that have one topic for the whole run.
-BROADCAST_KINDS = frozenset({GLOBAL, CONTROL, MODEL})
+BROADCAST_KINDS = frozenset({CONTROL, MODEL})
 #: Kinds published with the retain flag, so a device that (re)connects late still sees them.
-RETAINED_KINDS = frozenset({STATUS, GLOBAL, CONTROL, MODEL})
+RETAINED_KINDS = frozenset({STATUS, MODEL_AT, CONTROL, MODEL})
+#: The ``model_at`` topic level of the all-float32 model (its allocation key is ``""``).
+FLOAT_ALLOCATION = "float32"
 #: Every fedmpq topic is QoS 1: at-least-once, deduplicated by the message's round number.
 QOS = 1
 
@@ -55,7 +65,7 @@ class PublishOptions(NamedTuple):
 #: The one table every ``publish`` call takes its QoS and retain flag from, by kind.
 PUBLISH_OPTIONS = {
     kind: PublishOptions(QOS, kind in RETAINED_KINDS)
-    for kind in (REGISTER, STATUS, TASK, UPDATE, GLOBAL, CONTROL, MODEL)
+    for kind in (REGISTER, STATUS, TASK, UPDATE, MODEL_AT, CONTROL, MODEL)
 }
 
 
@@ -136,10 +146,13 @@ class Topics:
         """Topic a device sends its model update on (device -> coordinator)."""
         return self._per_device(UPDATE, client_id)
 
-    @property
-    def global_model(self) -> str:
-        """Retained topic holding the global model of the current round."""
-        return f"{self.prefix}/{GLOBAL}"
+    def model_at(self, allocation: str) -> str:
+        """Retained topic holding the open round's global model at ``allocation`` (an
+        allocation key; ``""``, the all-float32 model, is the level ``float32``)."""
+        level = allocation or FLOAT_ALLOCATION
+        if _CLIENT_ID.fullmatch(level) is None:
+            raise ConfigError(f"invalid allocation key {allocation!r}")
+        return f"{self.prefix}/{MODEL_AT}/{level}"
 
     @property
     def control(self) -> str:
@@ -157,8 +170,9 @@ class Topics:
         return tuple(f"{self.prefix}/{kind}/+" for kind in (REGISTER, STATUS, UPDATE))
 
     def device_subscriptions(self, client_id: str) -> tuple[str, ...]:
-        """Topics a device subscribes to: its task, the global model, control, the trained model."""
-        return (self.task(client_id), self.global_model, self.control, self.model)
+        """Topics a device always subscribes to: its task, control and the trained model
+        (the ``model_at`` topic only while a task waits for that model)."""
+        return (self.task(client_id), self.control, self.model)
 
     def parse(self, topic: str) -> tuple[str, str | None] | None:
         """Classify a topic of this layout.
@@ -171,8 +185,9 @@ class Topics:
         Returns
         -------
         tuple of (str, str or None), or None
-            ``(kind, client_id)`` for per-device topics, ``(kind, None)`` for
-            ``global``, ``control`` and ``model``; ``None`` for anything else (another prefix,
+            ``(kind, client_id)`` for per-device topics, ``(kind, level)`` for
+            ``model_at`` (``level`` as :meth:`model_at` writes it), ``(kind, None)`` for
+            ``control`` and ``model``; ``None`` for anything else (another prefix,
             an unknown kind, extra levels, an invalid device id).  Returning ``None``
             rather than raising lets a subscriber drop whatever a misbehaving client
             publishes under a wildcard without a try block.
@@ -185,7 +200,7 @@ class Topics:
             return levels[0], None
         if (
             len(levels) == 2
-            and levels[0] in PER_DEVICE_KINDS
+            and levels[0] in PER_DEVICE_KINDS | PER_ALLOCATION_KINDS
             and _CLIENT_ID.fullmatch(levels[1]) is not None
         ):
             return levels[0], levels[1]

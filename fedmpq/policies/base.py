@@ -220,6 +220,13 @@ class Policy(ABC):
     name: ClassVar[str]
     update_kind: ClassVar[str] = KIND_WEIGHTS
     hooks: ClassVar[type[ClientHooks]] = ClientHooks
+    #: What a device starts training from, hence what the downlink sends it: the global
+    #: model quantized at the device's bits (``Q_b(w)``, what its forward pass sees
+    #: anyway), or, when False, the float32 model (for policies that train in float).
+    starts_quantized: ClassVar[bool] = True
+    #: Whether a device that starts from ``Q_b(w)`` spreads its latent weights within the
+    #: quantization cells (``fedmpq.dither``; the forward pass is the same either way).
+    spreads_start: ClassVar[bool] = True
 
     def __init__(self, anchored: bool = False) -> None:
         self.layers: list[LayerInfo] = []

@@ -84,6 +84,9 @@ class FedLQPolicy(Policy):
     """
 
     name = "fedlq"
+    # Measured (demo setting, budgets 2/4/6/8, 20 rounds): with the spread start training
+    # diverged (NaN) at round 14; without it 79.1% (78.8% with the float32 downlink).
+    spreads_start = False
 
     def __init__(
         self,
@@ -91,7 +94,7 @@ class FedLQPolicy(Policy):
         probe_bits: int = 2,
         every: int = 5,
         floor: float = 1e-4,
-        anchored: bool = False,
+        anchored: bool = True,  # its devices start from Q_b(w): see FixedPolicy
     ) -> None:
         super().__init__(anchored)
         if not MIN_BITS <= bits <= MAX_BITS or not MIN_BITS <= probe_bits <= MAX_BITS:

@@ -21,7 +21,9 @@ class FixedPolicy(Policy):
 
     name = "fixed"
 
-    def __init__(self, bits: int = 4, use_budget: bool = False, anchored: bool = False) -> None:
+    # Anchored by default: its devices start from Q_b(w) (the quantized downlink), and
+    # plain averaging of their weights loses every change under half a grid step.
+    def __init__(self, bits: int = 4, use_budget: bool = False, anchored: bool = True) -> None:
         super().__init__(anchored)
         if bits not in QUANT_BITS:
             raise ConfigError(f"fixed policy: bits must be 1..8, got {bits}")

@@ -62,6 +62,9 @@ class QSGDPolicy(Policy):
     name = "qsgd"
     update_kind = KIND_DELTA
     hooks = QSGDHooks
+    # Clients train in float and send w_local - w: they need w itself, and the
+    # coordinator adds the mean delta to w, so the downlink stays float32.
+    starts_quantized = False
 
     def __init__(self, bits: int = 4) -> None:
         super().__init__()

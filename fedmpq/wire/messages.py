@@ -86,11 +86,12 @@ class RegisterMessage:
 class TaskMessage:
     """One round's work for one client (coordinator -> device).
 
-    The global model travels once per round in a ``GlobalModelMessage``; the task
-    names it by ``model_fingerprint``.  ``bits`` maps each quantizable layer name to
-    its bit-width for this client and round, quantized with ``scheme`` (one scale per
-    output channel when ``per_channel``).  ``options`` carries the policy's
-    client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
+    The device starts from the ``GlobalModelMessage`` of fingerprint
+    ``model_fingerprint`` at allocation ``model_allocation`` (``""``: all float32), one
+    payload per distinct allocation (``fedmpq.wire.downlink``).  ``bits`` maps each
+    quantizable layer name to its bit-width for this client and round, quantized with
+    ``scheme`` (one scale per output channel when ``per_channel``).  ``options`` carries
+    the policy's client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
     says how symmetric scales are chosen, in training and in the update alike.
     ``token`` is random per task; the update echoes it, which shows (without device
     keys) that the update comes from whoever received the task.
@@ -115,6 +116,7 @@ class TaskMessage:
     options: dict[str, float] = field(default_factory=dict)
     observer: str = OBSERVER_MINMAX
     token: str = ""
+    model_allocation: str = ""
 
 
 @dataclass

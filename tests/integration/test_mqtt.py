@@ -167,13 +167,35 @@ def test_publish_from_many_threads(mosquitto: MosquittoBroker, mqtt_loop: MqttLo
 def test_retained_message_reaches_late_subscriber(
     mosquitto: MosquittoBroker, mqtt_loop: MqttLoop
 ) -> None:
-    topics = Topics()
-    coordinator, own = connect(mqtt_loop, mosquitto.address, "coord", (topics.global_model,))
-    coordinator.publish(topics.global_model, b"model-r3", retain=True)
+    model = Topics().model_at("0123abcd0123abcd")
+    coordinator, own = connect(mqtt_loop, mosquitto.address, "coord", (model,))
+    coordinator.publish(model, b"model-r3", retain=True)
     own.wait_for(1)  # the broker has stored it once it echoes it back
 
-    _, late = connect(mqtt_loop, mosquitto.address, "late", (topics.global_model,))
-    assert late.wait_for(1) == [(topics.global_model, b"model-r3")]
+    _, late = connect(mqtt_loop, mosquitto.address, "late", (model,))
+    assert late.wait_for(1) == [(model, b"model-r3")]
+
+
+def test_unsubscribed_and_cleared_models_are_not_delivered(
+    mosquitto: MosquittoBroker, mqtt_loop: MqttLoop
+) -> None:
+    topics = Topics()
+    model, done = topics.model_at("0123abcd0123abcd"), topics.update("dev")
+    coordinator, own = connect(mqtt_loop, mosquitto.address, "coord", (model, done))
+    coordinator.publish(model, b"model-r3", retain=True)
+    own.wait_for(1, topic=model)
+    device, got = connect(mqtt_loop, mosquitto.address, "dev", (model, topics.control))
+    assert got.wait_for(1) == [(model, b"model-r3")]
+    device.unsubscribe(model)
+    device.publish(done, b"trained")  # after the UNSUBSCRIBE on the same connection
+    own.wait_for(1, topic=done)
+    coordinator.publish(model, b"model-r4", retain=True)  # a round the device is not in
+    coordinator.publish(model, b"", retain=True)  # the round closes: cleared
+    coordinator.publish(topics.control, b"round 5")
+    assert got.wait_for(2) == [(model, b"model-r3"), (topics.control, b"round 5")]
+    _, late = connect(mqtt_loop, mosquitto.address, "late", (model, topics.control))
+    coordinator.publish(topics.control, b"round 6")  # after late's retained deliveries
+    assert late.wait_for(1) == [(topics.control, b"round 6")]
 
 
 def test_exception_in_callback_does_not_kill_the_loop(

@@ -16,7 +16,7 @@ from coordinator.metrics import read_metrics
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import decode
-from fedmpq.wire.messages import GlobalModelMessage
+from fedmpq.wire.messages import ControlMessage, GlobalModelMessage
 
 DEADLINE_S = 240
 
@@ -50,18 +50,18 @@ def _coordinator(url: str, run_id: str, out: Path, rounds: int, *extra: str) -> 
 
 
 def _wait_for_round(url: str, run_id: str, round: int, proc: subprocess.Popen) -> None:
-    """Wait until round ``round`` is complete: the coordinator publishes the global model
-    of round ``round + 1`` only after logging and checkpointing ``round``."""
+    """Wait until round ``round`` is complete: the coordinator announces round
+    ``round + 1`` only after logging and checkpointing ``round``."""
     reached = threading.Event()
 
     def on_message(_conn: Connection, _topic: str, payload: bytes) -> None:
-        msg = decode(payload, GlobalModelMessage)
+        msg = decode(payload, ControlMessage)
         if msg.run_id == run_id and msg.round > round:
             reached.set()
 
     with MqttLoop() as loop:
         watcher = Connection(loop, BrokerAddress.parse(url), "test-watcher", on_message=on_message)
-        watcher.subscribe(Topics().global_model)
+        watcher.subscribe(Topics().control)
         watcher.connect()
         deadline = time.monotonic() + DEADLINE_S
         while not reached.wait(timeout=1.0):

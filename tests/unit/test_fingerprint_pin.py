@@ -1,6 +1,9 @@
-"""Seeded 3-round runs through the in-process round driver end in the same global
-model as before the coordinator was split into the round engine and its adapter
-(fingerprints recorded from the code before the change)."""
+"""Seeded 3-round runs through the in-process round driver end in the pinned global model.
+
+Pinned first before the coordinator was split into the round engine and its adapter;
+re-pinned when the downlink became quantized (devices start from Q_b(w) spread within
+its cells, and fixed aggregates anchored): the 20-round demo keeps its accuracy (86.1%),
+these 3-round toy runs of 200 samples a device move by a few points either way."""
 
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ from fedmpq.wire.messages import DeviceProfile
 
 STRONG = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64", None, 1e6, 1e7)
 PINNED = {
-    ("mlp", "fixed"): ("b6a5bceb0ec9516d07cf6fe54e6e1739", 0.577, [4.0, 4.0, 4.0]),
-    ("mlp", "fedmpq"): ("12b00c1cbe43611d711c1528c1588a7f", 0.612, [2.0, 4.0, 6.0]),
-    ("cnn", "fixed"): ("2094182dc96b6407ff1247a98b46d37a", 0.518, [4.0, 4.0, 4.0]),
-    ("cnn", "fedmpq"): ("dd59d2207c9b9bb88cae79ffa2aeb65f", 0.265, [2.0, 4.0, 6.0]),
+    ("mlp", "fixed"): ("54e88fef78dbf82ddfb15c653e1a60f9", 0.566, [4.0, 4.0, 4.0]),
+    ("mlp", "fedmpq"): ("a0762d22a41f15ccb4449781311defa2", 0.6135, [2.0, 4.0, 6.0]),
+    ("cnn", "fixed"): ("5c833b9b7e82ad1e4ac87a9fd7e954f4", 0.4895, [4.0, 4.0, 4.0]),
+    ("cnn", "fedmpq"): ("fcd97bb4ab8f85a82952d7e0cddd296f", 0.447, [2.0, 4.0, 6.0]),
 }
 
 

@@ -14,7 +14,7 @@ from coordinator.engine import RoundEngine
 from coordinator.events import Evaluated, FrameHandled, RoundClosed, RoundOpened
 from fedmpq.errors import ConfigError
 from fedmpq.policies import make_policy
-from fedmpq.topics import CONTROL, GLOBAL, STATUS, TASK, UPDATE
+from fedmpq.topics import CONTROL, MODEL_AT, STATUS, TASK, UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     STATUS_CONNECTED,
@@ -121,7 +121,9 @@ def test_reconnects_get_the_open_rounds_messages_again(tmp_path):
     _, tasks = frames(engine.open_round(1))
     engine.receive(UPDATE, "a", echo_update(engine, tasks["a"]))
     resent = engine.resend()
-    assert [(m.kind, m.client_id) for m in resent] == [(CONTROL, None), (GLOBAL, None), (TASK, "b")]
+    key = engine.round_state.allocation_of["b"]
+    expected = [(CONTROL, None), (MODEL_AT, key), (TASK, "b")]
+    assert [(m.kind, m.client_id) for m in resent] == expected
     back = status(engine, "b", "online", 1, STATUS_CONNECTED)
     assert [(m.kind, m.client_id, m.payload) for m in back] == [(TASK, "b", tasks["b"])]
     assert status(engine, "a", "online", 1, STATUS_CONNECTED) == []  # already answered
@@ -144,8 +146,8 @@ def test_observers_see_frames_rounds_and_evaluations(tmp_path):
 @pytest.mark.parametrize(
     ("policy", "rule"),
     [
-        ({"name": "fixed", "bits": 4}, "fedavg"),
-        ({"name": "fixed", "bits": 4, "anchored": True}, "anchored"),
+        ({"name": "fixed", "bits": 4}, "anchored"),
+        ({"name": "fixed", "bits": 4, "anchored": False}, "fedavg"),
         ({"name": "fedmpq"}, "anchored"),
         ({"name": "qsgd"}, "delta"),
     ],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.round_driver import enroll, frames
+from benchmarks.round_driver import StartStates, enroll, frames
 from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
 from coordinator.mqtt_service import MqttCoordinator
@@ -22,13 +22,11 @@ from fedmpq.topics import UPDATE
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     DeviceProfile,
-    GlobalModelMessage,
     RegisterMessage,
     TaskMessage,
     UpdateMessage,
 )
 from fedmpq.wire.signing import generate_coordinator_key, generate_keys, write_keyring
-from fedmpq.wire.tensors import decode_state
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
 BROKER = BrokerAddress.parse("mqtt://127.0.0.1:1")
@@ -63,16 +61,16 @@ def make_coordinator(tmp_path, policy, keys=None):
     return coordinator
 
 
-def run_clients(coordinator, data, glob, tasks, keys=None):
+def run_clients(coordinator, data, models, tasks, keys=None):
     """Each selected client trains on its 600 samples; returns the encoded updates."""
     torch.set_num_threads(1)
-    state = decode_state(decode(glob, GlobalModelMessage).tensors)
+    starts = StartStates(models)
     updates = {}
     for i, (cid, raw) in enumerate(sorted(tasks.items())):
         task = decode(raw, TaskMessage)
         net = build_model(task.model_name, data.num_classes, data.in_shape)
         x, y = subset(data.train, np.arange(600 * i, 600 * (i + 1))).tensors()
-        update, _ = execute_task(task, net, state, x, y, seed=i)
+        update, _ = execute_task(task, net, starts.of(task), x, y, seed=i)
         updates[cid] = encode(update, key=keys[cid] if keys else None)
     return updates
 
@@ -81,8 +79,8 @@ def run_clients(coordinator, data, glob, tasks, keys=None):
 def test_one_round_end_to_end_without_broker(tmp_path, data, policy):
     coordinator = make_coordinator(tmp_path, policy)
     before, _ = coordinator.evaluate()
-    glob, tasks = frames(coordinator.open_round(1))
-    updates = run_clients(coordinator, data, glob, tasks)
+    models, tasks = frames(coordinator.open_round(1))
+    updates = run_clients(coordinator, data, models, tasks)
     for cid, payload in updates.items():
         coordinator.receive(UPDATE, cid, payload)
     assert coordinator.tick() == [] and coordinator.done()
@@ -95,8 +93,8 @@ def test_one_round_end_to_end_without_broker(tmp_path, data, policy):
 
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, data):
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
-    glob, tasks = frames(coordinator.open_round(1))
-    updates = run_clients(coordinator, data, glob, tasks)
+    models, tasks = frames(coordinator.open_round(1))
+    updates = run_clients(coordinator, data, models, tasks)
     # Through the MQTT adapter's handler (not connected): topics are checked there.
     service = MqttCoordinator(coordinator.config, BROKER, engine=coordinator)
     topics = service.topics
@@ -119,8 +117,8 @@ def test_signed_updates_only_from_their_own_device(tmp_path, data):
     keys = generate_keys(["dev-a", "dev-b"])
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4}, keys)
     assert len(coordinator.registry.online()) == 2
-    glob, tasks = frames(coordinator.open_round(1))
-    updates = run_clients(coordinator, data, glob, tasks, keys)
+    models, tasks = frames(coordinator.open_round(1))
+    updates = run_clients(coordinator, data, models, tasks, keys)
     update_a = decode(updates["dev-a"], UpdateMessage)
     forged = encode(update_a, key=keys["dev-b"])  # dev-b's key, dev-a's update and topic
     coordinator.receive(UPDATE, "dev-a", forged)
@@ -137,8 +135,8 @@ def test_update_beyond_the_norm_bound_never_touches_the_model(tmp_path, data):
     coordinator = make_coordinator(tmp_path, {"name": "fixed", "bits": 4})
     coordinator.config.max_update_norm = 1e-6
     before = {k: v.copy() for k, v in coordinator.global_state.items()}
-    glob, tasks = frames(coordinator.open_round(1))
-    for cid, payload in run_clients(coordinator, data, glob, tasks).items():
+    models, tasks = frames(coordinator.open_round(1))
+    for cid, payload in run_clients(coordinator, data, models, tasks).items():
         coordinator.receive(UPDATE, cid, payload)
     row = coordinator.close_round()
     assert row["rejected"] == {"norm": 2}
@@ -152,13 +150,13 @@ def test_short_of_quorum_a_replacement_device_completes_the_round(tmp_path, data
     reg = RegisterMessage("dev-c", "test", PROFILE, 600, True, time.time())
     enroll(coordinator, reg)
     devices = coordinator.registry.devices
-    glob, tasks = frames(coordinator.open_round(1, [devices["dev-a"], devices["dev-b"]]))
+    models, tasks = frames(coordinator.open_round(1, [devices["dev-a"], devices["dev-b"]]))
     assert coordinator.round_state.quorum_target == 2
-    first = run_clients(coordinator, data, glob, tasks)
+    first = run_clients(coordinator, data, models, tasks)
     coordinator.receive(UPDATE, "dev-a", first["dev-a"])  # dev-b never answers
     retry = {m.client_id: m.payload for m in coordinator.extend_round([devices["dev-c"]])}
     assert set(retry) == {"dev-c"}
-    second = run_clients(coordinator, data, glob, retry)
+    second = run_clients(coordinator, data, models, retry)
     coordinator.receive(UPDATE, "dev-c", second["dev-c"])
     row = coordinator.close_round()
     assert row["participants"] == ["dev-a", "dev-c"]
