@@ -132,10 +132,11 @@ class FedMPQHooks(ClientHooks):
         )
         for name, bits in planar.items():
             module = model.get_submodule(name.rpartition(".")[0])
+            # The latent weight: registering keeps this very Parameter as ``original``.
+            original = module.weight
+            assert isinstance(original, nn.Parameter)
             fq = _PlaneFakeQuantize(bits, self.scheme, self.axis, self.observer)
             parametrize.register_parametrization(module, "weight", fq)
-            original = module.parametrizations.weight.original
-            assert isinstance(original, nn.Parameter)
             self._planes[name] = (original, fq)
         sizes = {n: p.numel() for n, (p, _) in self._planes.items()}
         total = sum(sizes.values()) or 1
@@ -301,11 +302,15 @@ class FedMPQPolicy(Policy):
         weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(results), 1.0)
         names = [layer.name for layer in self.layers]
         self.mean_bits = {
-            n: float(sum(w * r.bits.get(n, self.bits) for w, r in zip(weights, results, strict=True)))
+            n: float(
+                sum(w * r.bits.get(n, self.bits) for w, r in zip(weights, results, strict=True))
+            )
             for n in names
         }
         self.mean_dropped = {
-            n: float(sum(w * r.bits_dropped.get(n, 0) for w, r in zip(weights, results, strict=True)))
+            n: float(
+                sum(w * r.bits_dropped.get(n, 0) for w, r in zip(weights, results, strict=True))
+            )
             for n in names
         }
 

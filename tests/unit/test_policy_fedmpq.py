@@ -99,7 +99,9 @@ def test_default_fleet_spreads_identical_devices_over_mixed_budgets():
 def test_paper_budgets_count_magnitude_planes():
     policy = make_policy("fedmpq", budget_units="paper", fleet_budgets=())
     policy.setup(LAYERS)
-    allocation = policy.allocate(1, [ClientInfo("a", PROFILE, 10, 2.0), ClientInfo("b", PROFILE, 10, 8.0)])
+    allocation = policy.allocate(
+        1, [ClientInfo("a", PROFILE, 10, 2.0), ClientInfo("b", PROFILE, 10, 8.0)]
+    )
     assert allocation["a"].bits == dict.fromkeys("abc", 3)  # 2 planes + sign
     assert allocation["b"].bits == dict.fromkeys("abc", 8)  # 8 planes capped at 8 wire bits
 
@@ -130,7 +132,9 @@ def test_bit_planes_and_their_payload_stand_for_the_symmetric_quantization(w, bi
 
 def _layer(magnitude, planes, unit=0.1):
     magnitude = np.asarray(magnitude)
-    return PlaneLayer(magnitude, np.zeros(magnitude.shape, bool), np.full((1, 1), unit, np.float32), planes)
+    return PlaneLayer(
+        magnitude, np.zeros(magnitude.shape, bool), np.full((1, 1), unit, np.float32), planes
+    )
 
 
 def test_empty_top_plane_is_dropped_without_changing_the_weights():
@@ -173,7 +177,9 @@ def test_lasso_gradient_is_the_preconditioned_plane_gradient_in_weight_space():
     w = rng.normal(size=(4, 30)).astype(np.float32)
     for axis in (-1, 0):
         layer = to_planes(w, 4, axis)
-        planes = torch.tensor(plane_bits(layer.magnitude, 3), dtype=torch.float64, requires_grad=True)
+        planes = torch.tensor(
+            plane_bits(layer.magnitude, 3), dtype=torch.float64, requires_grad=True
+        )
         norms = torch.sqrt((planes.reshape(3, -1) ** 2).sum(1) + 1e-8)
         norms.sum().backward()
         unit = torch.from_numpy(layer.unit).double()
