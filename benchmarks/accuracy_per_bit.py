@@ -355,15 +355,15 @@ def _heatmap(res: dict[str, Any], out: Path, plt: Any) -> Path:
     rounds = res["history"][1:]
     layers = list(res["layer_norms"])
     clients = sorted(rounds[0]["sent_bits"])
-    picks: dict[int, str] = {}
-    for cid, budget in zip(clients, WIRE_BUDGETS, strict=False):
-        picks.setdefault(budget, cid)
+    picks: dict[tuple[int, int], str] = {}
+    for cid, wire, paper in zip(clients, WIRE_BUDGETS, PAPER_BUDGETS, strict=False):
+        picks.setdefault((wire, paper), cid)
     fig, axes = plt.subplots(1, len(picks), figsize=(3.0 * len(picks), 0.3 * len(layers) + 2))
     axes = np.atleast_1d(axes)
-    for ax, (budget, cid) in zip(axes, sorted(picks.items()), strict=True):
+    for ax, ((wire, paper), cid) in zip(axes, sorted(picks.items()), strict=True):
         grid = np.array([[h["sent_bits"].get(cid, {}).get(n, 0) for h in rounds] for n in layers])
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=8)
-        ax.set_title(f"{cid[-2:]}: budget {budget - 1} planes / {budget} wire", fontsize=8)
+        ax.set_title(f"{cid[-2:]}: budget {paper} planes = {wire} wire bits", fontsize=8)
         ax.set_xlabel("round")
         ax.set_xticks(range(len(rounds)), [str(h["round"]) for h in rounds], fontsize=6)
         ax.set_yticks(
