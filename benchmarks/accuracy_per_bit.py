@@ -400,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-dataset", action="store_true", help="skip the shipped data set")
     parser.add_argument("--train-samples", type=int, help="subsample the training split")
     parser.add_argument("--no-second-seed", action="store_true", help="skip the seed-1 runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and runs")
     parser.add_argument(
         "--target-frac",
         type=float,
@@ -427,7 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     if "float32" not in policies:
         parser.error("float32 is the reference of the target; keep it in --policies")
     base = [
-        Run(d, model, a, p, rounds, args.epochs, samples, args.observer, args.per_channel)
+        Run(
+            d, model, a, p, rounds, args.epochs, samples, args.observer, args.per_channel, args.seed
+        )
         for d in datasets
         for a in alphas
         for p in policies
@@ -436,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         replace(r, seed=SECOND_SEED)
         for r in base
         if not quick
+        and r.seed != SECOND_SEED
         and not args.no_second_seed
         and r.alpha == SECOND_SEED_ALPHA
         and r.policy in SECOND_SEED_POLICIES
