@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 
 from fedmpq.bitplanes import PLANE_DENSITY, drop_planes, plane_lasso_grad, to_planes
 from fedmpq.errors import ConfigError
-from fedmpq.fake_quant import FakeQuantize, attach_fake_quant, detach_fake_quant
+from fedmpq.fake_quant import FakeQuantize, attach_fake_quant
 from fedmpq.policies import register_policy
 from fedmpq.policies.base import (
     BitAllocation,
@@ -154,9 +154,6 @@ class FedMPQHooks(ClientHooks):
                 param.grad.add_(grad, alpha=strength * self._coef[name])
         optimizer.step()
 
-    def detach(self, model: nn.Module) -> None:
-        detach_fake_quant(model)
-
     def make_update(
         self,
         local: Mapping[str, np.ndarray],
@@ -182,8 +179,8 @@ class FedMPQHooks(ClientHooks):
             if dropped[name]:
                 exact[name] = kept.payload(name, axis)
         rest = self.encode({n: w for n, w in local.items() if n not in exact}, self.bits)
-        order = list(local)
-        payloads = sorted([*rest, *exact.values()], key=lambda p: order.index(p.name))
+        position = {name: i for i, name in enumerate(local)}
+        payloads = sorted([*rest, *exact.values()], key=lambda p: position[p.name])
         return payloads, dropped
 
 
