@@ -1,30 +1,37 @@
-"""Accuracy per uplink bit: FedMPQ and FedLQ against float32 FedAvg, fixed precision and QSGD.
+"""Accuracy per uplink bit: FedMPQ against float32 FedAvg and fixed precision at equal bits.
 
-10 clients with average-bit budgets ``[2,2,4,4,4,6,6,6,8,8]`` (mean 5) or uniform 4,
-Dirichlet label skew alpha 0.5 and 0.1, every policy; rounds run in-process through the
-real coordinator and agent code (``benchmarks/round_driver.py``).  Emulated time: each
-client computes at 10 GFLOPS (``fedmpq.resources.training_seconds``), downloads at
-10 Mbit/s and uploads at 1 Mbit/s; a round takes as long as its slowest client.
+10 clients with the FedMPQ paper's budgets ``[2,2,4,4,4,6,6,6,8,8]`` magnitude planes
+(wire bits ``[3,3,5,5,5,7,7,7,8,8]``: sign included, 8 at most), Dirichlet label skew
+0.5 and 0.1, resnet20; rounds run in-process through the real coordinator and agent
+code (``benchmarks/round_driver.py``).  Policies (``POLICIES``): ``float32``, ``fixed``
+at each client's wire budget, ``fedmpq`` (this project's defaults), ``fedmpq-faithful``
+(plain FedAvg, as the authors' code), ``fedmpq-frozen`` (its training at the fixed
+allocation, no plane dropped); a second seed for fedmpq and fixed at alpha 0.1.  Every
+policy quantizes as the official code does (one ``max|w|`` scale per tensor) unless
+``--observer``/``--per-channel`` say otherwise.  Before the runs, one client task of
+fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
 
-    python -m benchmarks.accuracy_per_bit --quick     # CI smoke test, < 5 min on 2 cores
-    python -m benchmarks.accuracy_per_bit             # the full setting (~25 min)
-    python -m benchmarks.accuracy_per_bit --fashion-mnist DIR --cifar10 DIR \
-        --only-dataset --alphas 0.5 --settings hetero --train-samples 15000
+    python -m benchmarks.accuracy_per_bit --quick     # CI smoke test (mlp, 3 rounds)
+    nice -n 5 python -m benchmarks.accuracy_per_bit   # resnet20, 1,500 samples (~1 h, 2 cores)
+    python -m benchmarks.accuracy_per_bit --cifar10 ../shared/data/cifar10-jpeg --only-dataset
 
-Every policy quantizes with the same observer (``--observer``, default ``mse``).
-``--cifar10`` takes the binary batches or ``train/``/``test/`` class folders (JPEGs).
-Writes ``accuracy_per_bit.{json,md}`` and PNG plots into ``--out``
-(default ``benchmarks/results/``).
+Emulated time: each client computes at 10 GFLOPS, downloads at 10 Mbit/s and uploads at
+1 Mbit/s; a round takes as long as its slowest client.  Writes
+``accuracy_per_bit{,_quick}.{json,md}``, accuracy plots and per-layer bit heat maps into
+``--out`` (default ``benchmarks/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import multiprocessing
+import pstats
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +41,31 @@ import torch
 from benchmarks.round_driver import SimDevice, register, run_round
 from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
-from fedmpq.data.datasets import subset
+from edge_client.task import execute_task
+from fedmpq.data.datasets import load_dataset, subset
 from fedmpq.data.partition import partition
-from fedmpq.quant_spec import OBSERVER_MSE, OBSERVERS
-from fedmpq.wire.messages import DeviceProfile
+from fedmpq.models import build_model, quantizable_layers
+from fedmpq.policies import BitAllocation
+from fedmpq.quant_spec import OBSERVER_MINMAX, OBSERVERS
+from fedmpq.state import state_to_numpy
+from fedmpq.wire.messages import DeviceProfile, TaskMessage
 
 RESULTS = Path(__file__).parent / "results"
 CLIENTS = 10
-BUDGETS = {"hetero": [2, 2, 4, 4, 4, 6, 6, 6, 8, 8], "uniform4": [4] * CLIENTS}
+PAPER_BUDGETS = [2, 2, 4, 4, 4, 6, 6, 6, 8, 8]  # magnitude planes, as the paper counts
+WIRE_BUDGETS = [min(b + 1, 8) for b in PAPER_BUDGETS]  # + sign; the wire carries <= 8
 POLICIES: dict[str, dict[str, Any]] = {
     "float32": {"name": "float32"},
     "fixed": {"name": "fixed", "use_budget": True},
+    "fedmpq": {"name": "fedmpq", "fleet_budgets": []},
+    "fedmpq-faithful": {"name": "fedmpq", "anchored": False, "fleet_budgets": []},
+    "fedmpq-frozen": {"name": "fedmpq", "frozen": True, "fleet_budgets": []},
     "qsgd": {"name": "qsgd"},
     "fedlq": {"name": "fedlq", "every": 5},
-    "fedmpq": {"name": "fedmpq"},
 }
+DEFAULT_POLICIES = ["float32", "fixed", "fedmpq", "fedmpq-faithful", "fedmpq-frozen"]
+#: A second seed for these policies at this alpha.
+SECOND_SEED_ALPHA, SECOND_SEED_POLICIES, SECOND_SEED = 0.1, ("fixed", "fedmpq"), 1
 PROFILE = DeviceProfile(
     total_ram=4 * 2**30,
     available_ram=2 * 2**30,
@@ -69,17 +86,17 @@ class Run:
     dataset: str
     model: str
     alpha: float
-    setting: str
     policy: str
     rounds: int
     epochs: int
     train_samples: int  # 0: the whole training split
-    observer: str = OBSERVER_MSE
+    observer: str = OBSERVER_MINMAX
+    per_channel: bool = False
     seed: int = 0
 
 
 def run_one(run: Run) -> dict[str, Any]:
-    """One federated run; returns its per-round history."""
+    """One federated run: per-round history, allocations, bits sent, final layer norms."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         config = RunConfig(
@@ -92,11 +109,22 @@ def run_one(run: Run) -> dict[str, Any]:
             publish_onnx=False,
             seed=run.seed,
             observer=run.observer,
+            per_channel=run.per_channel,
             policy=dict(POLICIES[run.policy]),
-            budgets=[float(b) for b in BUDGETS[run.setting]],
+            budgets=[float(b) for b in WIRE_BUDGETS],
             training=TrainingConfig(epochs=run.epochs, batch_size=32, learning_rate=0.05),
         )
         coordinator = RoundEngine(config)
+        allocated: dict[str, dict[str, int]] = {}
+        allocate = coordinator.policy.allocate
+
+        def recording(round: int, clients: Any) -> dict[str, BitAllocation]:
+            result = allocate(round, clients)
+            allocated.clear()
+            allocated.update({cid: dict(a.bits) for cid, a in result.items()})
+            return result
+
+        coordinator.policy.allocate = recording  # type: ignore[method-assign]
         train = coordinator.workload.data.train
         if run.train_samples:
             pick = np.random.default_rng(run.seed).permutation(len(train.y))[: run.train_samples]
@@ -111,110 +139,182 @@ def run_one(run: Run) -> dict[str, Any]:
         register(coordinator, list(devices.values()))
         _, accuracy = coordinator.evaluate()
         history: list[dict[str, Any]] = [
-            {
-                "round": 0,
-                "accuracy": accuracy,
-                "uplink_bytes": 0,
-                "emulated_round_s": 0.0,
-                "emulated_upload_s": 0.0,
-            }
+            {"round": 0, "accuracy": accuracy, "uplink_bytes": 0, "emulated_round_s": 0.0}
         ]
         started = time.perf_counter()
         for r in range(1, run.rounds + 1):
             row = run_round(coordinator, devices, r)
+            sent = row["sent_bits"]
+            dropped = {
+                cid: {n: b - sent[cid][n] for n, b in bits.items() if n in sent.get(cid, {})}
+                for cid, bits in allocated.items()
+            }
             history.append(
                 {
-                    k: row[k]
-                    for k in (
-                        "round",
-                        "accuracy",
-                        "loss",
-                        "uplink_bytes",
-                        "client_bits",
-                        "sent_bits",
-                        "emulated_round_s",
-                        "emulated_upload_s",
-                    )
+                    **{k: row[k] for k in ("round", "accuracy", "loss", "uplink_bytes")},
+                    **{k: row[k] for k in ("emulated_round_s", "emulated_upload_s")},
+                    "allocated_bits": {c: dict(b) for c, b in allocated.items()},
+                    "sent_bits": sent,
+                    "planes_dropped": int(sum(sum(d.values()) for d in dropped.values())),
                 }
             )
-    return {"run": run.__dict__, "history": history, "wall_s": time.perf_counter() - started}
+        norms = {
+            layer.name: float(np.linalg.norm(coordinator.global_state[layer.name]))
+            for layer in coordinator.workload.layers
+        }
+        sizes = {layer.name: layer.numel for layer in coordinator.workload.layers}
+    return {
+        "run": run.__dict__,
+        "history": history,
+        "layer_norms": norms,
+        "layer_sizes": sizes,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[str, Any]:
+    """CPU seconds (``time.thread_time``) of one client task, fixed vs fedmpq at equal bits,
+    and the functions of ``fedmpq/bitplanes.py`` in fedmpq's profile."""
+    torch.set_num_threads(1)
+    data = load_dataset("fashion-mnist-small")
+    x, y = subset(data.train, np.arange(samples)).tensors()
+    net = build_model(model, data.num_classes, data.in_shape)
+    start = state_to_numpy(net)
+    bits = dict.fromkeys(quantizable_layers(net), wire_bits)
+    options = {"fixed": {}, "fedmpq": dict(_fedmpq_options())}
+
+    def task(policy: str) -> TaskMessage:
+        return TaskMessage(
+            "cost",
+            1,
+            "c",
+            model,
+            "f",
+            policy,
+            bits,
+            "symmetric",
+            False,
+            1,
+            32,
+            0.05,
+            60.0,
+            False,
+            options[policy],
+            OBSERVER_MINMAX,
+        )
+
+    seconds: dict[str, list[float]] = {"fixed": [], "fedmpq": []}
+    execute_task(task("fixed"), net, start, x, y, seed=0)  # warm-up: first-call costs
+    for _ in range(repeats):
+        for policy in seconds:
+            t0 = time.thread_time()
+            execute_task(task(policy), net, start, x, y, seed=0)
+            seconds[policy].append(time.thread_time() - t0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    execute_task(task("fedmpq"), net, start, x, y, seed=0)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats("bitplanes|fedmpq.py", 8)
+    best = {k: min(v) for k, v in seconds.items()}
+    return {
+        "model": model,
+        "samples": samples,
+        "wire_bits": wire_bits,
+        "cpu_s": best,
+        "ratio": best["fedmpq"] / best["fixed"],
+        "profile": out.getvalue().splitlines()[-14:],
+    }
+
+
+def _fedmpq_options() -> dict[str, float]:
+    from fedmpq.policies import make_policy
+
+    return make_policy("fedmpq").client_options()
 
 
 def summarise(result: dict[str, Any], target: float) -> dict[str, Any]:
-    """Table row of one run: accuracies, uplink, rounds and emulated time to ``target``."""
+    """Table row of one run: accuracies, uplink, bits, planes dropped, rounds to ``target``."""
     hist = result["history"]
     rounds = hist[1:]
     cumulative = np.cumsum([h["uplink_bytes"] for h in hist])
-    elapsed = np.cumsum([h["emulated_round_s"] for h in hist])
-    uploading = np.cumsum([h["emulated_upload_s"] for h in hist])
     hit = next((i for i, h in enumerate(hist) if h["accuracy"] >= target), None)
-    bits = [np.mean(list(h["client_bits"].values())) for h in rounds]
+    run = result["run"]
+    sizes = result["layer_sizes"]
+    sent = [
+        np.mean([sum(b[n] * sizes[n] for n in sizes) / sum(sizes.values()) for b in bits])
+        for bits in (h["sent_bits"].values() for h in rounds)
+    ]
     return {
-        **{k: result["run"][k] for k in ("dataset", "alpha", "setting", "policy")},
+        **{k: run[k] for k in ("dataset", "alpha", "policy", "seed")},
         "final_acc": hist[-1]["accuracy"],
         "best_acc": max(h["accuracy"] for h in hist),
         "uplink_mb": float(cumulative[-1]) / 1e6,
-        "uplink_mb_per_round": float(cumulative[-1]) / 1e6 / max(len(rounds), 1),
-        "avg_bits": float(np.mean(bits)),
-        "target_acc": target,
+        "sent_bits": float(np.mean(sent)) if run["policy"] != "float32" else 32.0,
+        "planes_dropped": [h.get("planes_dropped", 0) for h in rounds],
         "rounds_to_target": hit,
-        "time_to_target_s": None if hit is None else float(elapsed[hit]),
-        "upload_time_to_target_s": None if hit is None else float(uploading[hit]),
-        # Of float32's round time, what no update size can remove (compute + download).
-        "fixed_share": 1.0 - float(uploading[-1] / max(elapsed[-1], 1e-12)),
+        "target_acc": target,
         "wall_s": result["wall_s"],
     }
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Uplink and time-to-target of each row relative to float32 of the same data/alpha."""
-    for row in rows:
+def norm_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Largest per-layer weight-norm ratio of each run to fixed's (same data, alpha, seed)."""
+    out = {}
+    for res in results:
+        run = res["run"]
         ref = next(
-            r
-            for r in rows
-            if r["policy"] == "float32"
-            and (r["dataset"], r["alpha"]) == (row["dataset"], row["alpha"])
+            (
+                r
+                for r in results
+                if r["run"]["policy"] == "fixed"
+                and all(r["run"][k] == run[k] for k in ("dataset", "alpha", "seed"))
+            ),
+            None,
         )
-        row["uplink_reduction"] = ref["uplink_mb_per_round"] / max(
-            row["uplink_mb_per_round"], 1e-12
-        )
-        for key, out in (
-            ("time_to_target_s", "time_speedup"),
-            ("upload_time_to_target_s", "upload_speedup"),
-        ):
-            t, t_ref = row[key], ref[key]
-            row[out] = None if t is None or t_ref is None else t_ref / max(t, 1e-12)
+        if ref is None or run["policy"] == "float32":
+            continue
+        ratios = [
+            res["layer_norms"][n] / max(ref["layer_norms"][n], 1e-12) for n in ref["layer_norms"]
+        ]
+        out[f"{run['policy']} a={run['alpha']} s={run['seed']}"] = float(max(ratios))
+    return out
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    def fmt(v: Any, spec: str) -> str:
-        return "—" if v is None else format(v, spec)
-
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], extra: dict[str, Any]) -> str:
     lines = [
         "# Accuracy per uplink bit",
         "",
         f"Settings: {json.dumps(meta)}",
         "",
-        "| data | alpha | budgets | policy | final acc | best acc | avg bits | uplink MB "
-        "| MB/round | uplink ÷ | target | rounds to target | time to target (s) | speedup "
-        "| upload time to target (s) | upload speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | alpha | seed | policy | final acc | best acc | avg wire bits sent "
+        "| uplink MB | planes dropped per round | rounds to target | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        hit = "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])
         lines.append(
-            f"| {r['dataset']} | {r['alpha']} | {r['setting']} | {r['policy']} "
-            f"| {r['final_acc']:.4f} | {r['best_acc']:.4f} | {r['avg_bits']:.2f} "
-            f"| {r['uplink_mb']:.2f} | {r['uplink_mb_per_round']:.3f} "
-            f"| {r['uplink_reduction']:.1f}x | {r['target_acc']:.4f} "
-            f"| {fmt(r['rounds_to_target'], 'd')} | {fmt(r['time_to_target_s'], '.1f')} "
-            f"| {fmt(r['time_speedup'], '.2f')} | {fmt(r['upload_time_to_target_s'], '.1f')} "
-            f"| {fmt(r['upload_speedup'], '.2f')} |"
+            f"| {r['dataset']} | {r['alpha']} | {r['seed']} | {r['policy']} "
+            f"| {r['final_acc']:.4f} | {r['best_acc']:.4f} | {r['sent_bits']:.2f} "
+            f"| {r['uplink_mb']:.2f} | {' '.join(map(str, r['planes_dropped']))} | {hit} "
+            f"| {r['wall_s']:.0f} |"
         )
+    lines += ["", "Largest per-layer weight-norm ratio to fixed (final global model):", ""]
+    lines += [f"- {k}: {v:.3f}" for k, v in extra["norm_ratios"].items()]
+    if extra.get("client_cost"):
+        cost = extra["client_cost"]
+        lines += [
+            "",
+            f"Client CPU per task ({cost['model']}, {cost['samples']} samples, "
+            f"{cost['wire_bits']} wire bits, thread_time): fixed {cost['cpu_s']['fixed']:.2f} s, "
+            f"fedmpq {cost['cpu_s']['fedmpq']:.2f} s, ratio {cost['ratio']:.2f}x",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Accuracy vs cumulative uplink MB per data/alpha/budgets; FedMPQ/FedLQ bit heat maps."""
+    """Accuracy vs cumulative uplink MB per data/alpha; per-layer bit heat maps of FedMPQ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,58 +325,54 @@ def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     for res in results:
         groups.setdefault((res["run"]["dataset"], res["run"]["alpha"]), []).append(res)
     for (dataset, alpha), group in sorted(groups.items()):
-        fig, axes = plt.subplots(1, len(BUDGETS), figsize=(12, 4.5), sharey=True)
-        for ax, setting in zip(axes, BUDGETS, strict=True):
-            for res in group:
-                run = res["run"]
-                if run["setting"] != setting and run["policy"] != "float32":
-                    continue
-                hist = res["history"]
-                mb = np.cumsum([h["uplink_bytes"] for h in hist]) / 1e6
-                ax.plot(mb, [h["accuracy"] for h in hist], marker=".", label=run["policy"])
-            ax.set_xscale("symlog", linthresh=1.0)
-            ax.set_title(f"{dataset}, alpha={alpha}, budgets {setting}")
-            ax.set_xlabel("cumulative uplink MB")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("test accuracy")
-        axes[-1].legend()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for res in group:
+            run = res["run"]
+            hist = res["history"]
+            mb = np.cumsum([h["uplink_bytes"] for h in hist]) / 1e6
+            label = run["policy"] + (f" (seed {run['seed']})" if run["seed"] else "")
+            ax.plot(mb, [h["accuracy"] for h in hist], marker=".", label=label)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_title(f"{dataset}, alpha={alpha}, budgets {PAPER_BUDGETS} planes")
+        ax.set_xlabel("cumulative uplink MB")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
         fig.tight_layout()
         path = out / f"accuracy_per_bit_{_slug(dataset)}_a{alpha}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
         for res in group:
-            run = res["run"]
-            if run["policy"] in ("fedmpq", "fedlq") and run["setting"] == "hetero":
+            if res["run"]["policy"] in ("fedmpq", "fedmpq-faithful") and not res["run"]["seed"]:
                 written.append(_heatmap(res, out, plt))
     return written
 
 
 def _heatmap(res: dict[str, Any], out: Path, plt: Any) -> Path:
+    """Wire bits sent per layer (rows) and round (columns), one panel per budget."""
     run = res["run"]
     rounds = res["history"][1:]
-    layers = list(next(iter(rounds[0]["sent_bits"].values())))
-    layers = [n for n in layers if n.endswith("weight") and rounds[0]["sent_bits"]]
+    layers = list(res["layer_norms"])
     clients = sorted(rounds[0]["sent_bits"])
-    quantized = [
-        n for n in layers if any(h["sent_bits"][c][n] <= 8 for h in rounds for c in clients)
-    ]
-    fig, axes = plt.subplots(1, len(quantized), figsize=(3.2 * len(quantized), 3.8), sharey=True)
+    picks: dict[tuple[int, int], str] = {}
+    for cid, wire, paper in zip(clients, WIRE_BUDGETS, PAPER_BUDGETS, strict=False):
+        picks.setdefault((wire, paper), cid)
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.0 * len(picks), 0.3 * len(layers) + 2))
     axes = np.atleast_1d(axes)
-    for ax, name in zip(axes, quantized, strict=True):
-        grid = np.array([[h["sent_bits"].get(c, {}).get(name, 0) for h in rounds] for c in clients])
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=8, origin="lower")
-        ax.set_title(name, fontsize=9)
+    for ax, ((wire, paper), cid) in zip(axes, sorted(picks.items()), strict=True):
+        grid = np.array([[h["sent_bits"].get(cid, {}).get(n, 0) for h in rounds] for n in layers])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=8)
+        ax.set_title(f"{cid[-2:]}: budget {paper} planes = {wire} wire bits", fontsize=8)
         ax.set_xlabel("round")
-        ax.set_xticks(range(len(rounds)), [str(h["round"]) for h in rounds], fontsize=7)
-    axes[0].set_yticks(
-        range(len(clients)),
-        [f"{c[-2:]} (b={b})" for c, b in zip(clients, BUDGETS["hetero"], strict=True)],
-        fontsize=7,
+        ax.set_xticks(range(len(rounds)), [str(h["round"]) for h in rounds], fontsize=6)
+        ax.set_yticks(
+            range(len(layers)), layers if ax is axes[0] else [""] * len(layers), fontsize=6
+        )
+    fig.colorbar(im, ax=list(axes), label="wire bits sent")
+    fig.suptitle(
+        f"{run['policy']}: bits per layer per round, {run['dataset']}, alpha={run['alpha']}"
     )
-    axes[0].set_ylabel("client (budget)")
-    fig.colorbar(im, ax=list(axes), label="bits sent")
-    fig.suptitle(f"{run['policy']}: per-layer bits sent, {run['dataset']}, alpha={run['alpha']}")
     path = out / f"bits_heatmap_{run['policy']}_{_slug(run['dataset'])}_a{run['alpha']}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -288,28 +384,23 @@ def _slug(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke run (mlp, 3 rounds)")
-    parser.add_argument("--rounds", type=int, help="rounds per run")
-    parser.add_argument("--model", help="model name (default cnn; quick: mlp)")
+    parser.add_argument("--rounds", type=int, help="rounds per run (default 10; quick 3)")
+    parser.add_argument("--model", help="model name (default resnet20; quick: mlp)")
     parser.add_argument("--alphas", type=float, nargs="+", help="Dirichlet alphas")
-    parser.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", choices=sorted(POLICIES), help="policies")
     parser.add_argument("--fashion-mnist", metavar="DIR", help="full Fashion-MNIST idx files")
     parser.add_argument(
         "--cifar10", metavar="DIR", help="CIFAR-10: binary batches, or train/ test/ class folders"
     )
-    parser.add_argument(
-        "--observer",
-        choices=sorted(OBSERVERS),
-        default=OBSERVER_MSE,
-        help="how symmetric scales are chosen, for every policy (default mse)",
-    )
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    parser.add_argument(
-        "--settings", nargs="+", choices=sorted(BUDGETS), default=list(BUDGETS), help="budgets"
-    )
+    parser.add_argument("--observer", choices=sorted(OBSERVERS), default=OBSERVER_MINMAX)
+    parser.add_argument("--per-channel", action="store_true", help="one scale per channel")
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--only-dataset", action="store_true", help="skip the shipped data set")
     parser.add_argument("--train-samples", type=int, help="subsample the training split")
+    parser.add_argument("--no-second-seed", action="store_true", help="skip the seed-1 runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and runs")
     parser.add_argument(
         "--target-frac",
         type=float,
@@ -321,10 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     quick = args.quick
-    rounds = args.rounds or (3 if quick else 15)
-    model = args.model or ("mlp" if quick else "cnn")
+    rounds = args.rounds or (3 if quick else 10)
+    model = args.model or ("mlp" if quick else "resnet20")
     alphas = args.alphas or ([0.5] if quick else [0.5, 0.1])
-    samples = args.train_samples if args.train_samples is not None else (3000 if quick else 0)
+    policies = args.policies or (["float32", "fixed", "fedmpq"] if quick else DEFAULT_POLICIES)
+    samples = args.train_samples if args.train_samples is not None else (3000 if quick else 1500)
     datasets = [] if args.only_dataset else ["fashion-mnist-small"]
     if args.fashion_mnist:
         datasets.append(f"idx:{args.fashion_mnist}")
@@ -333,17 +425,29 @@ def main(argv: list[str] | None = None) -> None:
         datasets.append(f"{'cifar10-bin' if binary else 'folder'}:{args.cifar10}")
     if not datasets:
         parser.error("--only-dataset needs --fashion-mnist or --cifar10")
-    if "float32" not in args.policies:
-        parser.error("float32 is the reference of every ratio; keep it in --policies")
-    runs = [
-        Run(dataset, model, alpha, setting, policy, rounds, args.epochs, samples, args.observer)
-        for dataset in datasets
-        for alpha in alphas
-        for setting in args.settings
-        for policy in args.policies
-        if not (policy == "float32" and setting != "hetero")  # float32 ignores budgets
+    if "float32" not in policies:
+        parser.error("float32 is the reference of the target; keep it in --policies")
+    base = [
+        Run(
+            d, model, a, p, rounds, args.epochs, samples, args.observer, args.per_channel, args.seed
+        )
+        for d in datasets
+        for a in alphas
+        for p in policies
     ]
-    results = _run_all(runs, args.jobs)
+    extra_seed = [
+        replace(r, seed=SECOND_SEED)
+        for r in base
+        if not quick
+        and r.seed != SECOND_SEED
+        and not args.no_second_seed
+        and r.alpha == SECOND_SEED_ALPHA
+        and r.policy in SECOND_SEED_POLICIES
+    ]
+    started = time.perf_counter()
+    cost = client_cost(model, 300 if quick else 150, 5, 1 if quick else 2)
+    print(f"client CPU per task: {cost['cpu_s']} -> fedmpq/fixed {cost['ratio']:.2f}x")
+    results = _run_all([*base, *extra_seed], args.jobs)
     rows = []
     for res in results:
         run = res["run"]
@@ -355,27 +459,28 @@ def main(argv: list[str] | None = None) -> None:
         )
         target = args.target_frac * max(h["accuracy"] for h in ref["history"])
         rows.append(summarise(res, target))
-    rows.sort(key=lambda r: (r["dataset"], -r["alpha"], r["setting"], r["policy"]))
-    add_ratios(rows)
+    rows.sort(key=lambda r: (r["dataset"], -r["alpha"], r["seed"], policies.index(r["policy"])))
+    extra = {"norm_ratios": norm_ratios(results), "client_cost": cost}
     meta = {
         "quick": quick,
         "model": model,
         "rounds": rounds,
         "epochs": args.epochs,
         "observer": args.observer,
+        "per_channel": args.per_channel,
         "clients": CLIENTS,
-        "budgets": BUDGETS,
+        "budgets_paper_planes": PAPER_BUDGETS,
+        "budgets_wire_bits": WIRE_BUDGETS,
         "train_samples": samples or "all",
         "target": f"{args.target_frac} x float32 best accuracy",
-        "emulated": "10 GFLOPS compute, 10 Mbit/s down, 1 Mbit/s up; round = slowest client",
-        "per_channel": True,
+        "total_wall_s": round(time.perf_counter() - started),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "accuracy_per_bit_quick" if quick else "accuracy_per_bit"
     (args.out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "table": rows, "runs": results}, indent=1)
+        json.dumps({"meta": meta, "table": rows, **extra, "runs": results}, indent=1)
     )
-    table = markdown(rows, meta)
+    table = markdown(rows, meta, extra)
     (args.out / f"{stem}.md").write_text(table)
     plots = [] if quick else plot(results, args.out)
     print(table)
@@ -384,26 +489,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run_all(runs: list[Run], jobs: int) -> list[dict[str, Any]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     results = []
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ) as progress:
-        task = progress.add_task("federated runs", total=len(runs))
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(max(jobs, 1)) as pool:
-            for res in pool.imap_unordered(run_one, runs):
-                run = res["run"]
-                progress.console.print(
-                    f"{run['dataset']} a={run['alpha']} {run['setting']:8} {run['policy']:7} "
-                    f"acc {res['history'][-1]['accuracy']:.4f} ({res['wall_s']:.0f} s)"
-                )
-                results.append(res)
-                progress.advance(task)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(max(jobs, 1)) as pool:
+        for res in pool.imap_unordered(run_one, runs):
+            run = res["run"]
+            print(
+                f"{run['dataset']} a={run['alpha']} s={run['seed']} {run['policy']:16} "
+                f"acc {res['history'][-1]['accuracy']:.4f} ({res['wall_s']:.0f} s)",
+                flush=True,
+            )
+            results.append(res)
     return results
 
 

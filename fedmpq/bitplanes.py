@@ -1,25 +1,20 @@
-"""FedMPQ's bit-plane form of a sign-magnitude quantized weight.
+"""FedMPQ's bit-plane view of a sign-magnitude quantized weight.
 
-Mapping to fedmpq's wire convention: a layer at ``b`` wire bits (sign included) is
-FedMPQ's ``n = b - 1``-bit magnitude.  With ``M = 2**n - 1`` and ``unit = s / M``
-(``s = max|w|`` per tensor, or per output channel when ``axis == 0``), a weight is
+A layer at ``b`` wire bits (sign included) is FedMPQ's ``n = b - 1``-bit magnitude.
+With ``M = 2**n - 1`` and ``unit = s / M`` (``s`` the layer's scale, per tensor or per
+output channel) a weight is
 
-    w = unit * (sum_k 2**k * P_k  -  sum_k 2**k * N_k),     k = 0 .. n-1
+    w = sign * unit * sum_k 2**k * P_k,     k = 0 .. n-1
 
-where ``P_k`` / ``N_k`` are the k-th bit-planes of the magnitude of the positive /
-negative weights (as in BSQ, on which FedMPQ builds, so a weight can change sign
-during training).  At initialisation the planes are exactly the bits of
-``fedmpq.quant``'s symmetric codes, so the bit-plane model and the wire agree.  During
-training the planes are floats clipped to [0, 2] (the least significant plane starts
-with the weight's sub-level fraction added, so rounding the planes' sum gives exactly
-the quantized weight); the forward pass rounds each magnitude sum to an integer with a
-straight-through estimator, and re-quantizes a slice whose levels grew past ``M`` to
-``M`` levels, so the loss sees the weights the wire will carry.
+where ``P_k`` in {0, 1} are the bit-planes of its magnitude (FedMPQ's ``bweight`` with
+the least significant plane first).  The planes are always the bits of the weight's
+current quantization: FedMPQ re-binarises them after every optimizer step
+(``BitConv2d.quant``); here the client keeps the latent float weight of quantization-
+aware training and reads the planes off its quantization (see ``fedmpq.policies.fedmpq``).
 
-After training, :func:`drop_planes` removes bit-planes that carry (almost) nothing:
-an empty most significant plane (the step stays, the scale ``s' = unit * M'``
-shrinks) and least significant planes with at most ``lsb_density`` non-zero bits
-(the magnitude is shifted right, the step doubles).
+:func:`plane_lasso_grad` is the group lasso's gradient moved into weight space through
+the same preconditioner as the cross-entropy gradient; :func:`drop_planes` applies
+FedMPQ's pruning rules (``ResNet.pruning``) after local training.
 """
 
 from __future__ import annotations
@@ -28,14 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from fedmpq.optim import Optimizer
+from fedmpq.packing import pack_bits
 from fedmpq.quant import quantize, symmetric_to_signed
-from fedmpq.quant_spec import OBSERVER_MINMAX, OBSERVER_MSE, SCHEME_SYMMETRIC
+from fedmpq.quant_spec import OBSERVER_MINMAX, SCHEME_SYMMETRIC
+from fedmpq.wire.messages import TensorPayload
 
-#: FedMPQ drops a least significant plane when at most this fraction of its bits are set.
-LSB_DENSITY = 0.02
+#: FedMPQ's threshold (``thre = 2.0`` percent): a sparser top plane is merged, a
+#: bottom plane at most this dense is dropped.
+PLANE_DENSITY = 0.02
 
 
 @dataclass(frozen=True)
@@ -51,6 +47,28 @@ class PlaneLayer:
         """The float32 weight this form stands for."""
         signed = np.where(self.negative, -self.magnitude, self.magnitude).astype(np.float32)
         return (signed * self.unit).astype(np.float32)
+
+    def payload(self, name: str, axis: int) -> TensorPayload:
+        """This exact form as a symmetric wire tensor at ``planes + 1`` bits.
+
+        Re-quantizing :meth:`weight` would stretch the grid of a layer whose largest
+        magnitude is below ``M`` (an emptied top plane) or re-clip it (observer
+        ``mse``); the payload carries the levels and step as they are.
+        """
+        bits = self.planes + 1
+        levels = (1 << self.planes) - 1
+        codes = self.magnitude | ((self.negative & (self.magnitude > 0)) << self.planes)
+        scale = (self.unit * np.float32(levels)).astype("<f4").reshape(-1)
+        return TensorPayload(
+            name=name,
+            shape=[int(d) for d in self.magnitude.shape],
+            bits=bits,
+            scheme=SCHEME_SYMMETRIC,
+            axis=axis,
+            scale=scale.tobytes(),
+            zero_point=b"",
+            data=pack_bits(codes.astype(np.uint8), bits, check=False),
+        )
 
 
 def _unit_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
@@ -69,7 +87,7 @@ def to_planes(w: np.ndarray, bits: int, axis: int, observer: str = OBSERVER_MINM
     axis
         -1 for one scale per tensor, 0 for one per output channel.
     observer
-        How the scale is chosen (``fedmpq.quant``): FedMPQ's ``max|w|`` by default.
+        How the scale is chosen (``fedmpq.quant``); FedMPQ's is ``max|w|``.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bit-planes need 2..8 wire bits (sign + >= 1 plane), got {bits}")
@@ -91,187 +109,80 @@ def plane_bits(magnitude: np.ndarray, planes: int) -> np.ndarray:
     return ((magnitude[None] >> shifts) & 1).astype(np.uint8)
 
 
-def drop_planes(
-    layer: PlaneLayer, *, lsb_density: float = LSB_DENSITY, min_planes: int = 1
-) -> PlaneLayer:
-    """Remove an empty most significant plane and sparse least significant planes.
+def plane_density(magnitude: np.ndarray, planes: int) -> np.ndarray:
+    """Fraction of set bits in each plane, least significant first."""
+    return plane_bits(magnitude, planes).reshape(planes, -1).mean(axis=1)
 
-    Repeats while a plane qualifies and more than ``min_planes`` remain (a layer never
-    loses its last magnitude plane: zero planes would mean sign-only weights ``+-s``,
-    not zeros).  An empty MSB changes nothing in the weights; a dropped LSB moves the
-    weights whose bit was set by one old step (``magnitude >> 1``, step doubled).
+
+def drop_planes(
+    layer: PlaneLayer,
+    *,
+    msb_density: float = PLANE_DENSITY,
+    lsb_density: float = PLANE_DENSITY,
+    min_planes: int = 1,
+) -> PlaneLayer:
+    """FedMPQ's pruning of a trained layer's bit-planes (``ResNet.pruning``).
+
+    From the top, with the densities of the planes as trained: an empty plane is
+    dropped (no weight changes); a plane with fewer than ``msb_density`` of its bits
+    set is merged into the planes below and dropped -- the few weights that had it
+    set are clipped to the new largest magnitude ``M' = 2**(n-1) - 1``, the step
+    stays.  Then from the bottom, with the densities after that: a plane with at most
+    ``lsb_density`` of its bits set is dropped (``magnitude >> 1``, the step
+    doubles).  Either way stops at the first plane that stays, and a layer keeps
+    ``min_planes`` planes.  ``msb_density = 0`` drops only empty top planes;
+    ``lsb_density < 0`` keeps every bottom plane.
     """
     magnitude, unit, planes = layer.magnitude, layer.unit, layer.planes
-    while planes > min_planes and not (magnitude >> (planes - 1)).any():
+    density = plane_density(magnitude, planes)
+    for k in range(layer.planes - 1, -1, -1):
+        if planes <= min_planes or not (density[k] == 0 or density[k] < msb_density):
+            break
         planes -= 1
-    while planes > min_planes and np.mean(magnitude & 1) <= lsb_density:
+        magnitude = np.minimum(magnitude, (1 << planes) - 1)
+    density = plane_density(magnitude, planes)
+    for k in range(planes):
+        if planes <= min_planes or density[k] > lsb_density:
+            break
         magnitude = magnitude >> 1
         unit = (unit * np.float32(2)).astype(np.float32)
         planes -= 1
     return PlaneLayer(magnitude, layer.negative & (magnitude > 0), unit, planes)
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
+def signed_levels(w_hat: torch.Tensor, planes: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed integer levels and step of a symmetric quantized weight ``w_hat``.
 
-
-class BitPlaneWeight(nn.Module):
-    """A parametrization holding a weight as trainable positive/negative bit-planes.
-
-    Register it on a module's weight with ``torch.nn.utils.parametrize``; the latent
-    float weight it replaces is ignored while it is attached.
+    Every symmetric scale puts the slice's largest weight on level ``M`` (observer
+    ``minmax`` exactly, ``mse`` by saturating the clipped ones), so the step is the
+    slice's ``max|w_hat| / M``; an all-zero slice gets step 0 and levels 0.
     """
+    levels = float((1 << planes) - 1)
+    mag = w_hat.abs()
+    peak = mag.amax(dim=tuple(range(1, w_hat.dim())), keepdim=True) if axis == 0 else mag.max()
+    unit = peak / levels
+    safe = torch.where(unit > 0, unit, torch.ones_like(unit))
+    return torch.round(w_hat / safe), unit
 
-    unit: torch.Tensor  # step s / M, broadcastable to the weight
-    powers: torch.Tensor  # 2**k, shape (planes, 1, ..., 1)
 
-    def __init__(
-        self, w: np.ndarray, bits: int, axis: int, observer: str = OBSERVER_MINMAX
-    ) -> None:
-        super().__init__()
-        layer = to_planes(w, bits, axis, observer)
-        self.axis = axis
-        levels = (1 << layer.planes) - 1
-        # The magnitude in levels before rounding; its integer part goes into the planes
-        # and its fraction onto the least significant plane, so the planes start exactly
-        # where the float weight is and small local steps are not lost to a fresh
-        # rounding every round.  A weight beyond a clipped scale (observer "mse") starts
-        # at up to 2M with every plane at exact / M, as it would have grown in training.
-        scale = layer.unit * np.float32(levels)
-        exact = np.abs(w.astype(np.float32)) / np.where(scale > 0, scale, 1) * np.float32(levels)
-        exact = np.minimum(exact, np.float32(2 * levels))
-        whole = np.minimum(np.floor(exact), levels).astype(np.int64)
-        bit_planes = plane_bits(whole, layer.planes).astype(np.float32)
-        bit_planes[0] += exact - whole
-        over = exact > levels
-        bit_planes = np.where(over, exact / np.float32(levels), bit_planes).astype(np.float32)
-        planes = torch.from_numpy(bit_planes)
-        negative = torch.from_numpy(w < 0)
-        self.levels = levels
-        self.positive = nn.Parameter(planes * ~negative)
-        self.negative = nn.Parameter(planes * negative)
-        self.register_buffer("unit", torch.from_numpy(layer.unit))
-        powers = 2.0 ** torch.arange(layer.planes, dtype=torch.float32)
-        self.register_buffer("powers", powers.reshape((-1,) + (1,) * w.ndim))
+def plane_lasso_grad(w_hat: torch.Tensor, planes: int, axis: int) -> torch.Tensor:
+    """Gradient in weight space of the plane group lasso ``sum_k ||P_k||_2``.
 
-    @property
-    def planes(self) -> int:
-        return int(self.powers.shape[0])
-
-    def signed_levels(self) -> torch.Tensor:
-        """Integer weight levels (rounded with a straight-through gradient).
-
-        Planes within [0, 2] allow levels up to ``2M``: a weight may outgrow the scale it
-        started with (the scale is trained this way, as BSQ trains it); the forward pass
-        and :meth:`to_layer` re-quantize such a slice to ``M`` levels.
-        """
-        pos = _round_ste((self.positive * self.powers).sum(0))
-        neg = _round_ste((self.negative * self.powers).sum(0))
-        return pos - neg
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        """The weight as it will be sent: slices grown past ``M`` levels re-quantized.
-
-        The loss must see what the wire carries; training against the grown
-        (up to ``2M``-level) weights and sending their re-quantization lost ~10 points
-        at two wire bits.  The gradient passes straight through the re-quantization.
-        """
-        levels = self.signed_levels()
-        w = levels * self.unit
-        with torch.no_grad():
-            sent = self._fit(levels.to(torch.int64).numpy())
-        if sent is None:
-            return w
-        return w + (torch.from_numpy(sent.weight()) - w).detach()
-
-    def plane_norms(self) -> torch.Tensor:
-        """``||[P_k; N_k]||_2`` for every plane k: the groups of FedMPQ's group lasso."""
-        flat_p = self.positive.reshape(self.planes, -1)
-        flat_n = self.negative.reshape(self.planes, -1)
-        return torch.sqrt((flat_p**2).sum(1) + (flat_n**2).sum(1) + 1e-12)
-
-    def add_lasso_grad_(self, strength: float) -> None:
-        """Add the gradient of ``strength * sum_k ||[P_k; N_k]||_2`` to the planes' grads."""
-        with torch.no_grad():
-            norms = self.plane_norms().reshape((-1,) + (1,) * (self.positive.dim() - 1))
-            for p in (self.positive, self.negative):
-                lasso = p * (strength / norms)
-                if p.grad is None:
-                    p.grad = lasso
-                else:
-                    p.grad.add_(lasso)
-
-    def clip_(self, optimizer: Optimizer | None = None) -> None:
-        """Keep every plane value within [0, 2] (BSQ's constraint) after a step.
-
-        What clipping a plane takes off a weight's level goes onto its other planes
-        that have room, least significant first: a step spreads over the planes in
-        proportion to ``2**k``, so the most significant plane hits 0 or 2 first and,
-        clipped, would stall a weight's move towards zero.  Momentum that keeps pushing
-        a clipped value out of range is cleared, or it would pile up while clipped and
-        delay the plane's turn when the gradient reverses.
-        """
-        with torch.no_grad():
-            for p in (self.positive, self.negative):
-                wanted = (p * self.powers).sum(0)
-                p.clamp_(0.0, 2.0)
-                residual = wanted - (p * self.powers).sum(0)
-                for k in range(self.planes):
-                    add = torch.clamp(residual / 2.0**k, min=-p[k], max=2.0 - p[k])
-                    p[k].add_(add)
-                    residual -= add * 2.0**k
-                state = optimizer.state.get(p, {}) if optimizer is not None else {}
-                buf = state.get("momentum_buffer")
-                if isinstance(buf, torch.Tensor):
-                    # SGD moves p by -lr * buf: buf > 0 pushes down, buf < 0 up.
-                    stuck = ((p <= 0.0) & (buf > 0)) | ((p >= 2.0) & (buf < 0))
-                    buf.masked_fill_(stuck, 0.0)
-
-    def precondition_(self) -> None:
-        """Rescale plane gradients so one SGD step moves the weight as plain SGD would.
-
-        ``dL/dP_k = unit * 2**k * dL/dw``, so an unscaled plane step moves ``w`` by
-        ``unit**2 * sum_k 4**k`` times the plain step (about ``s**2``): local training
-        would stall.  Dividing by that factor restores the weight-space step.  Only the
-        planes of a weight's current sign move (both while its level is 0): otherwise a
-        magnitude could shrink through both P and N but grow through P alone, a bias
-        towards zero that compounds over rounds.
-        """
-        factor = 1.0 / (self.unit**2 * float((self.powers**2).sum()) + 1e-30)
-        with torch.no_grad():
-            level = ((self.positive - self.negative) * self.powers).sum(0)
-        for p, inactive in ((self.positive, level < -0.5), (self.negative, level > 0.5)):
-            if p.grad is not None:
-                p.grad.mul_(factor)
-                p.grad.masked_fill_(inactive, 0.0)
-
-    def to_layer(self) -> PlaneLayer:
-        """The integer sign-magnitude form the trained planes stand for."""
-        with torch.no_grad():
-            signed = self.signed_levels().to(torch.int64).numpy()
-        fitted = self._fit(signed)
-        if fitted is not None:
-            return fitted
-        return PlaneLayer(np.abs(signed), signed < 0, self.unit.numpy().copy(), self.planes)
-
-    def _fit(self, signed: np.ndarray) -> PlaneLayer | None:
-        """``signed`` levels with every slice grown past ``M`` re-quantized; None if none grew.
-
-        The re-quantization (FedMPQ/BSQ's) takes the scale of least squared error.
-        Stretching the grid to the new peak instead rounds every level-1 weight of a
-        one-plane layer grown to level 2 to zero (0.5 rounds to even).
-        """
-        magnitude = np.abs(signed)
-        unit = self.unit.numpy()
-        reduce = tuple(i for i, n in enumerate(unit.shape) if n == 1)
-        grown = magnitude.max(axis=reduce, keepdims=True, initial=0) > self.levels
-        if not grown.any():
-            return None
-        layer = PlaneLayer(magnitude, signed < 0, unit, self.planes)
-        refit = to_planes(layer.weight(), self.planes + 1, self.axis, OBSERVER_MSE)
-        return PlaneLayer(
-            magnitude=np.where(grown, refit.magnitude, magnitude),
-            negative=np.where(grown, refit.negative, signed < 0),
-            unit=np.where(grown, refit.unit, unit).astype(np.float32),
-            planes=self.planes,
-        )
+    On plane ``k`` of a weight of level ``l`` the lasso's gradient is
+    ``P_k / ||P_k||``.  A weight's planes move it by ``sign * unit * sum_k 2**k dP_k``,
+    and the cross-entropy's plane gradients are ``sign * unit * 2**k * dL/dw``; the
+    preconditioner ``1 / (unit**2 * sum_k 4**k)`` makes one plane step move ``w`` as a
+    plain SGD step on ``dL/dw`` would.  Passing the lasso through the same
+    preconditioner (as FedMPQ passes both through one optimizer) gives its weight
+    gradient ``sign(l) * sum_k 2**k P_k / ||P_k|| / (unit * sum_k 4**k)``.
+    """
+    levels, unit = signed_levels(w_hat, planes, axis)
+    magnitude = levels.abs().to(torch.int64)
+    total = torch.zeros_like(w_hat)
+    for k in range(planes):
+        bit = ((magnitude >> k) & 1).to(w_hat.dtype)
+        norm = torch.sqrt(bit.sum() + 1e-8)
+        total.add_(bit, alpha=float(2**k) / float(norm))
+    power = float(sum(4**k for k in range(planes)))
+    safe = torch.where(unit > 0, unit, torch.full_like(unit, float("inf")))
+    return torch.sign(levels) * total / (safe * power)

@@ -1,36 +1,30 @@
 """FedMPQ (Chen & Vikalo, CVPR 2024): mixed precision learned from pruned bit-planes.
 
-Client side (:class:`FedMPQHooks`): every layer with ``b >= 2`` wire bits trains as
-``b - 1`` magnitude bit-planes (``fedmpq.bitplanes``; ``b == 1`` layers keep the sign
-only and train through plain STE fake-quant).  The objective adds FedMPQ's group lasso
-over bit-planes, weighted by each layer's share of the model's bits::
+Client side (:class:`FedMPQHooks`): quantization-aware training at the assigned bits,
+exactly as fixed precision trains (latent float weights, straight-through fake-quant),
+plus FedMPQ's group lasso over each layer's magnitude bit-planes
+(``fedmpq.bitplanes``), weighted by the layer's share of the model's bits::
 
-    lambda * sum_l (N_l * n_l) * sum_k ||plane_{l,k}||_2 / sum_l N_l
+    lambda * sum_l (N_l * n_l) * sum_k ||P_{l,k}||_2 / sum_l N_l
 
-(its gradient is added in :meth:`FedMPQHooks.step`, after the preconditioner).
+Its gradient reaches the weights through the same preconditioner as the cross-entropy's
+(:func:`fedmpq.bitplanes.plane_lasso_grad`) and the optimizer is plain SGD with momentum,
+never cleared.  After training, the layer's quantization is cut into planes and FedMPQ's
+pruning rules run (a top plane empty or under 2% set is dropped, the latter merged by
+clipping; a bottom plane at most 2% set is dropped); the client sends the layer at the
+remaining bits and reports how many planes it dropped (``UpdateMessage.bits_dropped``).
+With ``lambda = 0`` and a frozen allocation the client is fixed-precision QAT bit for bit.
 
-After training, empty most significant planes and least significant planes with
-<= 2% set bits are dropped; the client sends the layer at the remaining bits and
-reports how many it dropped (``UpdateMessage.bits_dropped``).
+Server side (:class:`FedMPQPolicy`): the next round starts every client from the
+sample-and-budget-weighted mean of the clients' per-layer bits; layers are ranked by
+``p_l = N_l / sum N * round(mean dropped_l + 1)`` and each client's allocation is moved to
+its budget as FedMPQ's ``pruning_or_growing`` does: bits come off the highest-priority
+layer down to the floor before the next layer, then go onto the lowest-priority layer up
+to 8 -- here only while the budget holds (the official code may overshoot by the last bit).
 
-Server side (:class:`FedMPQPolicy`): updates are aggregated anchored (each client's
-change from the quantized model it started from; see ``Policy``).  The next round
-starts from the clients' mean per-layer bits; layers are ranked by
-``p_l = N_l / sum N * round(mean dropped_l + 1)`` and each client's allocation is
-moved to its budget -- bits come off the highest-priority layers while the average is
-above the budget, and go onto the lowest-priority layers (at most 8) while one more
-bit still fits.
-
-Wire bits are FedMPQ's magnitude bits plus the sign: ``b = n + 1``.  Where this
-implementation has to choose (see ``fedmpq.bitplanes``): plane gradients are
-preconditioned so a step moves a weight as plain SGD would, only the planes of a
-weight's current sign move, the least significant plane starts with the weight's
-sub-level fraction, a clipped plane's share of a step moves onto the weight's other
-planes, and levels may grow to 2M during training (a grown slice is re-quantized to
-M levels in the forward pass already, so the loss sees what is sent).  Without the
-growth, local training lost accuracy round after round in the benchmark (scales
-could only shrink); without the re-quantization in the forward pass, two-bit
-clients sent far worse weights than they had trained.
+Budget units: the paper counts magnitude planes, the wire counts the sign too
+(``wire = paper + 1``, capped at 8 by the wire format).  ``budget_units`` says which
+``ClientInfo.budget_bits`` is in; allocations are always wire bits, at least 2 (one plane).
 """
 
 from __future__ import annotations
@@ -44,9 +38,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedmpq.bitplanes import BitPlaneWeight, PlaneLayer, drop_planes
+from fedmpq.bitplanes import PLANE_DENSITY, drop_planes, plane_lasso_grad, to_planes
 from fedmpq.errors import ConfigError
-from fedmpq.fake_quant import attach_fake_quant, detach_fake_quant
+from fedmpq.fake_quant import FakeQuantize, attach_fake_quant
 from fedmpq.optim import Optimizer
 from fedmpq.policies import register_policy
 from fedmpq.policies.base import (
@@ -59,7 +53,12 @@ from fedmpq.policies.base import (
 )
 from fedmpq.wire.messages import KIND_DELTA, TensorPayload
 
-MIN_BITS, MAX_BITS = 1, 8
+#: One magnitude plane (the paper's 1 bit) is the floor; the wire format's 8 the top.
+MIN_BITS, MAX_BITS = 2, 8
+#: Wire budgets of the default heterogeneous fleet: the paper's [2,2,4,4,4,6,6,6,8,8]
+#: magnitude planes plus the sign, capped at the wire's 8 bits.
+DEFAULT_FLEET = (3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0, 8.0, 8.0)
+BUDGET_UNITS = ("wire", "paper")
 
 
 def layer_priorities(
@@ -78,84 +77,83 @@ def fit_to_budget(
     layers: Sequence[LayerInfo],
     priorities: Mapping[str, float],
     budget: float,
+    min_bits: int = MIN_BITS,
 ) -> dict[str, int]:
-    """Move ``start`` to ``budget`` average bits, FedMPQ's way.
+    """Move ``start`` to ``budget`` average bits in FedMPQ's order (``pruning_or_growing``).
 
-    If the parameter-weighted average exceeds ``budget``, one bit comes off each layer
-    in turn from the highest priority down (never below 1) until it does not;
-    otherwise one bit goes onto each layer in turn from the lowest priority up (never
-    above 8) as long as the average stays within the budget.  Ties keep the layer
-    order.
+    While the parameter-weighted average exceeds ``budget``, the highest-priority layer
+    loses bits down to ``min_bits``, then the next one.  Then the lowest-priority layer
+    gains bits up to 8, then the next, each bit only if the average stays within
+    ``budget`` (a layer whose next bit does not fit is passed over, as one at 8 bits
+    is).  Ties go to the earlier layer, as ``np.argmax``/``np.argmin`` do.
     """
-    bits = {layer.name: min(max(int(start[layer.name]), MIN_BITS), MAX_BITS) for layer in layers}
+    bits = {layer.name: min(max(int(start[layer.name]), min_bits), MAX_BITS) for layer in layers}
     numel = {layer.name: layer.numel for layer in layers}
-    total = sum(numel.values()) or 1
     used = sum(bits[n] * numel[n] for n in bits)
-    order = sorted(range(len(layers)), key=lambda i: (-priorities[layers[i].name], i))
-    high_first = [layers[i].name for i in order]
-    limit = budget * total + 1e-9
-    if used > limit:
-        while used > limit and any(bits[n] > MIN_BITS for n in high_first):
-            for name in high_first:
-                if used <= limit:
-                    break
-                if bits[name] > MIN_BITS:
-                    bits[name] -= 1
-                    used -= numel[name]
-        return bits
-    grew = True
-    while grew:
-        grew = False
-        for name in reversed(high_first):
-            if bits[name] < MAX_BITS and used + numel[name] <= limit:
-                bits[name] += 1
-                used += numel[name]
-                grew = True
+    limit = budget * (sum(numel.values()) or 1) + 1e-9
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    for name in sorted(bits, key=lambda n: (-priorities[n], index[n])):
+        while used > limit and bits[name] > min_bits:
+            bits[name] -= 1
+            used -= numel[name]
+    for name in sorted(bits, key=lambda n: (priorities[n], index[n])):
+        while bits[name] < MAX_BITS and used + numel[name] <= limit:
+            bits[name] += 1
+            used += numel[name]
     return bits
 
 
+class _PlaneFakeQuantize(FakeQuantize):
+    """Fake quantization that keeps its last output: the planes the lasso acts on."""
+
+    last: torch.Tensor | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        out = super().forward(w)
+        self.last = out.detach()
+        return out
+
+
 class FedMPQHooks(ClientHooks):
-    """Bit-plane training with the group-lasso regulariser and plane dropping."""
+    """QAT plus the plane group lasso; FedMPQ's plane pruning before sending.
+
+    Options (``FedMPQPolicy.client_options``): ``lambda``, ``msb_density``,
+    ``lsb_density`` and ``drop`` (0: send at the assigned bits, a frozen allocation).
+    """
 
     def attach(self, model: nn.Module) -> None:
-        self._planes: dict[str, tuple[nn.Module, BitPlaneWeight]] = {}
-        sign_only = {n: b for n, b in self.quantized.items() if b < 2}
-        for name, bits in self.quantized.items():
-            if bits < 2:
-                continue
+        self._planes: dict[str, tuple[nn.Parameter, _PlaneFakeQuantize]] = {}
+        planar = {n: b for n, b in self.quantized.items() if b >= MIN_BITS}
+        attach_fake_quant(
+            model,
+            {n: b for n, b in self.quantized.items() if n not in planar},
+            self.scheme,
+            axis=self.axis,
+            observer=self.observer,
+        )
+        for name, bits in planar.items():
             module = model.get_submodule(name.rpartition(".")[0])
-            weight = module.weight
-            assert isinstance(weight, torch.Tensor)
-            w = weight.detach().numpy()
-            planes = BitPlaneWeight(w, bits, self.axis, self.observer)
-            parametrize.register_parametrization(module, "weight", planes, unsafe=True)
-            self._planes[name] = (module, planes)
-        attach_fake_quant(model, sign_only, self.scheme, axis=self.axis, observer=self.observer)
-        sizes = {n: p.positive[0].numel() for n, (_, p) in self._planes.items()}
+            # The latent weight: registering keeps this very Parameter as ``original``.
+            original = module.weight
+            assert isinstance(original, nn.Parameter)
+            fq = _PlaneFakeQuantize(bits, self.scheme, self.axis, self.observer)
+            parametrize.register_parametrization(module, "weight", fq)
+            self._planes[name] = (original, fq)
+        sizes = {n: p.numel() for n, (p, _) in self._planes.items()}
         total = sum(sizes.values()) or 1
-        # Weight of a layer's group lasso: its share N_l * n_l of the model's bits.
-        self._coef = {n: sizes[n] * p.planes / total for n, (_, p) in self._planes.items()}
-        self._trained: dict[str, PlaneLayer] = {}
+        # FedMPQ's weight of a layer's lasso: N_l * n_l over the model's parameters.
+        self._coef = {n: sizes[n] * (fq.bits - 1) / total for n, (_, fq) in self._planes.items()}
 
     def step(self, model: nn.Module, optimizer: Optimizer) -> None:
-        # The group lasso's gradient joins after the preconditioner: that rescaling
-        # makes a cross-entropy step move a weight as plain SGD would, and applied to
-        # the lasso it would multiply its strength by ~1/unit**2, a different amount
-        # per layer (it shrank every weight towards zero, round after round).
-        strength = self.options.get("lambda", 1e-3)
-        for name, (_, planes) in self._planes.items():
-            planes.precondition_()
-            if strength:
-                planes.add_lasso_grad_(strength * self._coef[name])
+        strength = float(self.options.get("lambda", 0.0))
+        if strength:
+            axis = self.axis
+            for name, (param, fq) in self._planes.items():
+                if fq.last is None or param.grad is None:
+                    continue
+                grad = plane_lasso_grad(fq.last, fq.bits - 1, axis if fq.last.dim() > 1 else -1)
+                param.grad.add_(grad, alpha=strength * self._coef[name])
         optimizer.step()
-        for _, planes in self._planes.values():
-            planes.clip_(optimizer)
-
-    def detach(self, model: nn.Module) -> None:
-        for name, (module, planes) in self._planes.items():
-            self._trained[name] = planes.to_layer()
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        detach_fake_quant(model)
 
     def make_update(
         self,
@@ -165,34 +163,58 @@ class FedMPQHooks(ClientHooks):
     ) -> tuple[list[TensorPayload], dict[str, int]]:
         if kind == KIND_DELTA:
             raise ConfigError("FedMPQ clients send weights, not deltas")
-        weights = dict(local)
-        bits = dict(self.bits)
+        if not self.options.get("drop", 1.0):
+            return self.encode(local, self.bits), {}
+        msb = float(self.options.get("msb_density", PLANE_DENSITY))
+        lsb = float(self.options.get("lsb_density", PLANE_DENSITY))
+        exact: dict[str, TensorPayload] = {}
         dropped: dict[str, int] = {}
-        density = self.options.get("lsb_density", 0.02)
-        for name, trained in self._trained.items():
-            kept = drop_planes(trained, lsb_density=density)
-            weights[name] = kept.weight()
-            bits[name] = kept.planes + 1
+        for name, bits in self.quantized.items():
+            if bits < MIN_BITS:
+                continue
+            w = local[name]
+            axis = self.axis if w.ndim >= 2 else -1
+            trained = to_planes(w, bits, axis, self.observer)
+            kept = drop_planes(trained, msb_density=msb, lsb_density=lsb)
             dropped[name] = trained.planes - kept.planes
-        return self.encode(weights, bits), dropped
+            if dropped[name]:
+                exact[name] = kept.payload(name, axis)
+        rest = self.encode({n: w for n, w in local.items() if n not in exact}, self.bits)
+        position = {name: i for i, name in enumerate(local)}
+        payloads = sorted([*rest, *exact.values()], key=lambda p: position[p.name])
+        return payloads, dropped
 
 
 @register_policy
 class FedMPQPolicy(Policy):
     """FedMPQ's server side: per-client allocations from reported bits and dropped planes.
 
+    ``FedMPQPolicy(anchored=False, fleet_budgets=())`` is the authors' code as far as
+    this project's wire allows (see the README's deviations); the defaults add this
+    project's choices, each an option.
+
     Parameters
     ----------
     bits
-        Average bits of a client whose budget is unknown.
+        Average bits of a client whose budget is unknown (in ``budget_units``).
     lam
-        Group-lasso strength sent to the clients (``options["lambda"]``).
-    lsb_density
-        A least significant plane with at most this fraction of set bits is dropped.
+        Group-lasso strength sent to the clients (``options["lambda"]``); the paper's
+        1e-3 by default.
+    msb_density, lsb_density
+        FedMPQ's 2% thresholds for merging the top and dropping the bottom plane.
     anchored
-        Aggregate each client's change from the quantized global model it started
-        from (see ``Policy``), not its weights.  On by default: with two-bit clients
-        it gained 1-4 points after 8 rounds; the fixed baseline gained nothing.
+        Aggregate each client's change from the quantized model it started from
+        (``Policy.anchored``) instead of plain weighted FedAvg (the paper's).
+    frozen
+        Keep every client at its budget on every layer and drop no planes: FedMPQ's
+        training with the fixed allocation, for ablations.
+    budget_units
+        ``"wire"`` (sign included, this project's budgets) or ``"paper"`` (magnitude
+        planes; wire = paper + 1, capped at 8).
+    fleet_budgets
+        Wire budgets of a heterogeneous default fleet: client i (in order of first
+        appearance) is capped at ``fleet_budgets[i % len]``, so a fleet of identical
+        devices still shows mixed precision.  Empty: the budgets as given.
     """
 
     name = "fedmpq"
@@ -202,55 +224,107 @@ class FedMPQPolicy(Policy):
         self,
         bits: float = 4,
         lam: float = 1e-3,
-        lsb_density: float = 0.02,
+        msb_density: float = PLANE_DENSITY,
+        lsb_density: float = PLANE_DENSITY,
         anchored: bool = True,
+        frozen: bool = False,
+        budget_units: str = "wire",
+        fleet_budgets: Sequence[float] = DEFAULT_FLEET,
     ) -> None:
         super().__init__(anchored)
-        if not MIN_BITS <= bits <= MAX_BITS:
+        if not 1 <= bits <= MAX_BITS:
             raise ConfigError(f"fedmpq policy: bits must be within 1..8, got {bits}")
+        if budget_units not in BUDGET_UNITS:
+            raise ConfigError(f"fedmpq policy: budget_units must be one of {BUDGET_UNITS}")
+        if lam < 0 or not all(1 <= b <= MAX_BITS for b in fleet_budgets):
+            raise ConfigError("fedmpq policy: lam >= 0 and fleet budgets within 1..8")
         self.bits = float(bits)
         self.lam = lam
+        self.msb_density = msb_density
         self.lsb_density = lsb_density
+        self.frozen = frozen
+        self.budget_units = budget_units
+        self.fleet_budgets = tuple(float(b) for b in fleet_budgets)
         self.mean_bits: dict[str, float] = {}
         self.mean_dropped: dict[str, float] = {}
+        self.budgets: dict[str, float] = {}  # last wire budget of every client seen
+        self.fleet_slots: dict[str, int] = {}
 
     def client_options(self) -> dict[str, float]:
-        return {"lambda": self.lam, "lsb_density": self.lsb_density}
+        return {
+            "lambda": self.lam,
+            "msb_density": self.msb_density,
+            "lsb_density": self.lsb_density,
+            "drop": 0.0 if self.frozen else 1.0,
+        }
 
     def priorities(self) -> dict[str, float]:
         return layer_priorities(self.layers, self.mean_dropped)
 
+    def wire_budget(self, client: ClientInfo) -> float:
+        """``client``'s average budget in wire bits (see ``budget_units``, ``fleet_budgets``)."""
+        budget = self.bits if client.budget_bits is None else client.budget_bits
+        if self.budget_units == "paper":
+            budget += 1.0
+        if self.fleet_budgets:
+            slot = self.fleet_slots.setdefault(client.client_id, len(self.fleet_slots))
+            budget = min(budget, self.fleet_budgets[slot % len(self.fleet_budgets)])
+        return min(max(budget, float(MIN_BITS)), float(MAX_BITS))
+
     def allocate(self, round: int, clients: Sequence[ClientInfo]) -> dict[str, BitAllocation]:
         priorities = self.priorities()
         allocation = {}
-        for client in clients:
-            budget = self.bits if client.budget_bits is None else client.budget_bits
-            if self.mean_bits:
-                start = {n: round_half_up(b) for n, b in self.mean_bits.items()}
+        for client in sorted(clients, key=lambda c: c.client_id):
+            budget = self.wire_budget(client)
+            self.budgets[client.client_id] = budget
+            uniform = {layer.name: math.floor(budget + 1e-9) for layer in self.layers}
+            if self.frozen:
+                bits = uniform
             else:
-                start = {layer.name: math.floor(budget) for layer in self.layers}
-            bits = fit_to_budget(start, self.layers, priorities, budget)
+                start = (
+                    {n: round_half_up(b) for n, b in self.mean_bits.items()}
+                    if self.mean_bits
+                    else uniform
+                )
+                bits = fit_to_budget(start, self.layers, priorities, budget)
             allocation[client.client_id] = BitAllocation(bits)
         return allocation
 
     def observe(self, round: int, results: Sequence[ClientResult]) -> None:
         if not results:
             return
+        # FedMPQ weighs a client's bits and dropped planes by samples x budget.
+        weights = np.array(
+            [r.num_samples * self.budgets.get(r.client_id, self.bits) for r in results], float
+        )
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(results), 1.0)
         names = [layer.name for layer in self.layers]
         self.mean_bits = {
-            n: float(np.mean([float(r.bits[n]) for r in results if n in r.bits] or [self.bits]))
+            n: float(
+                sum(w * r.bits.get(n, self.bits) for w, r in zip(weights, results, strict=True))
+            )
             for n in names
         }
         self.mean_dropped = {
-            n: float(np.mean([r.bits_dropped.get(n, 0) for r in results])) for n in names
+            n: float(
+                sum(w * r.bits_dropped.get(n, 0) for w, r in zip(weights, results, strict=True))
+            )
+            for n in names
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean_bits": dict(self.mean_bits), "mean_dropped": dict(self.mean_dropped)}
+        return {
+            "mean_bits": dict(self.mean_bits),
+            "mean_dropped": dict(self.mean_dropped),
+            "budgets": dict(self.budgets),
+            "fleet_slots": dict(self.fleet_slots),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.mean_bits = {str(k): float(v) for k, v in state.get("mean_bits", {}).items()}
         self.mean_dropped = {str(k): float(v) for k, v in state.get("mean_dropped", {}).items()}
+        self.budgets = {str(k): float(v) for k, v in state.get("budgets", {}).items()}
+        self.fleet_slots = {str(k): int(v) for k, v in state.get("fleet_slots", {}).items()}
 
 
 def round_half_up(x: float) -> int:

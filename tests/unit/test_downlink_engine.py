@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.round_driver import frames
+from benchmarks.round_driver import enroll, frames
 from coordinator.config import RunConfig
 from coordinator.engine import RoundEngine
 from edge_client.shared_models import GlobalModelCache
@@ -23,8 +23,8 @@ from fedmpq.quant_spec import (
     SCHEME_AFFINE,
     SCHEME_SYMMETRIC,
 )
-from fedmpq.topics import CONTROL, MODEL_AT, REGISTER, TASK
-from fedmpq.wire.codec import DecodeLimits, decode, encode
+from fedmpq.topics import CONTROL, MODEL_AT, TASK
+from fedmpq.wire.codec import DecodeLimits, decode
 from fedmpq.wire.messages import DeviceProfile, RegisterMessage, TaskMessage
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
@@ -38,8 +38,7 @@ def engine_for(tmp_path, policy: dict, **settings) -> RoundEngine:
     )  # fmt: skip
     engine = RoundEngine(config)
     for cid in DEVICES:
-        reg = RegisterMessage(cid, "test", PROFILE, 100, True, time.time())
-        engine.receive(REGISTER, cid, encode(reg))
+        enroll(engine, RegisterMessage(cid, "test", PROFILE, 100, True, time.time()))
     return engine
 
 
