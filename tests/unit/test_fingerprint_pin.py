@@ -3,7 +3,10 @@
 Pinned first before the coordinator was split into the round engine and its adapter;
 re-pinned when the downlink became quantized (devices start from Q_b(w) spread within
 its cells, and fixed aggregates anchored): the 20-round demo keeps its accuracy (86.1%),
-these 3-round toy runs of 200 samples a device move by a few points either way."""
+these 3-round toy runs of 200 samples a device move by a few points either way; re-pinned
+for fedmpq when it followed the authors' code (its allocations now adapt below the budgets,
+and this toy cnn run dips to 9% in round 3 before recovering to 35% by round 6: the pin is
+about determinism, accuracy is judged in benchmarks/accuracy_per_bit.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ from fedmpq.wire.messages import DeviceProfile
 STRONG = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64", None, 1e6, 1e7)
 PINNED = {
     ("mlp", "fixed"): ("54e88fef78dbf82ddfb15c653e1a60f9", 0.566, [4.0, 4.0, 4.0]),
-    ("mlp", "fedmpq"): ("a0762d22a41f15ccb4449781311defa2", 0.6135, [2.0, 4.0, 6.0]),
+    ("mlp", "fedmpq"): ("8549184f87a0a79b224b59e477b44dd4", 0.6145, [2.0, 2.865, 4.845]),
     ("cnn", "fixed"): ("5c833b9b7e82ad1e4ac87a9fd7e954f4", 0.4895, [4.0, 4.0, 4.0]),
-    ("cnn", "fedmpq"): ("fcd97bb4ab8f85a82952d7e0cddd296f", 0.447, [2.0, 4.0, 6.0]),
+    ("cnn", "fedmpq"): ("58cca273c789f42f85671a4cfae62ab5", 0.0915, [2.0, 2.267, 4.178]),
 }
 
 
