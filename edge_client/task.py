@@ -18,7 +18,7 @@ from torch import nn
 from edge_client.profiling import peak_rss_bytes
 from edge_client.training import TrainResult, train_local
 from fedmpq.dither import dithered_start
-from fedmpq.policies import policy_class
+from fedmpq.policies import Policy, policy_class
 from fedmpq.state import load_numpy_state, state_to_numpy
 from fedmpq.wire.messages import ResourceUsage, TaskMessage, UpdateMessage
 
@@ -99,17 +99,7 @@ def execute_task(
         Set to stop training between batches (``TrainingStopped``).
     """
     policy = policy_class(task.policy)
-    start = global_state
-    if policy.starts_quantized and policy.spreads_start:
-        start = dithered_start(
-            global_state,
-            task.bits,
-            task.scheme,
-            per_channel=task.per_channel,
-            observer=task.observer,
-            seed=seed,
-        )
-    load_numpy_state(net, start)
+    load_numpy_state(net, _start_state(policy, task, global_state, seed))
     hooks = policy.hooks(
         task.bits, task.scheme, task.per_channel, task.options, memory, seed, task.observer
     )
@@ -145,3 +135,20 @@ def execute_task(
         token=task.token,
     )
     return update, result
+
+
+def _start_state(
+    policy: type[Policy], task: TaskMessage, global_state: Mapping[str, np.ndarray], seed: int
+) -> Mapping[str, np.ndarray]:
+    """The weights training starts from: the received model, or for policies that start
+    quantized and spread, its latent weights spread over their quantization cells."""
+    if not (policy.starts_quantized and policy.spreads_start):
+        return global_state
+    return dithered_start(
+        global_state,
+        task.bits,
+        task.scheme,
+        per_channel=task.per_channel,
+        observer=task.observer,
+        seed=seed,
+    )
