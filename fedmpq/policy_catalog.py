@@ -13,13 +13,16 @@ from typing import Any
 
 from fedmpq.errors import ConfigError
 
+#: A policy parameter's default: its type is what a config value must have.
+ParamDefault = bool | int | float | str | tuple[float, ...]
+
 
 @dataclass(frozen=True)
 class PolicyEntry:
     """One policy: a one-line summary, and its parameters with their defaults."""
 
     summary: str
-    params: Mapping[str, bool | int | float]
+    params: Mapping[str, ParamDefault]
 
 
 POLICIES: Mapping[str, PolicyEntry] = {
@@ -30,8 +33,17 @@ POLICIES: Mapping[str, PolicyEntry] = {
     ),
     "qsgd": PolicyEntry("float training, stochastically rounded n-bit deltas", {"bits": 4}),
     "fedmpq": PolicyEntry(
-        "FedMPQ: trainable bit-planes, per-layer bits within each device's budget",
-        {"bits": 4.0, "lam": 1e-3, "lsb_density": 0.02, "anchored": True},
+        "FedMPQ: QAT with a bit-plane lasso, planes pruned, per-layer bits within budgets",
+        {
+            "bits": 4.0,
+            "lam": 1e-3,
+            "msb_density": 0.02,
+            "lsb_density": 0.02,
+            "anchored": True,
+            "frozen": False,
+            "budget_units": "wire",
+            "fleet_budgets": (3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0, 8.0, 8.0),
+        },
     ),
     "fedlq": PolicyEntry(
         "FedLQ-style per-layer bits from measured loss significance",
@@ -62,11 +74,16 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"policy spec {spec!r}: expected NAME or NAME:BITS") from exc
 
 
-def _kind(default: bool | int | float) -> str:
-    return {bool: "a bool", int: "an integer"}.get(type(default), "a number")
+def _kind(default: ParamDefault) -> str:
+    kinds = {bool: "a bool", int: "an integer", str: "a string", tuple: "a list of numbers"}
+    return kinds.get(type(default), "a number")
 
 
-def _fits(value: Any, default: bool | int | float) -> bool:
+def _fits(value: Any, default: ParamDefault) -> bool:
+    if isinstance(default, tuple):
+        return isinstance(value, list | tuple) and all(_fits(v, 0.0) for v in value)
+    if isinstance(default, str):
+        return isinstance(value, str)
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)
     if isinstance(default, int):
