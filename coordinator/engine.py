@@ -256,6 +256,7 @@ class RoundEngine:
             rs.rule.add(tensors, weight, norm)
             rs.accept(msg, frame_bytes)
             self.proven.add(msg.client_id)
+            self.registry.note_update(msg.client_id)
         return problem
 
     def tick(self) -> list[Outgoing]:

@@ -106,6 +106,16 @@ class Registry:
         record.last_seen = time.time()
         return "connected" if connected else "noted"
 
+    def note_update(self, client_id: str) -> None:
+        """An accepted update: the device is there, whatever its last will said. After a
+        broker restart the will of the broken connection can arrive after the device's
+        update and before its new connection's status; the next round must not leave
+        out a device that has just answered."""
+        record = self.devices.get(client_id)
+        if record is not None:
+            record.online, record.away = True, False
+            record.last_seen = time.time()
+
     def accounted_for(self) -> list[DeviceRecord]:
         """Devices online or away by their own word: everyone not lost to a broken link."""
         return [d for d in self.devices.values() if d.online or d.away]

@@ -225,3 +225,18 @@ def test_the_first_nonce_learned_is_not_a_reconnect(tmp_path):
     engine.open_round(1)
     assert connect(engine, "a", "n1", 1.0) == []  # said right after registering: no re-send
     assert [m.kind for m in connect(engine, "a", "n2", 2.0)] == [TASK]
+
+
+def test_a_device_whose_will_overtook_its_update_is_in_the_next_round(tmp_path):
+    """After a broker restart the will of the broken connection can arrive, then the
+    device's update (sent over its new connection), and only then its new connection's
+    status: the next round opens in between and must not leave the device out."""
+    engine, _ = engine_with(tmp_path, devices=("a", "b"))
+    connect(engine, "a", "n1", 1.0)
+    _, tasks = frames(engine.open_round(1))
+    will(engine, "a", "n1")
+    for cid in ("a", "b"):
+        engine.receive(UPDATE, cid, echo_update(engine, tasks[cid]))
+    assert engine.close_round()["participants"] == ["a", "b"]
+    _, tasks = frames(engine.open_round(2))
+    assert sorted(tasks) == ["a", "b"]
