@@ -16,14 +16,11 @@ evaluates and returns the metrics row.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
 import random
-import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +28,7 @@ import numpy as np
 
 from coordinator.aggregation import Quantization, make_rule, rule_name
 from coordinator.config import RunConfig
+from coordinator.enrolment import Enrolment
 from coordinator.events import (
     Evaluated,
     FrameHandled,
@@ -39,50 +37,31 @@ from coordinator.events import (
     RoundClosed,
     RoundOpened,
 )
+from coordinator.intake import UpdateIntake
+from coordinator.outbound import Outbound
 from coordinator.registry import DeviceRecord, Registry
 from coordinator.round_state import RoundState, metrics_row
 from coordinator.tasks import RoundMessages
 from coordinator.validation import (
     MoveGuard,
-    Problem,
     Rejections,
-    norm_problem,
-    shape_problem,
     signature_problem,
-    update_problem,
-    update_weight,
 )
 from coordinator.workload import Workload
 from fedmpq.errors import DecodeError, FedmpqError
 from fedmpq.policies import BitAllocation, PolicyContext, make_policy
 from fedmpq.state import fingerprint
-from fedmpq.topics import CONTROL, MODEL_AT, REGISTER, STATUS, TASK, UPDATE
+from fedmpq.topics import MODEL_AT, REGISTER, STATUS, TASK, UPDATE
 from fedmpq.wire.codec import (
     DecodeLimits,
-    Envelope,
-    decode_body,
     decode_envelope,
-    encode,
-    sign_frame,
 )
-from fedmpq.wire.messages import (
-    ControlMessage,
-    NoticeMessage,
-    RegisterMessage,
-    StatusMessage,
-    UpdateMessage,
-)
-from fedmpq.wire.signing import CoordinatorSigner, load_key_file
-from fedmpq.wire.tensors import decode_state
+from fedmpq.wire.signing import load_key_file
 
 log = logging.getLogger("fedmpq.coordinator")
 
 #: Frames a device sends: with device keys configured, each must carry its signature.
 SIGNED = frozenset({REGISTER, STATUS, UPDATE})
-#: Unsigned registrations waiting for their liveness probe to be answered, at most.
-MAX_PENDING_REGISTRATIONS = 4096
-#: An update weighs at most this many times the median registered samples of its round.
-SAMPLE_CAP_MULTIPLE = 10.0
 
 
 class RoundEngine:
@@ -116,23 +95,22 @@ class RoundEngine:
             lambda: w.global_state, w.heldout_loss, q.scheme, q.per_channel, q.observer
         )
         self.policy.setup(w.layers, context)
-        # A task's token is an HMAC of (run, round, device) under a per-process secret: an
-        # update must echo it, which only whoever received the task can (without keys).
-        self._token_secret = secrets.token_bytes(32)
+        keys = load_key_file(config.device_keys) if config.device_keys else None
+        self.keyring: dict[str, bytes] | None = keys.keys if keys is not None else None
+        signer = keys.signer(config.device_keys) if keys is not None else None
+        self.outbound = Outbound(config.run_id, signer)
         self.messages = RoundMessages(
-            config, w.cost, self.registry, self.policy, token=self.task_token
+            config, w.cost, self.registry, self.policy, token=self.outbound.task_token
         )
-        self.keyring: dict[str, bytes] | None = None
-        self.signer: CoordinatorSigner | None = None
-        if config.device_keys:
-            keys = load_key_file(config.device_keys)
-            self.keyring, self.signer = keys.keys, keys.signer(config.device_keys)
+        self.enrolment = Enrolment(
+            config.run_id, self.registry, self.rejections, self.limits,
+            signed=self.keyring is not None, token=self.outbound.task_token,
+        )  # fmt: skip
+        self.intake = UpdateIntake(
+            config, w, self.registry, self.rejections, self.limits,
+            policy=self.policy, token=self.outbound.task_token,
+        )  # fmt: skip
         self.guard = MoveGuard(config.max_round_move)
-        self.sample_cap = math.inf  # an update's weight at most: set per round
-        self.proven: set[str] = set()  # devices that answered a task this run
-        # Unsigned registrations wait here until the device answers a probe sent to its
-        # task topic: a flood of registrations from nowhere never reaches the registry.
-        self.pending: OrderedDict[str, RegisterMessage] = OrderedDict()
         self.silent: set[str] = set()  # selected, never answered, not heard from since
         self.round_state: RoundState | None = None
         self.last_allocation: dict[str, BitAllocation] = {}
@@ -155,109 +133,16 @@ class RoundEngine:
             if problem is not None:
                 self.rejections.reject(problem[0], client_id, problem[1])
             elif kind == REGISTER:
-                out = self._register(client_id, env)
+                out = self.enrolment.register(client_id, env)
             elif kind == STATUS:
-                out = self._status(client_id, env)
+                out = self.enrolment.status(client_id, env, self.round_state)
             elif kind == UPDATE:
-                self._update(client_id or "", env, len(payload))
+                self.intake.receive(client_id or "", env, len(payload), self.round_state)
         except DecodeError as exc:
             self.rejections.reject("malformed", client_id, str(exc))
         elapsed = time.perf_counter() - started
         self.observers.emit(FrameHandled(kind, client_id, len(payload), elapsed))
         return out
-
-    def _register(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
-        """A signed registration counts at once; an unsigned one once the device answers
-        a liveness probe on its task topic (which an agent echoes in a status)."""
-        msg = decode_body(env, RegisterMessage, self.limits)
-        if msg.client_id != client_id:
-            self.rejections.reject("spoofed", client_id, f"registers as {msg.client_id!r}")
-            return []
-        if self.keyring is not None:
-            self._enroll(msg)
-            return []
-        self.pending.pop(msg.client_id, None)
-        self.pending[msg.client_id] = msg
-        if len(self.pending) > MAX_PENDING_REGISTRATIONS:
-            dropped, _ = self.pending.popitem(last=False)
-            self.rejections.reject("unproven", dropped, "registration never proved liveness")
-        notice = NoticeMessage(self.config.run_id, msg.client_id, 0, self._probe(msg.client_id))
-        return [Outgoing(TASK, msg.client_id, encode(notice))]
-
-    def _probe(self, client_id: str) -> str:
-        return f"liveness probe {self.task_token(0, client_id)}"
-
-    def _enroll(self, msg: RegisterMessage) -> None:
-        self.registry.register(msg)
-        log.info("registered %s (%d samples)", msg.client_id, msg.num_samples)
-
-    def _probe_answered(self, status: StatusMessage) -> bool:
-        """True if ``status`` answers a liveness probe (it then enrolls the device)."""
-        if status.round != 0 or status.state != "rejected":
-            return False
-        if not hmac.compare_digest(status.detail, self._probe(status.client_id)):
-            return False
-        msg = self.pending.pop(status.client_id, None)
-        if msg is not None:
-            self._enroll(msg)
-        return True
-
-    def _status(self, client_id: str | None, env: Envelope) -> list[Outgoing]:
-        status = decode_body(env, StatusMessage, self.limits)
-        if status.client_id != client_id or self._probe_answered(status):
-            return []
-        verdict = self.registry.note_status(status)
-        if verdict == "ignored":
-            log.info(
-                "ignored %s status of %s: not of its current connection, or older than its last",
-                status.state,
-                client_id,
-            )
-            return []
-        rs = self.round_state
-        if rs is None:
-            return []
-        if rs.note_gone(status):
-            log.info("round %d: %s dropped out (%s)", rs.round, client_id, status.state)
-        task = rs.welcome_back(status, reconnected=verdict == "connected")
-        return [] if task is None else [Outgoing(TASK, client_id, task)]
-
-    def task_token(self, round: int, client_id: str) -> str:
-        """The token of ``client_id``'s task in ``round`` (echoed by its update)."""
-        text = f"{self.config.run_id}/{round}/{client_id}".encode()
-        return hmac.new(self._token_secret, text, hashlib.sha256).hexdigest()[:32]
-
-    def _update(self, client_id: str, env: Envelope, frame_bytes: int) -> None:
-        msg = decode_body(env, UpdateMessage, self.limits)
-        rs = self.round_state
-        kind = self.policy.update_kind
-        problem = update_problem(msg, client_id, rs, self.config.run_id, kind, self.task_token)
-        if problem is None:
-            assert rs is not None  # update_problem calls an update with no round open stale
-            problem = self._aggregate(rs, msg, frame_bytes)
-        if problem is not None:
-            self.rejections.reject(problem[0], client_id, problem[1])
-            return
-        log.info("round %d: update from %s (%d bytes)", msg.round, client_id, frame_bytes)
-
-    def _aggregate(self, rs: RoundState, msg: UpdateMessage, frame_bytes: int) -> Problem | None:
-        """Fold a valid update into the round's rule unless its tensors are unfit."""
-        tensors = decode_state(msg.tensors)
-        problem = shape_problem(tensors, self.global_state)
-        if problem is not None:
-            return problem
-        tensors = rs.rule.prepare(tensors, rs.selected[msg.client_id])
-        norm = rs.rule.change_norm(tensors)
-        problem = norm_problem(norm, self.config.max_update_norm)
-        if problem is None:
-            device = self.registry.devices.get(msg.client_id)
-            weight = update_weight(msg, device.num_samples if device is not None else 1)
-            weight = min(weight, self.sample_cap)
-            rs.rule.add(tensors, weight, norm)
-            rs.accept(msg, frame_bytes)
-            self.proven.add(msg.client_id)
-            self.registry.note_update(msg.client_id)
-        return problem
 
     def tick(self) -> list[Outgoing]:
         """Let time pass: once the open round is complete or past its deadline and still
@@ -300,10 +185,7 @@ class RoundEngine:
         if selected is None:
             selected = self.select(cfg.clients_per_round)
         admitted, clients, excluded = self.messages.admit(round, selected)
-        if admitted:
-            # No device outweighs SAMPLE_CAP_MULTIPLE typical ones, whatever it registered.
-            median = float(np.median([d.num_samples for d in admitted]))
-            self.sample_cap = SAMPLE_CAP_MULTIPLE * max(median, 1.0)
+        self.intake.cap_samples(admitted)
         allocation = self.policy.allocate(round, clients)
         rule = make_rule(rule_name(self.policy), self.global_state, self.quantization)
         rule.clip.multiple = cfg.clip_multiple if cfg.clip_multiple > 0 else math.inf
@@ -322,24 +204,8 @@ class RoundEngine:
         return out
 
     def select(self, count: int) -> list[DeviceRecord]:
-        """``count`` online devices at random (all when 0 or too many), leaving out devices
-        that were asked before and never answered nor spoke since (``silent``), and with
-        at least half the places kept for devices that answered a task before, if there are
-        any: a flood of registrations from devices that never answer cannot fill a round."""
-        candidates = sorted(
-            (d for d in self.registry.online() if d.client_id not in self.silent),
-            key=lambda d: d.client_id,
-        )
-        if count <= 0 or count >= len(candidates):
-            return candidates
-        proven = [d for d in candidates if d.client_id in self.proven]
-        reserved = min(len(proven), math.ceil(count / 2))
-        if reserved == 0 or len(proven) == len(candidates):
-            return sorted(self.rng.sample(candidates, count), key=lambda d: d.client_id)
-        chosen = self.rng.sample(proven, reserved)
-        rest = [d for d in candidates if d not in chosen]
-        chosen += self.rng.sample(rest, count - reserved)
-        return sorted(chosen, key=lambda d: d.client_id)
+        """``count`` online devices at random for a round (see :meth:`Registry.select`)."""
+        return self.registry.select(count, self.rng, silent=self.silent, proven=self.intake.proven)
 
     def extend_round(self, devices: list[DeviceRecord]) -> list[Outgoing]:
         """Add ``devices`` to the open round (replacing ones that did not answer); return
@@ -365,7 +231,9 @@ class RoundEngine:
         answered = len(rs.accepted)
         # Asked, and neither answered nor said why: not asked again until heard from.
         # (Devices that answered before stay selectable: a missed round locks no one out.)
-        self.silent.update(set(rs.selected) - set(rs.accepted) - set(rs.dropped) - self.proven)
+        self.silent.update(
+            set(rs.selected) - set(rs.accepted) - set(rs.dropped) - self.intake.proven
+        )
         counted = answered > 0 and answered >= rs.quorum_target
         if counted:
             new_state = rs.rule.result()
@@ -415,17 +283,13 @@ class RoundEngine:
         return out
 
     def signed(self, messages: list[Outgoing]) -> list[Outgoing]:
-        """``messages`` as published: with keys, each frame signed by the coordinator with a
-        fresh sequence (the transport calls this for everything it sends)."""
-        signer = self.signer
-        if signer is None:
-            return messages
-        # An empty payload is no frame: it is how a retained model is cleared (MQTT).
-        return [
-            Outgoing(m.kind, m.client_id, sign_frame(m.payload, signer) if m.payload else b"")
-            for m in messages
-        ]
+        """``messages`` as published (signed with keys: see :meth:`Outbound.signed`)."""
+        return self.outbound.signed(messages)
 
     def control(self, state: str, round: int, detail: str = "") -> Outgoing:
-        msg = ControlMessage(self.config.run_id, state, round, detail, time.time())
-        return Outgoing(CONTROL, None, encode(msg))
+        """The run announcement ``state`` for ``round`` (to every device)."""
+        return self.outbound.control(state, round, detail)
+
+    def task_token(self, round: int, client_id: str) -> str:
+        """The token of ``client_id``'s task in ``round`` (echoed by its update)."""
+        return self.outbound.task_token(round, client_id)

@@ -10,8 +10,10 @@ broker publishes a connection's will, and only once that connection is gone.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,9 +125,28 @@ class Registry:
     def online(self) -> list[DeviceRecord]:
         return [d for d in self.devices.values() if d.online]
 
-    def select(self, count: int, rng: random.Random) -> list[DeviceRecord]:
-        """``count`` online devices at random (all of them when count is 0 or too large)."""
-        candidates = sorted(self.online(), key=lambda d: d.client_id)
+    def select(
+        self,
+        count: int,
+        rng: random.Random,
+        *,
+        silent: Collection[str] = (),
+        proven: Collection[str] = (),
+    ) -> list[DeviceRecord]:
+        """``count`` online devices at random (all when 0 or too many), leaving out the
+        ``silent`` ones (asked before, never answered nor spoke since), and with at least
+        half the places kept for ``proven`` devices (that answered a task before), if there
+        are any: a flood of registrations from devices that never answer cannot fill a round."""
+        candidates = sorted(
+            (d for d in self.online() if d.client_id not in silent), key=lambda d: d.client_id
+        )
         if count <= 0 or count >= len(candidates):
             return candidates
-        return sorted(rng.sample(candidates, count), key=lambda d: d.client_id)
+        trusted = [d for d in candidates if d.client_id in proven]
+        reserved = min(len(trusted), math.ceil(count / 2))
+        if reserved == 0 or len(trusted) == len(candidates):
+            return sorted(rng.sample(candidates, count), key=lambda d: d.client_id)
+        chosen = rng.sample(trusted, reserved)
+        rest = [d for d in candidates if d not in chosen]
+        chosen += rng.sample(rest, count - reserved)
+        return sorted(chosen, key=lambda d: d.client_id)

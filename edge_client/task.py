@@ -20,7 +20,7 @@ from edge_client.training import TrainResult, train_local
 from fedmpq.dither import dithered_start
 from fedmpq.policies import Policy, policy_class
 from fedmpq.state import load_numpy_state, state_to_numpy
-from fedmpq.wire.messages import ResourceUsage, TaskMessage, UpdateMessage
+from fedmpq.wire.messages import ResourceUsage, TaskMessage, TensorPayload, UpdateMessage
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,27 @@ def execute_task(
         stop=stop,
     )
     tensors, dropped = hooks.make_update(state_to_numpy(net), global_state, policy.update_kind)
-    update = UpdateMessage(
+    update = _update_message(task, policy.update_kind, tensors, dropped, len(y), result)
+    return update, result
+
+
+def _update_message(
+    task: TaskMessage,
+    kind: str,
+    tensors: list[TensorPayload],
+    dropped: dict[str, int],
+    num_samples: int,
+    result: TrainResult,
+) -> UpdateMessage:
+    """The update answering ``task``: the trained ``tensors`` with the run's usage and
+    metrics (peak memory read now, after training)."""
+    return UpdateMessage(
         run_id=task.run_id,
         round=task.round,
         client_id=task.client_id,
-        num_samples=len(y),
+        num_samples=num_samples,
         model_fingerprint=task.model_fingerprint,
-        kind=policy.update_kind,
+        kind=kind,
         tensors=tensors,
         usage=ResourceUsage(
             train_seconds=result.seconds, peak_rss_bytes=peak_rss_bytes(), cpu_percent=0.0
@@ -134,7 +148,6 @@ def execute_task(
         bits_dropped=dropped,
         token=task.token,
     )
-    return update, result
 
 
 def _start_state(

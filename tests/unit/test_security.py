@@ -18,7 +18,8 @@ from benchmarks.round_driver import enroll, frames
 from coordinator.aggregation import AdaptiveClip
 from coordinator.aggregation.robust import change_norm, clip_factor
 from coordinator.config import RunConfig
-from coordinator.engine import MAX_PENDING_REGISTRATIONS, RoundEngine
+from coordinator.engine import RoundEngine
+from coordinator.enrolment import MAX_PENDING_REGISTRATIONS
 from coordinator.validation import MoveGuard, Rejections, norm_problem, update_weight
 from edge_client.downlink_check import DownlinkCheck, RateLimitedLog
 from edge_client.task import TaskLimits, limit_problem
@@ -285,7 +286,7 @@ def test_a_register_flood_never_reaches_the_registry(tmp_path):
         assert len(out) == 1  # one probe each, nothing else
     elapsed = time.perf_counter() - started
     assert engine.registry.devices == {}
-    assert len(engine.pending) == MAX_PENDING_REGISTRATIONS
+    assert len(engine.enrolment.pending) == MAX_PENDING_REGISTRATIONS
     assert engine.rejections.counts["unproven"] == 5000 - MAX_PENDING_REGISTRATIONS
     assert engine.select(3) == []
     enroll(engine, RegisterMessage("real", "x", PROFILE, 100, True, 0.0))  # answers its probe
@@ -327,5 +328,5 @@ def test_a_compromised_devices_update_cannot_poison_the_model(tmp_path, attack):
         "weights",
     )
     # Clipped to 10x the median change, weighing at most 10 typical devices.
-    assert engine.sample_cap == 1000.0
+    assert engine.intake.sample_cap == 1000.0
     assert move <= 10 * honest * 1000 / 1200 + honest, (move, honest, row)

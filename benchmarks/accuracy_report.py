@@ -1,0 +1,164 @@
+"""The report of ``benchmarks/accuracy_per_bit.py``: table rows, the markdown table, the
+weight-norm ratios, accuracy plots and per-layer bit heat maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def summarise(result: dict[str, Any], target: float) -> dict[str, Any]:
+    """Table row of one run: accuracies, uplink, bits, planes dropped, rounds to ``target``."""
+    hist = result["history"]
+    rounds = hist[1:]
+    cumulative = np.cumsum([h["uplink_bytes"] for h in hist])
+    hit = next((i for i, h in enumerate(hist) if h["accuracy"] >= target), None)
+    run = result["run"]
+    sizes = result["layer_sizes"]
+    sent = [
+        np.mean([sum(b[n] * sizes[n] for n in sizes) / sum(sizes.values()) for b in bits])
+        for bits in (h["sent_bits"].values() for h in rounds)
+    ]
+    return {
+        **{k: run[k] for k in ("dataset", "alpha", "policy", "seed")},
+        "final_acc": hist[-1]["accuracy"],
+        "best_acc": max(h["accuracy"] for h in hist),
+        "uplink_mb": float(cumulative[-1]) / 1e6,
+        "sent_bits": float(np.mean(sent)) if run["policy"] != "float32" else 32.0,
+        "planes_dropped": [h.get("planes_dropped", 0) for h in rounds],
+        "rounds_to_target": hit,
+        "target_acc": target,
+        "wall_s": result["wall_s"],
+    }
+
+
+def norm_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Largest per-layer weight-norm ratio of each run to fixed's (same data, alpha, seed)."""
+    out = {}
+    for res in results:
+        run = res["run"]
+        ref = next(
+            (
+                r
+                for r in results
+                if r["run"]["policy"] == "fixed"
+                and all(r["run"][k] == run[k] for k in ("dataset", "alpha", "seed"))
+            ),
+            None,
+        )
+        if ref is None or run["policy"] == "float32":
+            continue
+        ratios = [
+            res["layer_norms"][n] / max(ref["layer_norms"][n], 1e-12) for n in ref["layer_norms"]
+        ]
+        out[f"{run['policy']} a={run['alpha']} s={run['seed']}"] = float(max(ratios))
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], extra: dict[str, Any]) -> str:
+    lines = [
+        "# Accuracy per uplink bit",
+        "",
+        f"Settings: {json.dumps(meta)}",
+        "",
+        "| data | alpha | seed | policy | final acc | best acc | avg wire bits sent "
+        "| uplink MB | planes dropped per round | rounds to target | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hit = "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])
+        lines.append(
+            f"| {r['dataset']} | {r['alpha']} | {r['seed']} | {r['policy']} "
+            f"| {r['final_acc']:.4f} | {r['best_acc']:.4f} | {r['sent_bits']:.2f} "
+            f"| {r['uplink_mb']:.2f} | {' '.join(map(str, r['planes_dropped']))} | {hit} "
+            f"| {r['wall_s']:.0f} |"
+        )
+    lines += ["", "Largest per-layer weight-norm ratio to fixed (final global model):", ""]
+    lines += [f"- {k}: {v:.3f}" for k, v in extra["norm_ratios"].items()]
+    if extra.get("client_cost"):
+        cost = extra["client_cost"]
+        lines += [
+            "",
+            f"Client CPU per task ({cost['model']}, {cost['samples']} samples, "
+            f"{cost['wire_bits']} wire bits, thread_time): fixed {cost['cpu_s']['fixed']:.2f} s, "
+            f"fedmpq {cost['cpu_s']['fedmpq']:.2f} s, ratio {cost['ratio']:.2f}x",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    results: list[dict[str, Any]], out: Path, paper_budgets: list[int], wire_budgets: list[int]
+) -> list[Path]:
+    """Accuracy vs cumulative uplink MB per data/alpha; per-layer bit heat maps of FedMPQ
+    (the clients' budgets: ``paper_budgets`` magnitude planes, ``wire_budgets`` wire bits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for res in results:
+        groups.setdefault((res["run"]["dataset"], res["run"]["alpha"]), []).append(res)
+    for (dataset, alpha), group in sorted(groups.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for res in group:
+            run = res["run"]
+            hist = res["history"]
+            mb = np.cumsum([h["uplink_bytes"] for h in hist]) / 1e6
+            label = run["policy"] + (f" (seed {run['seed']})" if run["seed"] else "")
+            ax.plot(mb, [h["accuracy"] for h in hist], marker=".", label=label)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_title(f"{dataset}, alpha={alpha}, budgets {paper_budgets} planes")
+        ax.set_xlabel("cumulative uplink MB")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"accuracy_per_bit_{_slug(dataset)}_a{alpha}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        for res in group:
+            if res["run"]["policy"] in ("fedmpq", "fedmpq-faithful") and not res["run"]["seed"]:
+                written.append(_heatmap(res, out, plt, paper_budgets, wire_budgets))
+    return written
+
+
+def _heatmap(
+    res: dict[str, Any], out: Path, plt: Any, paper_budgets: list[int], wire_budgets: list[int]
+) -> Path:
+    """Wire bits sent per layer (rows) and round (columns), one panel per budget."""
+    run = res["run"]
+    rounds = res["history"][1:]
+    layers = list(res["layer_norms"])
+    clients = sorted(rounds[0]["sent_bits"])
+    picks: dict[tuple[int, int], str] = {}
+    for cid, wire, paper in zip(clients, wire_budgets, paper_budgets, strict=False):
+        picks.setdefault((wire, paper), cid)
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.0 * len(picks), 0.3 * len(layers) + 2))
+    axes = np.atleast_1d(axes)
+    for ax, ((wire, paper), cid) in zip(axes, sorted(picks.items()), strict=True):
+        grid = np.array([[h["sent_bits"].get(cid, {}).get(n, 0) for h in rounds] for n in layers])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=8)
+        ax.set_title(f"{cid[-2:]}: budget {paper} planes = {wire} wire bits", fontsize=8)
+        ax.set_xlabel("round")
+        ax.set_xticks(range(len(rounds)), [str(h["round"]) for h in rounds], fontsize=6)
+        ax.set_yticks(
+            range(len(layers)), layers if ax is axes[0] else [""] * len(layers), fontsize=6
+        )
+    fig.colorbar(im, ax=list(axes), label="wire bits sent")
+    fig.suptitle(
+        f"{run['policy']}: bits per layer per round, {run['dataset']}, alpha={run['alpha']}"
+    )
+    path = out / f"bits_heatmap_{run['policy']}_{_slug(run['dataset'])}_a{run['alpha']}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
