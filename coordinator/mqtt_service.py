@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,16 @@ from coordinator.outputs import (
 from coordinator.resume import restore, snapshot
 from fedmpq.errors import FedmpqError
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Protocol
-from fedmpq.topics import CONTROL, MODEL, MODEL_AT, QOS, TASK, Topics, publish_options
+from fedmpq.topics import (
+    CONTROL,
+    MODEL,
+    MODEL_AT,
+    OWN_RETAINED_KINDS,
+    QOS,
+    TASK,
+    Topics,
+    publish_options,
+)
 
 log = logging.getLogger("fedmpq.coordinator")
 
@@ -80,6 +90,9 @@ class MqttCoordinator:
         self.metrics = metrics or partial(PlottedMetrics, self.out_dir, title=run_title(config))
         # Work for the coordinator thread, in arrival order: messages and reconnect duties.
         self.inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        # What this coordinator last published on each retained topic it owns (newest
+        # last): without MQTT 5's no-local option its own messages come back, late ones too.
+        self._retained: dict[str, deque[bytes]] = {}
         self.conn: Connection | None = None
         self.idle_s = 0.0  # time spent waiting on the inbox, for RoundTimed
 
@@ -90,6 +103,8 @@ class MqttCoordinator:
     def _on_connect(self, conn: Connection) -> None:
         for topic in self.topics.coordinator_subscriptions:
             conn.subscribe(topic, qos=QOS)
+        for topic in self.topics.coordinator_retained:
+            conn.subscribe(topic, qos=QOS, no_local=True)
         # A broker restarted without persistence lost the retained announcement and
         # model and any task it had not delivered: send them again.
         self.inbox.put(lambda: self._send(self.engine.resend()))
@@ -103,14 +118,30 @@ class MqttCoordinator:
             self.engine.rejections.reject("topic", None, detail)
             return
         kind, client_id = parsed
+        if kind in OWN_RETAINED_KINDS:
+            self._reassert(topic, payload)
+            return
         self._send(self.engine.receive(kind, client_id, payload))
+
+    def _reassert(self, topic: str, payload: bytes) -> None:
+        """Someone else published on a retained topic of ours (a forged model or run
+        announcement): devices refuse it unsigned, but as the retained message it would
+        hide ours from every device that subscribes later, so publish ours again."""
+        ours = self._retained.get(topic)
+        if not ours or payload in ours or self.conn is None:
+            return
+        self.engine.rejections.reject("foreign", None, f"someone else published on {topic}")
+        self.conn.publish(topic, ours[-1], QOS, True)
 
     def _send(self, messages: list[Outgoing]) -> None:
         conn = self.conn
         if conn is None:
             return
         for m in self.engine.signed(messages):
-            conn.publish(self._topic(m), m.payload, *publish_options(m.kind))
+            topic, options = self._topic(m), publish_options(m.kind)
+            if m.kind in OWN_RETAINED_KINDS:
+                self._retained.setdefault(topic, deque(maxlen=4)).append(m.payload)
+            conn.publish(topic, m.payload, *options)
 
     def _topic(self, m: Outgoing) -> str:
         t = self.topics

@@ -114,8 +114,9 @@ class Registry:
         update and before its new connection's status; the next round must not leave
         out a device that has just answered."""
         record = self.devices.get(client_id)
-        if record is not None:
-            record.online, record.away = True, False
+        # Not one that announced it will be away (churn): that word is about later rounds.
+        if record is not None and not record.away:
+            record.online = True
             record.last_seen = time.time()
 
     def accounted_for(self) -> list[DeviceRecord]:

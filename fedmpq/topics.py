@@ -49,6 +49,9 @@ PER_ALLOCATION_KINDS = frozenset({MODEL_AT})
 BROADCAST_KINDS = frozenset({CONTROL, MODEL})
 #: Kinds published with the retain flag, so a device that (re)connects late still sees them.
 RETAINED_KINDS = frozenset({STATUS, MODEL_AT, CONTROL, MODEL})
+#: Retained kinds only the coordinator publishes: it watches them and re-publishes its own
+#: message over anyone else's (a forged retained message would hide it from late subscribers).
+OWN_RETAINED_KINDS = frozenset({MODEL_AT, CONTROL, MODEL})
 #: The ``model_at`` topic level of the all-float32 model (its allocation key is ``""``).
 FLOAT_ALLOCATION = "float32"
 #: Every fedmpq topic is QoS 1: at-least-once, deduplicated by the message's round number.
@@ -168,6 +171,11 @@ class Topics:
     def coordinator_subscriptions(self) -> tuple[str, ...]:
         """Wildcard filters the coordinator subscribes to: register, status and update."""
         return tuple(f"{self.prefix}/{kind}/+" for kind in (REGISTER, STATUS, UPDATE))
+
+    @property
+    def coordinator_retained(self) -> tuple[str, ...]:
+        """Filters of the retained topics the coordinator owns (see ``OWN_RETAINED_KINDS``)."""
+        return (f"{self.prefix}/{MODEL_AT}/+", self.control, self.model)
 
     def device_subscriptions(self, client_id: str) -> tuple[str, ...]:
         """Topics a device always subscribes to: its task, control and the trained model

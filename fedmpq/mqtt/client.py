@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmpq.errors import ConfigError
 from fedmpq.mqtt.address import BrokerAddress
@@ -88,3 +90,16 @@ def _set_credentials(client: paho.Client, broker: BrokerAddress) -> None:
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot set up TLS for {broker.url}: {exc}") from exc
+
+
+def subscription_list(
+    topics: list[str], qos: dict[str, int], no_local: set[str], v5: bool
+) -> list[Any]:
+    """What paho's ``subscribe`` takes for ``topics``: (topic, qos) pairs, or with MQTT 5
+    options: no local where asked, and retained messages only for new subscriptions (a
+    resumed session must not resend a multi-megabyte retained model on every reconnect)."""
+    if not v5:
+        return [(t, qos[t]) for t in topics]
+    return [
+        (t, SubscribeOptions(qos=qos[t], noLocal=t in no_local, retainHandling=1)) for t in topics
+    ]

@@ -15,13 +15,12 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmpq.errors import ConfigError, PayloadTooLargeError, TransportError
 from fedmpq.mqtt import packets
 from fedmpq.mqtt.address import BrokerAddress
 from fedmpq.mqtt.backoff import ReconnectBackoff
-from fedmpq.mqtt.client import Will, new_paho_client
+from fedmpq.mqtt.client import Will, new_paho_client, subscription_list
 from fedmpq.mqtt.loop import MqttLoop, Timer, call_guarded, logger
 from fedmpq.mqtt.outbox import Message, Outbox
 
@@ -109,6 +108,7 @@ class Connection:
         self._backoff = ReconnectBackoff()  # its first failure is a warning, later ones info
         self._timer: Timer | None = None
         self._subscriptions: dict[str, int] = {}
+        self._no_local: set[str] = set()
         self._outbox = Outbox()
         self._sub_requests: dict[int, list[str]] = {}
         self._restore_mid: int | None = None
@@ -164,14 +164,17 @@ class Connection:
         """Wait until connected (subscriptions active); False if ``timeout`` s passed."""
         return self._connected.wait(timeout)
 
-    def subscribe(self, topic: str, qos: int = 1) -> None:
+    def subscribe(self, topic: str, qos: int = 1, *, no_local: bool = False) -> None:
         """Subscribe to a topic filter, now if connected and again on every reconnect.
 
         Subscriptions made before :meth:`connect` are active once :attr:`connected` is
-        set; later ones become active a round trip after the call.
+        set; later ones become active a round trip after the call.  ``no_local``: not
+        the messages this connection publishes itself (MQTT 5; 3.1.1 has no such option).
         """
         packets.check_topic_filter(topic)
         packets.check_qos(qos)
+        if no_local:
+            self._no_local.add(topic)
         self._loop.call_soon(lambda: self._subscribe(topic, qos))
 
     def unsubscribe(self, topic: str) -> None:
@@ -312,15 +315,8 @@ class Connection:
             self._client.unsubscribe(topic)
 
     def _send_subscribe(self, topics: list[str]) -> int | None:
-        if self._v5:
-            # Retained messages only for new subscriptions: resuming a session must not
-            # resend a multi-megabyte retained global model on every reconnect.
-            options = [
-                (t, SubscribeOptions(qos=self._subscriptions[t], retainHandling=1)) for t in topics
-            ]
-            rc, mid = self._client.subscribe(options)
-        else:
-            rc, mid = self._client.subscribe([(t, self._subscriptions[t]) for t in topics])
+        wanted = subscription_list(topics, self._subscriptions, self._no_local, self._v5)
+        rc, mid = self._client.subscribe(wanted)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             logger.error("%s: SUBSCRIBE to %s failed: %s", self._client_id, topics, rc)
             return None

@@ -90,7 +90,8 @@ def _attacker(url: str, name: str) -> Iterator[Connection]:
 
 
 def _first_global(url: str, run_id: str, round: int) -> Callable[[], GlobalModelMessage]:
-    """Start watching for round ``round``'s global model; the returned call waits for it."""
+    """Start watching for round ``round``'s global model (at any allocation); the returned
+    call waits for it."""
     seen: list[GlobalModelMessage] = []
     got = threading.Event()
 
@@ -106,7 +107,7 @@ def _first_global(url: str, run_id: str, round: int) -> Callable[[], GlobalModel
     loop = MqttLoop()
     loop.start()
     watcher = Connection(loop, BrokerAddress.parse(url), f"watch-{run_id}", on_message=on_message)
-    watcher.subscribe(TOPICS.global_model)
+    watcher.subscribe(f"{TOPICS.prefix}/model_at/+")  # the models of every allocation
     watcher.connect()
 
     def wait() -> GlobalModelMessage:
@@ -259,7 +260,8 @@ def test_fake_global_model_is_refused(module_mosquitto, tmp_path, tmp_path_facto
         fake = GlobalModelMessage(
             a.run_id, 1, "mlp", glob.fingerprint, encode_state(state, {k: 32 for k in state})
         )
-        a.publish(TOPICS.global_model, encode(fake), retain=True)
+        fake.allocation = glob.allocation
+        a.publish(TOPICS.model_at(glob.allocation), encode(fake), retain=True)
 
     run = run_fleet(url, tmp_path, "fake-global", signed=True, during=during)
     assert_like_clean(run, clean)
