@@ -104,4 +104,7 @@ class Enrolment:
         msg = self.pending.pop(status.client_id, None)
         if msg is not None:
             self._enroll(msg)
+            # The answer came over the device's current connection: learn its nonce here,
+            # as statuses sent before the device was enrolled were about no known device.
+            self.registry.note_status(status)
         return True

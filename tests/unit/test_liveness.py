@@ -13,8 +13,8 @@ from test_round_engine import DEADLINE, PROFILE, FakeClock, echo_update, engine_
 from benchmarks.round_driver import enroll, frames
 from coordinator.model_release import FINAL_BITS, release_model
 from coordinator.resume import restore, snapshot
-from fedmpq.topics import STATUS, TASK, UPDATE
-from fedmpq.wire.codec import encode
+from fedmpq.topics import REGISTER, STATUS, TASK, UPDATE
+from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import STATUS_CONNECTED, RegisterMessage, StatusMessage
 
 
@@ -240,3 +240,15 @@ def test_a_device_whose_will_overtook_its_update_is_in_the_next_round(tmp_path):
     assert engine.close_round()["participants"] == ["a", "b"]
     _, tasks = frames(engine.open_round(2))
     assert sorted(tasks) == ["a", "b"]
+
+
+def test_the_probe_answer_teaches_the_devices_connection(tmp_path):
+    """A device's first status can arrive before its registration is proven; the probe's
+    answer, sent over the same connection, still tells the coordinator which one is its."""
+    engine, _ = engine_with(tmp_path, devices=())
+    reg = RegisterMessage("a", "test", PROFILE, 100, True, time.time())
+    (probe,) = engine.receive(REGISTER, "a", encode(reg))
+    connect(engine, "a", "n1", 1.0)  # about no known device yet
+    say(engine, "a", "rejected", 0, nonce="n1", at=1.5, detail=decode(probe.payload).reason)
+    will(engine, "a", "n0")  # the will of an earlier connection
+    assert [d.client_id for d in engine.registry.online()] == ["a"]
