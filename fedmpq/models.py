@@ -36,7 +36,6 @@ Every factory takes ``num_classes`` and ``in_shape`` (channels, height, width), 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -44,12 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmpq.errors import ConfigError
+from fedmpq.plugins import MODULE_PREFIX, load_function
 
 ModelFactory = Callable[..., nn.Module]
 """``factory(num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module``."""
-
-MODULE_PREFIX = "module:"
-"""Model names of this form, ``module:pkg.mod:func``, name a factory in any module."""
 
 
 class MLP(nn.Module):
@@ -224,16 +221,7 @@ def register_model(name: str, factory: ModelFactory) -> None:
 
 def _module_factory(name: str) -> ModelFactory:
     """The factory that ``module:pkg.mod:func`` names."""
-    module_name, _, func_name = name.removeprefix(MODULE_PREFIX).partition(":")
-    if not module_name or not func_name:
-        raise ConfigError(f"model {name!r} must look like {MODULE_PREFIX}pkg.mod:func")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model {name!r}: cannot import {module_name}: {exc}") from None
-    factory = getattr(module, func_name, None)
-    if not callable(factory):
-        raise ConfigError(f"model {name!r}: {module_name} has no function {func_name}")
+    factory: ModelFactory = load_function("model", name, name.removeprefix(MODULE_PREFIX))
     return factory
 
 

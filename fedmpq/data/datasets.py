@@ -23,7 +23,6 @@ per-channel mean and standard deviation measured on the training split.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from fedmpq.data.idx import read_idx
 from fedmpq.errors import ConfigError
+from fedmpq.plugins import load_function
 
 SHIPPED_DIR = Path(__file__).with_name("files")
 """Directory of the Fashion-MNIST subset shipped with the package."""
@@ -374,16 +374,8 @@ def load_image_folder(directory: str | Path) -> DatasetSplit:
 
 
 def _load_module(spec: str, target: str) -> DatasetSplit:
-    module_name, _, func_name = target.partition(":")
-    if not module_name or not func_name:
-        raise ConfigError(f"data set spec {spec!r} must look like module:pkg.mod:func")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"data set spec {spec!r}: cannot import {module_name}: {e}") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ConfigError(f"data set spec {spec!r}: {module_name} has no function {func_name}")
+    func = load_function("data set spec", spec, target)
+    func_name = target.partition(":")[2]
     result = func()
     if not isinstance(result, DatasetSplit):
         raise ConfigError(
