@@ -39,8 +39,7 @@ def store_model_message(
     msg = decode(payload, ModelMessage, limits or DecodeLimits())
     if run_id and msg.run_id != run_id:
         return None
-    info = {k: getattr(msg, k) for k in ModelStore.INFO_FIELDS}
-    return store.save(msg.onnx, msg.fingerprint, info)
+    return store.save_message(msg)
 
 
 def fetch_model(

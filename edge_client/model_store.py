@@ -22,6 +22,7 @@ from typing import Any
 
 from fedmpq.errors import FedmpqError
 from fedmpq.fileio import write_atomic
+from fedmpq.wire.messages import ModelMessage
 
 CURRENT = "current.json"
 
@@ -75,6 +76,11 @@ class ModelStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+
+    def save_message(self, msg: ModelMessage) -> StoredModel:
+        """:meth:`save` the model a ``ModelMessage`` carries, with its description."""
+        info = {k: getattr(msg, k) for k in self.INFO_FIELDS}
+        return self.save(msg.onnx, msg.fingerprint, info)
 
     def save(self, onnx_bytes: bytes, fingerprint: str, info: dict[str, Any]) -> StoredModel:
         """Verify ``onnx_bytes`` against ``fingerprint`` and make it the current model.

@@ -262,11 +262,9 @@ class AgentRuntime:
         """Verify and store the trained model (once per process: devices share the store)."""
         if self.options.model_dir is None or not self._wanted(msg.run_id):
             return
-        store = ModelStore(self.options.model_dir)
         if self._stored_model == msg.fingerprint:
             return
-        info = {k: getattr(msg, k) for k in ModelStore.INFO_FIELDS}
-        stored = store.save(msg.onnx, msg.fingerprint, info)
+        stored = ModelStore(self.options.model_dir).save_message(msg)
         self._stored_model = msg.fingerprint
         client_id = session.device.client_id
         log.info("%s: stored model of run %s at %s", client_id, msg.run_id, stored.path)
