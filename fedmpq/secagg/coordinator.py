@@ -139,8 +139,8 @@ class SecureAggregation:
                     f"layer {layer.name!r} is masked in a {k}-bit ring, got {t.ring_bits}"
                 )
             words.append(unpack_ring(t.data, k, layer.size))  # all decoded before any is added
-        for w, lo, hi in zip(words, self.plan.offsets, self.plan.offsets[1:], strict=False):
-            np.add(self._sum[lo:hi], w, out=self._sum[lo:hi])
+        for w, (_, _, part) in zip(words, self.plan.segments(), strict=True):
+            np.add(self._sum[part], w, out=self._sum[part])
         self._contributors.append(msg.client_id)
 
     def unmask_request(self) -> UnmaskRequest:
@@ -199,16 +199,7 @@ class SecureAggregation:
                 # The survivor applied this pair's mask with its own sign; take it back out.
                 seed = self.plan.pair_seed(owner, key, survivor, self._keys[survivor].mask_key)
                 self.plan.apply_pair_mask(flat, seed, owner, survivor)
-        codes = {
-            layer.name: from_ring(flat[lo:hi], k)
-            for layer, k, lo, hi in zip(
-                self.plan.layers,
-                self.plan.ring_bits,
-                self.plan.offsets,
-                self.plan.offsets[1:],
-                strict=False,
-            )
-        }
+        codes = {layer.name: from_ring(flat[part], k) for layer, k, part in self.plan.segments()}
         return SecureSum(tuple(request.survivors), codes)
 
     # -- checks ------------------------------------------------------------------------

@@ -265,29 +265,21 @@ class DeviceSession:
     def _ring_tensors(self, flat: np.ndarray) -> list[MaskedTensor]:
         """``flat`` cut into layers, each reduced to and packed at its ring width."""
         tensors = []
-        for layer, k, lo, hi in zip(
-            self.plan.layers,
-            self.plan.ring_bits,
-            self.plan.offsets,
-            self.plan.offsets[1:],
-            strict=False,
-        ):
-            words = flat[lo:hi] & ring_mask(k)
+        for layer, k, part in self.plan.segments():
+            words = flat[part] & ring_mask(k)
             tensors.append(MaskedTensor(name=layer.name, ring_bits=k, data=pack_ring(words, k)))
         return tensors
 
     def _lifted(self, codes: Mapping[str, np.ndarray], bits: Mapping[str, int]) -> np.ndarray:
         flat = np.empty(self.plan.size, dtype=self.plan.word_dtype)
-        for layer, lo, hi in zip(
-            self.plan.layers, self.plan.offsets, self.plan.offsets[1:], strict=False
-        ):
+        for layer, _, part in self.plan.segments():
             if layer.name not in codes or layer.name not in bits:
                 raise SecAggError(f"no codes for layer {layer.name!r}")
             c = np.asarray(codes[layer.name])
             if c.size != layer.size:
                 raise SecAggError(f"layer {layer.name!r} has {layer.size} codes, got {c.size}")
             lifted = lift(c.reshape(-1), bits[layer.name], layer.bits)
-            flat[lo:hi] = to_ring(lifted, flat.dtype)
+            flat[part] = to_ring(lifted, flat.dtype)
         return flat
 
 

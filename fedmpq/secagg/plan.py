@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,13 @@ class RoundPlan:
     def size(self) -> int:
         """Codes in the whole update."""
         return self.offsets[-1]
+
+    def segments(self) -> Iterator[tuple[LayerGrid, int, slice]]:
+        """Each layer with its ring width and its slice of the flat vector."""
+        for layer, k, lo, hi in zip(
+            self.layers, self.ring_bits, self.offsets, self.offsets[1:], strict=False
+        ):
+            yield layer, k, slice(lo, hi)
 
     def index(self, client_id: str) -> int:
         """The Shamir index (1-based) of ``client_id``; :class:`SecAggError` if not selected."""
