@@ -8,8 +8,9 @@ drive deadlines without sleeping.
 
 A round: :meth:`open_round` selects devices, allocates bits and builds the model
 downlink and tasks; :meth:`receive` validates and aggregates updates; the round is
-:meth:`done` when every selected device answered or is gone, or at the deadline -- once
-per round, a round short of its quorum first asks spare devices (:meth:`tick`);
+:meth:`done` when every selected device answered or is gone, or at the deadline -- a
+selected device silent for too long is sent its task again, and once per round a round
+short of its quorum first asks spare devices (both in :meth:`tick`);
 :meth:`close_round` folds the updates in (through the policy's aggregation rule),
 evaluates and returns the metrics row.
 """
@@ -40,6 +41,7 @@ from coordinator.events import (
 from coordinator.intake import UpdateIntake
 from coordinator.outbound import Outbound
 from coordinator.registry import DeviceRecord, Registry
+from coordinator.resend import TaskResends
 from coordinator.round_state import RoundState, metrics_row
 from coordinator.tasks import RoundMessages
 from coordinator.validation import (
@@ -145,10 +147,33 @@ class RoundEngine:
         return out
 
     def tick(self) -> list[Outgoing]:
-        """Let time pass: once the open round is complete or past its deadline and still
-        short of its quorum, ask spare devices not asked yet (once per round)."""
+        """Let time pass: send the task again to selected devices that have been silent
+        too long (``coordinator.resend``); once the open round is complete or past its
+        deadline and still short of its quorum, ask spare devices not asked yet (once per
+        round)."""
         rs = self.round_state
-        if rs is None or rs.quorum_checked or not (rs.complete() or rs.expired()):
+        if rs is None:
+            return []
+        return self._ask_again(rs) + self._retry_quorum(rs)
+
+    def _ask_again(self, rs: RoundState) -> list[Outgoing]:
+        """The tasks of the devices whose re-send is due (see ``coordinator.resend``)."""
+        rs.complete()  # first drops the devices offline past their grace
+        asked = rs.resends.take_due(self.clock(), rs.waiting(), rs.deadline)
+        if asked:
+            log.info("round %d: no word from %s; sending the task again", rs.round, asked)
+        return self._tasks_again(rs, asked)
+
+    def _tasks_again(self, rs: RoundState, client_ids: list[str]) -> list[Outgoing]:
+        """The tasks (or notices) of ``client_ids`` once more, counted as delivered again."""
+        for cid in client_ids:
+            rs.count_down(cid, len(rs.task_frames[cid]))
+        return [Outgoing(TASK, cid, rs.task_frames[cid]) for cid in client_ids]
+
+    def _retry_quorum(self, rs: RoundState) -> list[Outgoing]:
+        """Once the round is complete or past its deadline and short of its quorum: the
+        tasks of spare devices (decided once per round)."""
+        if rs.quorum_checked or not (rs.complete() or rs.expired()):
             return []
         rs.quorum_checked = True
         spare = [d for d in self.registry.online() if d.client_id not in rs.task_frames]
@@ -195,11 +220,13 @@ class RoundEngine:
         rs.offline_grace_s = cfg.offline_grace_s
         rs.started = self.clock()
         rs.deadline = rs.started + cfg.round_deadline_s
+        rs.resends = TaskResends.for_deadline(cfg.round_deadline_s)
         self.round_state = rs
         announce = self.control("open", round)
         rs.control_bytes = len(announce.payload) * len(self.registry.online())
         out = [announce, *self.messages.models(rs, self.global_state, admitted)]
         out += self.messages.tasks(rs, admitted, excluded)
+        rs.resends.arm([d.client_id for d in admitted], rs.started)
         self.observers.emit(RoundOpened(round, tuple(out)))
         return out
 
@@ -217,6 +244,7 @@ class RoundEngine:
         rs.selected.update(self.policy.allocate(rs.round, clients))
         out = self.messages.models(rs, self.global_state, admitted)
         out += self.messages.tasks(rs, admitted, excluded)
+        rs.resends.arm([d.client_id for d in admitted], self.clock())
         self.observers.emit(RoundOpened(rs.round, tuple(out)))
         return out
 
@@ -273,14 +301,23 @@ class RoundEngine:
 
     def resend(self) -> list[Outgoing]:
         """After a (re)connect: the run announcement, and the open round's models and the
-        tasks not answered yet (devices ignore a task for a round they already have)."""
+        tasks not answered yet (a device answers a task it already answered with the same
+        update, and ignores one for a round it is training), all counted as delivered
+        again: the announcement to every online device, a model to each device of its
+        allocation that has not answered (one that holds it already is no longer
+        subscribed: at most that)."""
         rs = self.round_state
-        out = [self.control("open", rs.round if rs is not None else 0)]
+        announce = self.control("open", rs.round if rs is not None else 0)
         if rs is None:
-            return out
-        out += [Outgoing(MODEL_AT, key, frame) for key, frame in rs.model_frames.items()]
-        out += [Outgoing(TASK, c, t) for c, t in rs.task_frames.items() if c not in rs.accepted]
-        return out
+            return [announce]
+        rs.control_bytes += len(announce.payload) * len(self.registry.online())
+        unanswered = [c for c in rs.task_frames if c not in rs.accepted]
+        for cid in unanswered:
+            key = rs.allocation_of.get(cid)  # None for a notice: no model
+            if key is not None:
+                rs.count_down(cid, len(rs.model_frames[key]))
+        models = [Outgoing(MODEL_AT, key, frame) for key, frame in rs.model_frames.items()]
+        return [announce, *models, *self._tasks_again(rs, unanswered)]
 
     def signed(self, messages: list[Outgoing]) -> list[Outgoing]:
         """``messages`` as published (signed with keys: see :meth:`Outbound.signed`)."""

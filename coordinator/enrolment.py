@@ -83,6 +83,7 @@ class Enrolment:
             return []
         if rs is None:
             return []
+        rs.heard_from(status.client_id)
         if rs.note_gone(status):
             log.info("round %d: %s dropped out (%s)", rs.round, client_id, status.state)
         task = rs.welcome_back(status, reconnected=verdict == "connected")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 import psutil
 
 from coordinator.aggregation import AggregationRule
+from coordinator.resend import TaskResends
 from fedmpq.policies import BitAllocation, ClientResult, LayerInfo
 from fedmpq.wire.messages import StatusMessage, UpdateMessage
 
@@ -37,7 +39,8 @@ class RoundState:
     allocation_of: dict[str, str] = field(default_factory=dict)  # client id -> its key
     task_frames: dict[str, bytes] = field(default_factory=dict)
     # Link bytes by device as the broker delivers them: down = task (or notice) + model,
-    # up = accepted update; control_bytes = the round's announcement x online devices.
+    # each as often as sent (re-sends count); up = accepted update; control_bytes = the
+    # round's announcements x online devices.
     down_bytes: dict[str, int] = field(default_factory=dict)
     up_bytes: dict[str, int] = field(default_factory=dict)
     control_bytes: int = 0
@@ -50,6 +53,8 @@ class RoundState:
     offline_since: dict[str, float] = field(default_factory=dict)
     offline_grace_s: float = 0.0
     quorum_target: int = 0  # answers needed for the round to change the model
+    # When to ask a selected device that has not answered again (never, unless set).
+    resends: TaskResends = field(default_factory=lambda: TaskResends(math.inf))
 
     def complete(self) -> bool:
         """Every selected device answered or is gone (offline past the grace counts)."""
@@ -62,6 +67,22 @@ class RoundState:
 
     def expired(self) -> bool:
         return self.clock() >= self.deadline
+
+    def waiting(self) -> set[str]:
+        """Selected devices the round still waits for: not answered, not gone, not offline
+        (in their grace after a will: their reconnect brings their task again)."""
+        return set(self.selected) - self.accepted.keys() - self.dropped.keys() - set(
+            self.offline_since
+        )
+
+    def count_down(self, client_id: str, nbytes: int) -> None:
+        """``nbytes`` more delivered to ``client_id`` this round: a task or a model, the
+        first time or again (the broker counts every delivery, so do the rows)."""
+        self.down_bytes[client_id] = self.down_bytes.get(client_id, 0) + nbytes
+
+    def heard_from(self, client_id: str) -> None:
+        """``client_id`` spoke for itself: wait longer before asking it again."""
+        self.resends.heard(client_id, self.clock())
 
     def accept(self, msg: UpdateMessage, frame_bytes: int) -> None:
         """Record an aggregated update: its result for the policy and its cost."""
@@ -111,6 +132,7 @@ class RoundState:
             del self.dropped[cid]
         task = self.task_frames.get(cid)
         if reconnected and task is not None and cid not in self.accepted:
+            self.count_down(cid, len(task))
             return task
         return None
 

@@ -147,7 +147,7 @@ class RoundMessages:
             # device with a task, the model at its allocation.
             key = rs.allocation_of.get(client_id) if client_id not in excluded else None
             model = len(rs.model_frames[key]) if key is not None else 0
-            rs.down_bytes[client_id] = rs.down_bytes.get(client_id, 0) + len(frame) + model
+            rs.count_down(client_id, len(frame) + model)
         return [Outgoing(TASK, client_id, frame) for client_id, frame in tasks.items()]
 
     def _task(self, rs: RoundState, device: DeviceRecord, compress: bool) -> TaskMessage:

@@ -80,6 +80,21 @@ class AgentOptions:
     coordinator_key: bytes | None = None  # Ed25519 public key: every frame received must verify
 
 
+@dataclass(frozen=True)
+class SentUpdate:
+    """The update a device sent for a round, and when it went out (monotonic clock)."""
+
+    round: int
+    fingerprint: str
+    update: UpdateMessage
+    frame: bytes
+    sent_at: float
+
+    def answers(self, task: TaskMessage) -> bool:
+        """Whether this update answers ``task`` (its round, from its model)."""
+        return (task.round, task.model_fingerprint) == (self.round, self.fingerprint)
+
+
 @dataclass
 class Session:
     """One hosted device's connection and what it knows of the current run."""
@@ -91,7 +106,7 @@ class Session:
     last_round: int = 0  # rounds count from 1
     pending: TaskMessage | None = None
     model_topic: str | None = None  # the model_at topic subscribed while a task waits
-    last_update: tuple[int, str, UpdateMessage, bytes] | None = None  # round, fingerprint, sent
+    last_update: SentUpdate | None = None
     connection_id: str = ""  # nonce of the current connection, in its will and statuses
     # The device's own last statuses (newest last) and what the newest said, so that any
     # other word on its status topic can be answered by saying it again.
@@ -123,7 +138,7 @@ class AgentRuntime:
             # device's own word before it selects the next round.
             self._on_own_status(session, payload)
             return
-        self.inbox.put(partial(self._handle, session, topic, payload))
+        self.inbox.put(partial(self._handle, session, topic, payload, time.monotonic()))
 
     def _on_connect(self, client_id: str, conn: Connection) -> None:
         # Its own status topic too: to answer a spoofed or replayed status about itself.
@@ -168,7 +183,8 @@ class AgentRuntime:
         if session.last_status is not None:
             self._publish_status(session, *session.last_status)
 
-    def _handle(self, session: Session, topic: str, payload: bytes) -> None:
+    def _handle(self, session: Session, topic: str, payload: bytes, arrived: float) -> None:
+        """A message on ``topic`` that ``arrived`` (monotonic clock) on the loop thread."""
         kind, _ = self.topics.parse(topic) or ("unknown", None)
         limits = self.options.limits
         # An empty retained payload is the broker clearing a model (nothing to trust).
@@ -187,7 +203,7 @@ class AgentRuntime:
                 if isinstance(msg, NoticeMessage):
                     self._on_notice(session, msg)
                 elif isinstance(msg, TaskMessage):
-                    self._on_task(session, msg)
+                    self._on_task(session, msg, arrived)
                 else:
                     raise DecodeError(f"task topic: unexpected {type(msg).__name__}")
             elif kind == MODEL:
@@ -277,21 +293,13 @@ class AgentRuntime:
         log.warning("%s: not selected for round %d: %s", client_id, msg.round, msg.reason)
         self._publish_status(session, "rejected", msg.round, msg.reason)
 
-    def _on_task(self, session: Session, task: TaskMessage) -> None:
+    def _on_task(self, session: Session, task: TaskMessage, arrived: float) -> None:
         client_id = session.device.client_id
         if not self._wanted(task.run_id) or task.client_id != client_id:
             return
         sent = session.last_update
-        if sent is not None and (task.round, task.model_fingerprint) == sent[:2]:
-            # The coordinator asks again (it restarted, or the broker lost our update):
-            # the same update again, which the coordinator aggregates at most once; a
-            # restarted coordinator gave the task a new token, which the update echoes.
-            log.info("%s: re-sending update of round %d", client_id, task.round)
-            update, frame = sent[2], sent[3]
-            if update.token != task.token:
-                update = replace(update, token=task.token)
-                frame = encode(update, compress=task.compress, key=session.device.key)
-            self._publish_update(session, frame)
+        if sent is not None and sent.answers(task):
+            self._answer_again(session, task, sent, arrived)
             return
         if task.round <= session.last_round:
             log.info("%s: ignoring task for old round %d", client_id, task.round)
@@ -309,6 +317,26 @@ class AgentRuntime:
             session.model_topic = topic
             session.connection.subscribe(topic, qos=QOS)
         self._run_pending()
+
+    def _answer_again(
+        self, session: Session, task: TaskMessage, sent: SentUpdate, arrived: float
+    ) -> None:
+        """The coordinator asks again for a round this device answered (the broker lost
+        the update, or the coordinator restarted): the same update again, not retrained,
+        which the coordinator aggregates at most once; a restarted coordinator gave the
+        task a new token, which the update then echoes.  A task with the same token that
+        arrived before the update went out (it waited behind the training) is answered by
+        that update."""
+        client_id = session.device.client_id
+        if arrived < sent.sent_at and task.token == sent.update.token:
+            log.info("%s: round %d already answered", client_id, task.round)
+            return
+        log.info("%s: re-sending update of round %d", client_id, task.round)
+        update, frame = sent.update, sent.frame
+        if update.token != task.token:
+            update = replace(update, token=task.token)
+            frame = encode(update, compress=task.compress, key=session.device.key)
+        self._publish_update(session, frame)
 
     def _run_pending(self) -> None:
         for session in self.sessions.values():
@@ -353,7 +381,11 @@ class AgentRuntime:
 
     def _send_update(self, session: Session, task: TaskMessage, trained: Trained) -> None:
         device = session.device
-        session.last_update = (task.round, task.model_fingerprint, trained.update, trained.frame)
+        # A frame held back (emulated link time) goes out later: so does its sending time.
+        sent_at = time.monotonic() + trained.delay
+        session.last_update = SentUpdate(
+            task.round, task.model_fingerprint, trained.update, trained.frame, sent_at
+        )
         publish = partial(self._publish_update, session, trained.frame)
         if trained.delay > 0:
             threading.Timer(trained.delay, publish).start()
