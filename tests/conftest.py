@@ -20,6 +20,19 @@ from fedmpq.broker import MosquittoBroker, find_mosquitto
 from fedmpq.mqtt import MqttLoop
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
+_DEPLOY_CONF = Path(__file__).parent.parent / "deploy" / "mosquitto" / "fedmpq.conf"
+
+
+def shipped_queue_lines() -> list[str]:
+    """The queue limits of deploy/mosquitto/fedmpq.conf.  mosquitto's default drops QoS 1
+    messages past 1000 queued for one client, and the coordinator is one client for the
+    whole fleet: a flood of registrations lost a real device's update (the flaky
+    test_register_flood_selects_no_fake).  Every test broker runs what we ship."""
+    text = _DEPLOY_CONF.read_text()
+    block = text[text.index("# --- queues") : text.index("# --- end of queues")]
+    lines = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
+    assert {ln.split()[0] for ln in lines} == {"max_queued_messages", "max_queued_bytes"}
+    return lines
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,7 +64,8 @@ def _broker_pool() -> Iterator[Callable[..., MosquittoBroker]]:
     brokers: list[MosquittoBroker] = []
 
     def make(extra_config: Sequence[str] = ()) -> MosquittoBroker:
-        broker = MosquittoBroker(extra_config=extra_config)
+        # A test's own lines come later: they win over the shipped queue limits.
+        broker = MosquittoBroker(extra_config=[*shipped_queue_lines(), *extra_config])
         brokers.append(broker)
         broker.start()
         return broker
@@ -82,7 +96,8 @@ def module_mosquitto() -> Iterator[MosquittoBroker]:
 
 @pytest.fixture
 def mosquitto(mosquitto_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
-    """A fresh mosquitto on 127.0.0.1 and a free port, anonymous, no persistence."""
+    """A fresh mosquitto on 127.0.0.1 and a free port, anonymous, no persistence, with the
+    shipped queue limits."""
     return mosquitto_factory()
 
 

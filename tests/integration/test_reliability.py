@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from coordinator.checkpoint import load_checkpoint
 from coordinator.metrics import read_metrics
@@ -125,3 +131,69 @@ def test_broker_restart_mid_training_loses_no_update(mosquitto, tmp_path):
     assert {(s["client_id"], s["round"]) for s in sent} >= {
         (c, r) for c in ("device-0000", "device-0001") for r in range(1, 5)
     }
+
+
+def _update_acl(path: Path, update_writers: str) -> None:
+    """Everyone may read everything and write every fedmpq topic but the updates, which
+    only ``update_writers`` (a topic filter) may be published on."""
+    writable = ["register/+", "status/+", "task/+", "model_at/+", "control", "model"]
+    lines = ["topic read #", *(f"topic write fedmpq/{t}" for t in writable)]
+    path.write_text("\n".join([*lines, f"topic write {update_writers}", ""]))
+    path.chmod(0o644)
+
+
+def _wait_for_broker_log(broker, text: str, proc: subprocess.Popen) -> None:
+    """Wait until the broker has logged ``text`` (while ``proc`` runs)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while text not in broker.log:
+        assert time.monotonic() < deadline, f"the broker never logged {text!r}"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)  # returns at once if it exited
+        assert proc.poll() is None, f"exited early with {proc.returncode}"
+
+
+@pytest.fixture
+def acl_file() -> Iterator[Path]:
+    """A path for an ACL file mosquitto can read: it drops root privileges before reading,
+    and pytest's own temporary tree is private to its user."""
+    shared = Path(tempfile.mkdtemp(prefix="fedmpq-acl-"))
+    shared.chmod(0o755)
+    yield shared / "fedmpq.acl"
+    shutil.rmtree(shared)
+
+
+def test_a_lost_update_is_asked_for_again_well_before_the_deadline(
+    mosquitto_factory, tmp_path, acl_file
+):
+    """The broker refuses device-0001's first update (an ACL, as surely as a full queue
+    drops one) and then lets updates through: the coordinator sends the silent device its
+    task again, the device sends the same update again, and the round closes long before
+    its 120 s deadline, counting every byte it sent again."""
+    acl = acl_file
+    _update_acl(acl, "fedmpq/update/device-0000")
+    broker = mosquitto_factory(extra_config=(f"acl_file {acl}", "log_type all"))
+    url, run_id = broker.url, "lost-update"
+    agents = _agents(url, run_id, tmp_path, 2)
+    coordinator = _coordinator(url, run_id, tmp_path, 2)
+    try:
+        _wait_for_broker_log(broker, "Denied PUBLISH from device-0001", coordinator)
+        _update_acl(acl, "fedmpq/update/+")
+        os.kill(broker.pid, signal.SIGHUP)  # mosquitto reloads its ACL file
+        _wait_for_broker_log(broker, "Reloading config", coordinator)
+        _finish([coordinator, *agents])
+    finally:
+        for p in [coordinator, *agents]:
+            if p.poll() is None:
+                p.kill()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["participants"] == ["device-0000", "device-0001"] for r in rows[1:])
+    first = rows[1]
+    assert first["round_seconds"] < 60 and first["dropped"] == {}
+    assert first["rejected"] == {}  # the update sent again counted once, nothing refused
+    # The re-sent task is in device-0001's downlink (same-sized tasks and models).
+    link = first["link_bytes"]
+    assert link["device-0001"]["down"] > link["device-0000"]["down"]
+    assert link["device-0001"]["up"] == link["device-0000"]["up"] > 0
+    assert "sending the task again" in (tmp_path / "coordinator0.log").read_text()
+    assert "re-sending update of round 1" in (tmp_path / "agent-1.log").read_text()
