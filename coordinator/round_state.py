@@ -71,9 +71,8 @@ class RoundState:
     def waiting(self) -> set[str]:
         """Selected devices the round still waits for: not answered, not gone, not offline
         (in their grace after a will: their reconnect brings their task again)."""
-        return set(self.selected) - self.accepted.keys() - self.dropped.keys() - set(
-            self.offline_since
-        )
+        gone = self.accepted.keys() | self.dropped.keys() | self.offline_since.keys()
+        return set(self.selected) - gone
 
     def count_down(self, client_id: str, nbytes: int) -> None:
         """``nbytes`` more delivered to ``client_id`` this round: a task or a model, the
