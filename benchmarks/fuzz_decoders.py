@@ -39,24 +39,9 @@ import msgpack
 import numpy as np
 import zstandard
 
+from benchmarks.secagg_samples import random_setup, secagg_messages
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
-from fedmpq.secagg.device import SHARE_CIPHERTEXT_BYTES
-from fedmpq.secagg.messages import (
-    AdvertiseKeys,
-    EncryptedShare,
-    ForwardedShares,
-    KeyRoster,
-    LayerGrid,
-    MaskedInput,
-    MaskedTensor,
-    RevealedShare,
-    SecAggSetup,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
-from fedmpq.secagg.shamir import SHARE_BYTES
 from fedmpq.wire.codec import DEFAULT_LIMITS, DecodeLimits, Message, body_bytes, decode, encode
 from fedmpq.wire.messages import (
     ControlMessage,
@@ -150,7 +135,7 @@ def _messages(rng: Rng) -> list[Message]:
             deadline_s=60.0,
             compress=True,
             options={"mu": float(rng.uniform(0, 1))},
-            secagg=_setup(rng) if rng.random() < 0.5 else None,
+            secagg=random_setup(rng, _text) if rng.random() < 0.5 else None,
         ),
         GlobalModelMessage(
             _text(rng), int(rng.integers(0, 1000)), "cnn", _text(rng), _tensors(rng)
@@ -169,35 +154,7 @@ def _messages(rng: Rng) -> list[Message]:
         ),
         StatusMessage(_text(rng), "training", int(rng.integers(-1, 1000)), _text(rng), t),
         ControlMessage(_text(rng), "open", int(rng.integers(0, 1000)), _text(rng), t),
-        *_secagg_messages(rng),
-    ]
-
-
-def _setup(rng: Rng) -> SecAggSetup:
-    layers = [
-        LayerGrid(_text(rng), int(rng.integers(0, 64)), int(rng.integers(1, 9)), 0.5)
-        for _ in range(int(rng.integers(0, 4)))
-    ]
-    ids = [_text(rng) for _ in range(int(rng.integers(2, 6)))]
-    return SecAggSetup(_text(rng), int(rng.integers(0, 1000)), ids, 2, layers)
-
-
-def _secagg_messages(rng: Rng) -> list[Message]:
-    """One of each secure-aggregation step, random keys, shares and masked words."""
-    run, round, who = _text(rng), int(rng.integers(0, 1000)), _text(rng)
-    keys = AdvertiseKeys(run, round, who, rng.bytes(32), rng.bytes(32))
-    shares = [EncryptedShare(who, _text(rng), rng.bytes(SHARE_CIPHERTEXT_BYTES)) for _ in range(3)]
-    revealed = [RevealedShare(_text(rng), rng.bytes(SHARE_BYTES)) for _ in range(2)]
-    k = int(rng.integers(1, 33))
-    masked = [MaskedTensor(_text(rng), k, rng.bytes(int(rng.integers(0, 64)))) for _ in range(2)]
-    return [
-        keys,
-        KeyRoster(run, round, [keys, keys]),
-        ShareKeys(run, round, who, shares),
-        ForwardedShares(run, round, who, shares),
-        MaskedInput(run, round, who, masked),
-        UnmaskRequest(run, round, [who, _text(rng)], [_text(rng)]),
-        UnmaskResponse(run, round, who, revealed, revealed[:1]),
+        *secagg_messages(rng, _text),
     ]
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from coordinator.aggregation import AggregationRule
 from fedmpq.policies import BitAllocation, ClientResult, LayerInfo
 from fedmpq.wire.messages import StatusMessage, UpdateMessage
+
+if TYPE_CHECKING:
+    from coordinator.secure_round import SecureRound
 
 Clock = Callable[[], float]
 _PROCESS = psutil.Process()
@@ -50,6 +53,7 @@ class RoundState:
     offline_since: dict[str, float] = field(default_factory=dict)
     offline_grace_s: float = 0.0
     quorum_target: int = 0  # answers needed for the round to change the model
+    secure: SecureRound | None = None  # the round's secure aggregation, if the run has it
 
     def complete(self) -> bool:
         """Every selected device answered or is gone (offline past the grace counts)."""

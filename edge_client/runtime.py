@@ -30,6 +30,7 @@ import numpy as np
 from edge_client.device import Crashed, Device, Failed, Outcome, Refused, Trained
 from edge_client.downlink_check import DownlinkCheck, RateLimitedLog
 from edge_client.model_store import ModelStore, ModelStoreError
+from edge_client.secure_task import Answer, SecureTask, answer_frame, dump_codes
 from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq import __version__
 from fedmpq.errors import DecodeError, FedmpqError
@@ -78,6 +79,7 @@ class AgentOptions:
     model_dir: Path | None = None  # where the trained ONNX model is stored (None: not kept)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     coordinator_key: bytes | None = None  # Ed25519 public key: every frame received must verify
+    secure_dump: Path | None = None  # where a device writes its own codes of a secure round
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Session:
     # other word on its status topic can be answered by saying it again.
     sent_statuses: deque[bytes] = field(default_factory=lambda: deque(maxlen=4))
     last_status: tuple[DeviceState, int, str] | None = None
+    secure: SecureTask | None = None  # the device's part in the latest secure round
 
 
 class AgentRuntime:
@@ -123,6 +126,10 @@ class AgentRuntime:
             # device's own word before it selects the next round.
             self._on_own_status(session, payload)
             return
+        if topic == self.topics.task(client_id) and answer_frame(
+            session.secure, session.check, client_id, payload, self.options.limits
+        ):
+            return
         self.inbox.put(partial(self._handle, session, topic, payload))
 
     def _on_connect(self, client_id: str, conn: Connection) -> None:
@@ -138,6 +145,10 @@ class AgentRuntime:
         session.connection_id = secrets.token_hex(8)
         frame = self._status_frame(session, "offline", 0, "connection lost")
         return (self.topics.status(client_id), frame, *publish_options(STATUS))
+
+    def _publish_answer(self, session: Session, answer: Answer) -> None:
+        device = session.device
+        self._publish_update(session, encode(answer, key=device.key))
 
     # --- worker thread -----------------------------------------------------------------
     def _announce(self, session: Session) -> None:
@@ -281,6 +292,9 @@ class AgentRuntime:
         client_id = session.device.client_id
         if not self._wanted(task.run_id) or task.client_id != client_id:
             return
+        if session.secure is not None and session.secure.round == task.round:
+            session.secure.advertise()  # asked again: the same keys (trained only once)
+            return
         sent = session.last_update
         if sent is not None and (task.round, task.model_fingerprint) == sent[:2]:
             # The coordinator asks again (it restarted, or the broker lost our update):
@@ -299,6 +313,9 @@ class AgentRuntime:
         if not session.device.online:
             log.info("%s: offline, task of round %d unseen", client_id, task.round)
             return
+        if task.secagg is not None:
+            session.secure = SecureTask(task, partial(self._publish_answer, session))
+            session.secure.advertise()
         session.pending = task
         topic = self.topics.model_at(task.model_allocation)
         if self._model_of(task) is None and session.model_topic != topic:
@@ -353,8 +370,19 @@ class AgentRuntime:
 
     def _send_update(self, session: Session, task: TaskMessage, trained: Trained) -> None:
         device = session.device
-        session.last_update = (task.round, task.model_fingerprint, trained.update, trained.frame)
-        publish = partial(self._publish_update, session, trained.frame)
+        publish: Callable[[], None]
+        if trained.codes is not None and session.secure is not None:
+            if self.options.secure_dump is not None:
+                dump_codes(self.options.secure_dump, device.client_id, task, trained.codes)
+            publish = partial(session.secure.trained, trained.codes)
+        else:
+            session.last_update = (
+                task.round,
+                task.model_fingerprint,
+                trained.update,
+                trained.frame,
+            )
+            publish = partial(self._publish_update, session, trained.frame)
         if trained.delay > 0:
             threading.Timer(trained.delay, publish).start()
         else:
