@@ -159,6 +159,7 @@ class RoundEngine:
         if problem is not None:
             self.rejections.reject(problem[0], client_id, problem[1])
             return []
+        self.registry.note_update(client_id)  # there now (a will that comes later stands)
         rs.uplink_bytes += nbytes
         rs.up_bytes[client_id] = rs.up_bytes.get(client_id, 0) + nbytes
         return self._sent(rs, out)
@@ -266,7 +267,6 @@ class RoundEngine:
             samples = device.num_samples if device is not None else 1
             rs.accepted[cid] = ClientResult(cid, samples, dict(rs.selected[cid].bits), {}, {})
             self.intake.proven.add(cid)
-            self.registry.note_update(cid)
         state = mean_state(total, secure.setup, self.global_state)
         return rs.rule.anchor_mean(state, [rs.selected[cid] for cid in total.contributors])
 

@@ -89,7 +89,8 @@ def device_codes(
     Returns
     -------
     codes, bits
-        Per layer of the setup: the flat int32 codes and the precision they are at, as
+        Per layer of the setup: the int32 codes (in the tensor's shape) and the precision
+        they are at, as
         :meth:`fedmpq.secagg.DeviceSession.masked_input` takes them.
 
     Raises
@@ -103,9 +104,7 @@ def device_codes(
         w = state.get(layer.name)
         if w is None or np.asarray(w).size != layer.size:
             raise SecAggError(f"the trained model has no {layer.size} values for {layer.name!r}")
-        codes[layer.name] = grid_codes(
-            np.asarray(w).reshape(-1), layer.scale, bits[layer.name], rng
-        )
+        codes[layer.name] = grid_codes(np.asarray(w), layer.scale, bits[layer.name], rng)
     return codes, bits
 
 
