@@ -274,9 +274,9 @@ class NoticeMessage:
 
 
 #: Secure-aggregation steps (``fedmpq.secagg.messages``) a device sends on its update topic.
-SECAGG_UPLINK: tuple[type, ...] = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
+SECAGG_UPLINK = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
 #: Secure-aggregation steps the coordinator sends on a device's task topic.
-SECAGG_DOWNLINK: tuple[type, ...] = (KeyRoster, ForwardedShares, UnmaskRequest)
+SECAGG_DOWNLINK = (KeyRoster, ForwardedShares, UnmaskRequest)
 
 #: Every top-level message type, by its wire name.
 MESSAGE_TYPES: dict[str, type] = {
