@@ -115,12 +115,16 @@ def answer_frame(
     loop thread, so the key exchange does not wait for training); False for any other
     frame, which the worker handles."""
     try:
-        if decode_envelope(payload, limits).type not in _QUESTIONS:
-            return False
-        # Its own sequence: these frames are read here, the task on the worker.
-        if not check.admit(client_id, "secagg", payload, limits):
-            return True
-        question: Question = decode_body(decode_envelope(payload, limits), None, limits)  # type: ignore[assignment]
+        env = decode_envelope(payload, limits)
+    except DecodeError:
+        return False  # the worker's check refuses it, with its rate-limited log
+    if env.type not in _QUESTIONS:
+        return False
+    # Its own sequence: these frames are read here, the task on the worker.
+    if not check.admit(client_id, "secagg", payload, limits):
+        return True
+    try:
+        question: Question = decode_body(env, None, limits)  # type: ignore[assignment]
         if secure is None or question.round != secure.round:
             log.info("%s: no secure round %d here", client_id, question.round)
             return True
