@@ -39,6 +39,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from benchmarks.secagg_samples import random_setup, secagg_messages
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
 from fedmpq.wire.codec import DEFAULT_LIMITS, DecodeLimits, Message, body_bytes, decode, encode
@@ -134,6 +135,7 @@ def _messages(rng: Rng) -> list[Message]:
             deadline_s=60.0,
             compress=True,
             options={"mu": float(rng.uniform(0, 1))},
+            secagg=random_setup(rng, _text) if rng.random() < 0.5 else None,
         ),
         GlobalModelMessage(
             _text(rng), int(rng.integers(0, 1000)), "cnn", _text(rng), _tensors(rng)
@@ -152,6 +154,7 @@ def _messages(rng: Rng) -> list[Message]:
         ),
         StatusMessage(_text(rng), "training", int(rng.integers(-1, 1000)), _text(rng), t),
         ControlMessage(_text(rng), "open", int(rng.integers(0, 1000)), _text(rng), t),
+        *secagg_messages(rng, _text),
     ]
 
 

@@ -43,6 +43,7 @@ from coordinator.outbound import Outbound
 from coordinator.registry import DeviceRecord, Registry
 from coordinator.resend import TaskResends
 from coordinator.round_state import RoundState, metrics_row
+from coordinator.secure_round import SecureRound
 from coordinator.tasks import RoundMessages
 from coordinator.validation import (
     MoveGuard,
@@ -51,13 +52,13 @@ from coordinator.validation import (
 )
 from coordinator.workload import Workload
 from fedmpq.errors import DecodeError, FedmpqError
-from fedmpq.policies import BitAllocation, PolicyContext, make_policy
+from fedmpq.policies import BitAllocation, ClientResult, PolicyContext, make_policy
+from fedmpq.secagg import SecAggError, SecAggSetup, default_threshold
+from fedmpq.secagg.grid import mean_state, round_grid
 from fedmpq.state import fingerprint
 from fedmpq.topics import MODEL_AT, REGISTER, STATUS, TASK, UPDATE
-from fedmpq.wire.codec import (
-    DecodeLimits,
-    decode_envelope,
-)
+from fedmpq.wire.codec import DecodeLimits, Envelope, decode_envelope
+from fedmpq.wire.messages import UpdateMessage
 from fedmpq.wire.signing import load_key_file
 
 log = logging.getLogger("fedmpq.coordinator")
@@ -139,21 +140,51 @@ class RoundEngine:
             elif kind == STATUS:
                 out = self.enrolment.status(client_id, env, self.round_state)
             elif kind == UPDATE:
-                self.intake.receive(client_id or "", env, len(payload), self.round_state)
+                out = self._update(client_id or "", env, len(payload))
         except DecodeError as exc:
             self.rejections.reject("malformed", client_id, str(exc))
         elapsed = time.perf_counter() - started
         self.observers.emit(FrameHandled(kind, client_id, len(payload), elapsed))
         return out
 
+    def _update(self, client_id: str, env: Envelope, nbytes: int) -> list[Outgoing]:
+        """An update, or in a secure round a step of the protocol (never a plain update)."""
+        rs = self.round_state
+        secure = rs.secure if rs is not None else None
+        if env.type == UpdateMessage.MESSAGE_TYPE and not self.config.secure_aggregation:
+            self.intake.receive(client_id, env, nbytes, rs)
+            return []
+        if rs is None or secure is None or client_id not in secure.setup.client_ids:
+            self.rejections.reject("unexpected", client_id, f"{env.type}: no secure round for it")
+            return []
+        out, problem = secure.receive(client_id, env, self.limits, rs.dropped)
+        if problem is not None:
+            self.rejections.reject(problem[0], client_id, problem[1])
+            return []
+        self.registry.note_update(client_id)  # there now (a will that comes later stands)
+        rs.uplink_bytes += nbytes
+        rs.up_bytes[client_id] = rs.up_bytes.get(client_id, 0) + nbytes
+        return self._sent(rs, out)
+
+    def _sent(self, rs: RoundState, out: list[Outgoing]) -> list[Outgoing]:
+        """``out`` (secure steps to devices), counted in the devices' downlink."""
+        for m in out:
+            cid = m.client_id or ""
+            rs.down_bytes[cid] = rs.down_bytes.get(cid, 0) + len(m.payload)
+        return out
+
     def tick(self) -> list[Outgoing]:
         """Let time pass: send the task again to selected devices that have been silent
         too long (``coordinator.resend``); once the open round is complete or past its
         deadline and still short of its quorum, ask spare devices not asked yet (once per
-        round)."""
+        round).  A secure round closes its steps at their deadlines instead (its devices
+        are fixed)."""
         rs = self.round_state
-        if rs is None:
-            return []
+        if rs is not None and rs.secure is not None:
+            rs.complete()  # devices offline past their grace are gone
+            return self._sent(rs, rs.secure.tick(rs.dropped))
+        if rs is None or self.config.secure_aggregation:
+            return []  # a secure run with fewer than two devices has no round to wait for
         return self._ask_again(rs) + self._retry_quorum(rs)
 
     def _ask_again(self, rs: RoundState) -> list[Outgoing]:
@@ -198,6 +229,8 @@ class RoundEngine:
     def done(self) -> bool:
         """True once the open round should close (see :meth:`tick`)."""
         rs = self.round_state
+        if rs is not None and self.config.secure_aggregation:
+            return rs.secure is None or rs.secure.finished
         return rs is not None and rs.quorum_checked and (rs.complete() or rs.expired())
 
     # --- commands --------------------------------------------------------------------
@@ -224,11 +257,43 @@ class RoundEngine:
         self.round_state = rs
         announce = self.control("open", round)
         rs.control_bytes = len(announce.payload) * len(self.registry.online())
+        if cfg.secure_aggregation:
+            rs.secure = self._secure_round(rs)
+            if rs.secure is None:
+                admitted = []  # no task goes out: the round cannot be aggregated securely
         out = [announce, *self.messages.models(rs, self.global_state, admitted)]
         out += self.messages.tasks(rs, admitted, excluded)
         rs.resends.arm([d.client_id for d in admitted], rs.started)
         self.observers.emit(RoundOpened(round, tuple(out)))
         return out
+
+    def _secure_round(self, rs: RoundState) -> SecureRound | None:
+        """The secure aggregation of ``rs`` over its selected devices; None (logged) when
+        they cannot run one (fewer than two)."""
+        cfg = self.config
+        ids = sorted(rs.selected)
+        layers = round_grid(self.global_state, (a.bits for a in rs.selected.values()))
+        setup = SecAggSetup(cfg.run_id, rs.round, ids, default_threshold(len(ids)), layers)
+        try:
+            return SecureRound(setup, cfg.secure_step_s, rs.deadline, self.clock)
+        except SecAggError as exc:
+            log.warning("round %d: no secure aggregation: %s", rs.round, exc)
+            return None
+
+    def _secure_result(self, rs: RoundState) -> dict[str, np.ndarray] | None:
+        """The model a finished secure round makes (None if it failed); its contributors
+        become the round's accepted devices (what the policy learns from: their bits)."""
+        secure = rs.secure
+        if secure is None or secure.result is None:
+            return None
+        total = secure.result
+        for cid in total.contributors:
+            device = self.registry.devices.get(cid)
+            samples = device.num_samples if device is not None else 1
+            rs.accepted[cid] = ClientResult(cid, samples, dict(rs.selected[cid].bits), {}, {})
+            self.intake.proven.add(cid)
+        state = mean_state(total, secure.setup, self.global_state)
+        return rs.rule.anchor_mean(state, [rs.selected[cid] for cid in total.contributors])
 
     def select(self, count: int) -> list[DeviceRecord]:
         """``count`` online devices at random for a round (see :meth:`Registry.select`)."""
@@ -256,6 +321,7 @@ class RoundEngine:
             raise FedmpqError("close_round() without an open round")
         self.round_state = None
         collected = self.clock()
+        secure_state = self._secure_result(rs)
         answered = len(rs.accepted)
         # Asked, and neither answered nor said why: not asked again until heard from.
         # (Devices that answered before stay selectable: a missed round locks no one out.)
@@ -264,7 +330,7 @@ class RoundEngine:
         )
         counted = answered > 0 and answered >= rs.quorum_target
         if counted:
-            new_state = rs.rule.result()
+            new_state = secure_state if secure_state is not None else rs.rule.result()
             problem = self.guard.check(new_state, self.global_state)
             if problem is not None:
                 self.rejections.reject(problem[0], None, f"round {rs.round}: {problem[1]}")
@@ -285,6 +351,9 @@ class RoundEngine:
             rs, self.workload.layers, evaluation, counted=counted, collected=collected,
             rejected=rejected,
         )  # fmt: skip
+        row["model_fingerprint"] = fingerprint(self.global_state)
+        if rs.secure is not None:
+            row["secure"] = rs.secure.summary()
         self.observers.emit(RoundClosed(rs.round, row))
         return row
 
@@ -317,7 +386,8 @@ class RoundEngine:
             if key is not None:
                 rs.count_down(cid, len(rs.model_frames[key]))
         models = [Outgoing(MODEL_AT, key, frame) for key, frame in rs.model_frames.items()]
-        return [announce, *models, *self._tasks_again(rs, unanswered)]
+        secure = self._sent(rs, rs.secure.resend()) if rs.secure is not None else []
+        return [announce, *models, *self._tasks_again(rs, unanswered), *secure]
 
     def signed(self, messages: list[Outgoing]) -> list[Outgoing]:
         """``messages`` as published (signed with keys: see :meth:`Outbound.signed`)."""

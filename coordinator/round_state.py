@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -14,6 +14,9 @@ from coordinator.aggregation import AggregationRule
 from coordinator.resend import TaskResends
 from fedmpq.policies import BitAllocation, ClientResult, LayerInfo
 from fedmpq.wire.messages import StatusMessage, UpdateMessage
+
+if TYPE_CHECKING:
+    from coordinator.secure_round import SecureRound
 
 Clock = Callable[[], float]
 _PROCESS = psutil.Process()
@@ -55,6 +58,7 @@ class RoundState:
     quorum_target: int = 0  # answers needed for the round to change the model
     # When to ask a selected device that has not answered again (never, unless set).
     resends: TaskResends = field(default_factory=lambda: TaskResends(math.inf))
+    secure: SecureRound | None = None  # the round's secure aggregation, if the run has it
 
     def complete(self) -> bool:
         """Every selected device answered or is gone (offline past the grace counts)."""

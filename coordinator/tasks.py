@@ -171,4 +171,5 @@ class RoundMessages:
             observer=cfg.observer,
             token=self.token(rs.round, device.client_id),
             model_allocation=rs.allocation_of[device.client_id],
+            secagg=rs.secure.setup if rs.secure is not None else None,
         )

@@ -76,6 +76,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         " default $FEDMPQ_MODEL_DIR or ~/.local/share/fedmpq",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument(
+        "--secure-dump",
+        type=Path,
+        help="in secure rounds, also write the device's own unmasked codes to DIR"
+        " (one .npz per round; they never leave the device)",
+    )
 
 
 def _add_emulation_flags(p: argparse.ArgumentParser) -> None:

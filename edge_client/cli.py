@@ -90,6 +90,7 @@ def run_agent(args: argparse.Namespace) -> int:
             report_path=args.report,
             model_dir=Path(args.model_dir) if args.model_dir else None,
             coordinator_key=keyfile.require_public(args.keys) if keyfile is not None else None,
+            secure_dump=args.secure_dump,
         )
         runtime = AgentRuntime(devices, options)
 

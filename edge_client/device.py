@@ -23,13 +23,15 @@ import torch
 
 from edge_client.memory import fit_batch_size, free_memory_bytes
 from edge_client.shared_models import ModelPool
-from edge_client.task import TaskLimits, execute_task, limit_problem
+from edge_client.task import TaskLimits, limit_problem, train_task, update_message
 from edge_client.training import TrainResult
 from fedmpq.errors import BudgetError
+from fedmpq.policies import policy_class
 from fedmpq.resources import ModelCost
+from fedmpq.secagg.grid import device_codes
 from fedmpq.state import fingerprint
 from fedmpq.wire.codec import encode
-from fedmpq.wire.messages import DeviceProfile, TaskMessage, UpdateMessage
+from fedmpq.wire.messages import DeviceProfile, TaskMessage, TensorPayload, UpdateMessage
 
 log = logging.getLogger("fedmpq.agent")
 
@@ -64,9 +66,19 @@ class Failed:
     reason: str
 
 
+@dataclass(frozen=True)
+class SecureCodes:
+    """A secure task's trained weights on the round's grid: per layer, flat codes and the
+    precision they are at (``fedmpq.secagg.grid.device_codes``)."""
+
+    codes: dict[str, np.ndarray]
+    bits: dict[str, int]
+
+
 @dataclass
 class Trained:
-    """A task done: the update and its encoded, signed frame, ready to publish."""
+    """A task done: the update and its encoded, signed frame, ready to publish; for a
+    secure task the update carries no tensors and ``codes`` go into the masked input."""
 
     update: UpdateMessage
     frame: bytes
@@ -75,6 +87,7 @@ class Trained:
     host_seconds: float  # this host's CPU time for the training (wall time with >1 thread)
     delay: float = 0.0  # hold the frame back this many seconds before publishing it
     timing: dict[str, float] = field(default_factory=dict)  # what an emulated time is made of
+    codes: SecureCodes | None = None
 
 
 #: What running a task comes to.
@@ -189,22 +202,27 @@ class RealDevice:
     ) -> Trained:
         """Train ``task`` as given (already fitted into memory) and encode the update."""
         cpu_start = time.thread_time()
-        update, result = execute_task(
-            task,
-            models.net(task.model_name),
-            global_state,
-            self.x,
-            self.y,
-            seed=self.seed * 100_003 + task.round,
-            memory=self.memory,
-            stop=self.stop,
+        seed = self.seed * 100_003 + task.round
+        net = models.net(task.model_name)
+        local, hooks, result = train_task(
+            task, net, global_state, self.x, self.y, seed=seed, memory=self.memory, stop=self.stop
         )
+        kind = policy_class(task.policy).update_kind
+        codes = None
+        tensors: list[TensorPayload] = []
+        dropped: dict[str, int] = {}
+        if task.secagg is not None:  # the weights go on the round's grid, not in the update
+            rng = np.random.default_rng(seed)
+            codes = SecureCodes(*device_codes(local, task.secagg, task.bits, rng))
+        else:
+            tensors, dropped = hooks.make_update(local, global_state, kind)
+        update = update_message(task, kind, tensors, dropped, self.num_samples, result)
         # With one torch thread training runs on this thread: its CPU time is the work,
         # whatever else the host is doing; with more, only wall time says.
         one_thread = torch.get_num_threads() == 1
         host_s = time.thread_time() - cpu_start if one_thread else result.seconds
         frame = self.encode(update, task)
-        return Trained(update, frame, result, task.batch_size, host_s)
+        return Trained(update, frame, result, task.batch_size, host_s, codes=codes)
 
     def encode(self, update: UpdateMessage, task: TaskMessage) -> bytes:
         """``update`` as sent: compressed as ``task`` asks, signed with the device's key."""

@@ -18,23 +18,22 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from edge_client.device import Crashed, Device, Failed, Outcome, Refused, Trained
 from edge_client.downlink_check import DownlinkCheck, RateLimitedLog
 from edge_client.model_store import ModelStore, ModelStoreError
+from edge_client.secure_task import Answer, SecureTask, answer_frame, dump_codes
+from edge_client.session import AgentOptions, DeviceState, SentUpdate, Session
 from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq import __version__
 from fedmpq.errors import DecodeError, FedmpqError
-from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop, Will
-from fedmpq.mqtt import Protocol as MqttProtocol
+from fedmpq.mqtt import Connection, MqttLoop, Will
 from fedmpq.topics import (
     CONTROL,
     MODEL,
@@ -44,10 +43,9 @@ from fedmpq.topics import (
     STATUS,
     TASK,
     UPDATE,
-    Topics,
     publish_options,
 )
-from fedmpq.wire.codec import DecodeLimits, decode, encode
+from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
     STATUS_CONNECTED,
     ControlMessage,
@@ -56,62 +54,9 @@ from fedmpq.wire.messages import (
     RegisterMessage,
     StatusMessage,
     TaskMessage,
-    UpdateMessage,
 )
 
 log = logging.getLogger("fedmpq.agent")
-
-#: The states a device announces on its status topic.
-DeviceState = Literal["online", "offline", "rejected", "error"]
-
-
-@dataclass
-class AgentOptions:
-    broker: BrokerAddress
-    topics: Topics
-    num_classes: int
-    in_shape: tuple[int, int, int]
-    protocol: MqttProtocol = "5"
-    run_id: str = ""  # only take part in this run ("" = any)
-    exit_when_done: bool = False
-    report_path: Path | None = None
-    model_dir: Path | None = None  # where the trained ONNX model is stored (None: not kept)
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
-    coordinator_key: bytes | None = None  # Ed25519 public key: every frame received must verify
-
-
-@dataclass(frozen=True)
-class SentUpdate:
-    """The update a device sent for a round, and when it went out (monotonic clock)."""
-
-    round: int
-    fingerprint: str
-    update: UpdateMessage
-    frame: bytes
-    sent_at: float
-
-    def answers(self, task: TaskMessage) -> bool:
-        """Whether this update answers ``task`` (its round, from its model)."""
-        return (task.round, task.model_fingerprint) == (self.round, self.fingerprint)
-
-
-@dataclass
-class Session:
-    """One hosted device's connection and what it knows of the current run."""
-
-    device: Device
-    connection: Connection
-    check: DownlinkCheck
-    registered_run: str = ""
-    last_round: int = 0  # rounds count from 1
-    pending: TaskMessage | None = None
-    model_topic: str | None = None  # the model_at topic subscribed while a task waits
-    last_update: SentUpdate | None = None
-    connection_id: str = ""  # nonce of the current connection, in its will and statuses
-    # The device's own last statuses (newest last) and what the newest said, so that any
-    # other word on its status topic can be answered by saying it again.
-    sent_statuses: deque[bytes] = field(default_factory=lambda: deque(maxlen=4))
-    last_status: tuple[DeviceState, int, str] | None = None
 
 
 class AgentRuntime:
@@ -138,6 +83,10 @@ class AgentRuntime:
             # device's own word before it selects the next round.
             self._on_own_status(session, payload)
             return
+        if topic == self.topics.task(client_id) and answer_frame(
+            session.secure, session.check, client_id, payload, self.options.limits
+        ):
+            return
         self.inbox.put(partial(self._handle, session, topic, payload, time.monotonic()))
 
     def _on_connect(self, client_id: str, conn: Connection) -> None:
@@ -153,6 +102,10 @@ class AgentRuntime:
         session.connection_id = secrets.token_hex(8)
         frame = self._status_frame(session, "offline", 0, "connection lost")
         return (self.topics.status(client_id), frame, *publish_options(STATUS))
+
+    def _publish_answer(self, session: Session, answer: Answer) -> None:
+        device = session.device
+        self._publish_update(session, encode(answer, key=device.key))
 
     # --- worker thread -----------------------------------------------------------------
     def _announce(self, session: Session) -> None:
@@ -297,6 +250,9 @@ class AgentRuntime:
         client_id = session.device.client_id
         if not self._wanted(task.run_id) or task.client_id != client_id:
             return
+        if session.secure is not None and session.secure.round == task.round:
+            session.secure.advertise()  # asked again: the same keys (trained only once)
+            return
         sent = session.last_update
         if sent is not None and sent.answers(task):
             self._answer_again(session, task, sent, arrived)
@@ -307,6 +263,9 @@ class AgentRuntime:
         if not session.device.online:
             log.info("%s: offline, task of round %d unseen", client_id, task.round)
             return
+        if task.secagg is not None:
+            session.secure = SecureTask(task, partial(self._publish_answer, session))
+            session.secure.advertise()
         session.pending = task
         topic = self.topics.model_at(task.model_allocation)
         if self._model_of(task) is None and session.model_topic != topic:
@@ -381,12 +340,18 @@ class AgentRuntime:
 
     def _send_update(self, session: Session, task: TaskMessage, trained: Trained) -> None:
         device = session.device
-        # A frame held back (emulated link time) goes out later: so does its sending time.
-        sent_at = time.monotonic() + trained.delay
-        session.last_update = SentUpdate(
-            task.round, task.model_fingerprint, trained.update, trained.frame, sent_at
-        )
-        publish = partial(self._publish_update, session, trained.frame)
+        publish: Callable[[], None]
+        if trained.codes is not None and session.secure is not None:
+            if self.options.secure_dump is not None:
+                dump_codes(self.options.secure_dump, device.client_id, task, trained.codes)
+            publish = partial(session.secure.trained, trained.codes)
+        else:
+            # A frame held back (emulated link time) goes out later: so does its sending time.
+            sent_at = time.monotonic() + trained.delay
+            session.last_update = SentUpdate(
+                task.round, task.model_fingerprint, trained.update, trained.frame, sent_at
+            )
+            publish = partial(self._publish_update, session, trained.frame)
         if trained.delay > 0:
             threading.Timer(trained.delay, publish).start()
         else:

@@ -18,7 +18,7 @@ from torch import nn
 from edge_client.profiling import peak_rss_bytes
 from edge_client.training import TrainResult, train_local
 from fedmpq.dither import dithered_start
-from fedmpq.policies import Policy, policy_class
+from fedmpq.policies import ClientHooks, Policy, policy_class
 from fedmpq.state import load_numpy_state, state_to_numpy
 from fedmpq.wire.messages import ResourceUsage, TaskMessage, TensorPayload, UpdateMessage
 
@@ -65,6 +65,45 @@ def limit_problem(task: TaskMessage, limits: TaskLimits, model_params: int) -> s
     return next((f"task outside this device's limits: {why}" for ok, why in checks if not ok), None)
 
 
+def train_task(
+    task: TaskMessage,
+    net: nn.Module,
+    global_state: Mapping[str, np.ndarray],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    memory: MutableMapping[str, np.ndarray] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[dict[str, np.ndarray], ClientHooks, TrainResult]:
+    """Train ``net`` from ``global_state`` on ``(x, y)`` as ``task`` says.
+
+    Parameters are those of :func:`execute_task`.  Returns the trained weights (float,
+    fake quantization detached), the policy's hooks that trained them and the result.
+    """
+    policy = policy_class(task.policy)
+    load_numpy_state(net, _start_state(policy, task, global_state, seed))
+    hooks = policy.hooks(
+        task.bits, task.scheme, task.per_channel, task.options, memory, seed, task.observer
+    )
+    result = train_local(
+        net,
+        x,
+        y,
+        task.bits,
+        scheme=task.scheme,
+        per_channel=task.per_channel,
+        epochs=task.epochs,
+        batch_size=task.batch_size,
+        learning_rate=task.learning_rate,
+        momentum=task.options.get("momentum", 0.9),
+        seed=seed,
+        hooks=hooks,
+        stop=stop,
+    )
+    return state_to_numpy(net), hooks, result
+
+
 def execute_task(
     task: TaskMessage,
     net: nn.Module,
@@ -98,32 +137,15 @@ def execute_task(
     stop
         Set to stop training between batches (``TrainingStopped``).
     """
-    policy = policy_class(task.policy)
-    load_numpy_state(net, _start_state(policy, task, global_state, seed))
-    hooks = policy.hooks(
-        task.bits, task.scheme, task.per_channel, task.options, memory, seed, task.observer
+    local, hooks, result = train_task(
+        task, net, global_state, x, y, seed=seed, memory=memory, stop=stop
     )
-    result = train_local(
-        net,
-        x,
-        y,
-        task.bits,
-        scheme=task.scheme,
-        per_channel=task.per_channel,
-        epochs=task.epochs,
-        batch_size=task.batch_size,
-        learning_rate=task.learning_rate,
-        momentum=task.options.get("momentum", 0.9),
-        seed=seed,
-        hooks=hooks,
-        stop=stop,
-    )
-    tensors, dropped = hooks.make_update(state_to_numpy(net), global_state, policy.update_kind)
-    update = _update_message(task, policy.update_kind, tensors, dropped, len(y), result)
-    return update, result
+    kind = policy_class(task.policy).update_kind
+    tensors, dropped = hooks.make_update(local, global_state, kind)
+    return update_message(task, kind, tensors, dropped, len(y), result), result
 
 
-def _update_message(
+def update_message(
     task: TaskMessage,
     kind: str,
     tensors: list[TensorPayload],
@@ -132,7 +154,8 @@ def _update_message(
     result: TrainResult,
 ) -> UpdateMessage:
     """The update answering ``task``: the trained ``tensors`` with the run's usage and
-    metrics (peak memory read now, after training)."""
+    metrics (peak memory read now, after training); no tensors for a secure task, whose
+    weights go on the round's grid instead."""
     return UpdateMessage(
         run_id=task.run_id,
         round=task.round,

@@ -44,6 +44,13 @@ else:  # pragma: no cover
 #: The prefix of every configuration error, so a user sees where the mistake is.
 WHERE = "run config"
 
+#: Policies secure aggregation cannot run, and why (README: Secure aggregation).
+SECURE_REFUSED = {
+    "float32": "sends float32 weights, not codes on a grid",
+    "qsgd": "sends deltas, which the global model's scale does not bound",
+    "fedmpq": "learns from each device's dropped bit-planes and prunes them in the update",
+}
+
 
 @dataclass
 class TrainingConfig:
@@ -115,6 +122,15 @@ class RunConfig:
         10.0, "discard a round whose model moves this many times the recent median; 0 = off",
         minimum=0,
     )  # fmt: skip
+    secure_aggregation: bool = setting(
+        False, "secure aggregation: the coordinator learns only the sum of the round's updates"
+        " (README: Secure aggregation; needs clip_multiple = 0, max_update_norm = 0, policy"
+        " fixed or fedlq)",
+    )  # fmt: skip
+    secure_step_s: float = setting(
+        30.0, "seconds each secure-aggregation exchange (keys, shares, unmasking) waits",
+        above=0,
+    )  # fmt: skip
     device_keys: str = setting(
         "", "key file (fedmpq keys); when set, device frames must be signed with their key and"
         " everything the coordinator sends is signed with its key",
@@ -157,6 +173,24 @@ class RunConfig:
                 f"{WHERE}: client_budgets, budgets: expected average bits within 1..8, "
                 f"got {bad[0]!r}"
             )
+        self.check_secure()
+
+    def check_secure(self) -> None:
+        """With ``secure_aggregation``, refuse what needs to see individual updates."""
+        if not self.secure_aggregation:
+            return
+        name = self.policy_params()[0]
+        conflicts = {
+            "max_update_norm": self.max_update_norm > 0
+            and "bounds each update's norm, and updates are masked: set max_update_norm = 0",
+            "clip_multiple": self.clip_multiple > 0
+            and "clips each update against the round's median: set clip_multiple = 0",
+            "policy": name in SECURE_REFUSED
+            and f"{name} {SECURE_REFUSED.get(name, '')}; use fixed or fedlq",
+        }
+        for key, problem in conflicts.items():
+            if problem:
+                raise ConfigError(f"{WHERE}: secure_aggregation with {key}: {problem}")
 
     def policy_params(self) -> tuple[str, dict[str, Any]]:
         """The policy's name and its parameters."""

@@ -3,7 +3,7 @@ it started from, so the quantization error of the start is not averaged into the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -44,15 +44,26 @@ class AnchoredRule(AggregationRule):
         # (layer, bits) -> start error: devices sharing an allocation share the work.
         self._errors: dict[tuple[str, int], np.ndarray] = {}
 
+    def _error(self, name: str, bits: int) -> np.ndarray:
+        error = self._errors.get((name, bits))
+        if error is None:
+            q = self.quant
+            w = self.global_state[name]
+            error = start_error(w, bits, q.scheme, q.per_channel, q.observer)
+            self._errors[(name, bits)] = error
+        return error
+
     def prepare(self, tensors: State, allocation: BitAllocation) -> State:
-        q = self.quant
         for name, bits in allocation.bits.items():
-            if bits not in QUANT_BITS:
-                continue
-            error = self._errors.get((name, bits))
-            if error is None:
-                w = self.global_state[name]
-                error = start_error(w, bits, q.scheme, q.per_channel, q.observer)
-                self._errors[(name, bits)] = error
-            tensors[name] = tensors[name] + error
+            if bits in QUANT_BITS:
+                tensors[name] = tensors[name] + self._error(name, bits)
         return tensors
+
+    def anchor_mean(self, mean: State, allocations: Sequence[BitAllocation]) -> State:
+        """``mean`` plus the mean start error of the devices' allocations."""
+        out = {name: w.astype(np.float64) for name, w in mean.items()}
+        for allocation in allocations:
+            for name, bits in allocation.bits.items():
+                if bits in QUANT_BITS:
+                    out[name] += self._error(name, bits) / len(allocations)
+        return {name: w.astype(mean[name].dtype) for name, w in out.items()}

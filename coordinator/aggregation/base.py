@@ -12,7 +12,7 @@ individual updates) register here the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,11 @@ class AggregationRule:
     def prepare(self, tensors: State, allocation: BitAllocation) -> State:
         """The update as the change it proposes to the model (identity here)."""
         return tensors
+
+    def anchor_mean(self, mean: State, allocations: Sequence[BitAllocation]) -> State:
+        """The mean of prepared updates from the plain ``mean`` of the raw ones, for devices
+        at ``allocations`` (secure aggregation sees only the mean); identity here."""
+        return mean
 
     def change_norm(self, tensors: State) -> float:
         """L2 norm of the change a prepared update proposes (float64; inf if non-finite)."""

@@ -5,7 +5,9 @@ Z_(2**k) with pairwise masks that cancel in the sum plus a self mask (:mod:`.dev
 Shamir-share the secrets that let the coordinator remove the masks of the devices that
 drop (:mod:`.shamir`).  The coordinator (:mod:`.coordinator`) sums the masked inputs as
 they arrive and only ever unmasks the sum.  :mod:`.protocol` runs a round without a
-transport; the messages are in :mod:`.messages`.
+transport; the messages are in :mod:`.messages`.  :mod:`.grid` is what a training round
+announces and does with the grid: one per tensor of the model, the device's trained
+weights on it, the mean of the unmasked sum.
 """
 
 from __future__ import annotations

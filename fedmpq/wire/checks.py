@@ -23,7 +23,10 @@ from fedmpq.quant_spec import (
     SCHEME_SYMMETRIC,
     VALID_BITS,
 )
+from fedmpq.secagg.messages import LayerGrid, MaskedTensor, SecAggSetup
 from fedmpq.wire.messages import (
+    SECAGG_DOWNLINK,
+    SECAGG_UPLINK,
     UPDATE_KINDS,
     ControlMessage,
     DeviceProfile,
@@ -87,6 +90,21 @@ def _within(low: float, high: float = math.inf) -> Rule:
             raise DecodeError(f"{path}: {v} must be {bound}")
 
     return rule
+
+
+def _positive(v: Any, path: str, limits: DecodeLimits) -> None:
+    if not v > 0:
+        raise DecodeError(f"{path}: {v} must be > 0")
+
+
+def _grid_size(layers: list[LayerGrid], path: str, limits: DecodeLimits) -> None:
+    """A setup may not ask a device for more codes than a message may carry."""
+    total = sum(layer.size for layer in layers)
+    if total > limits.max_total_elements:
+        raise DecodeError(
+            f"{path}: {total} codes over all layers, over the limit of "
+            f"{limits.max_total_elements} (DecodeLimits.max_total_elements)"
+        )
 
 
 def _one_of(allowed: frozenset[Any]) -> Rule:
@@ -186,8 +204,24 @@ _NON_NEGATIVE = _within(0)
 RULES: dict[tuple[type, str], Rule] = {
     **{
         (cls, "round"): _NON_NEGATIVE
-        for cls in (TaskMessage, GlobalModelMessage, UpdateMessage, ControlMessage, ModelMessage)
+        for cls in (
+            TaskMessage,
+            GlobalModelMessage,
+            UpdateMessage,
+            ControlMessage,
+            ModelMessage,
+            SecAggSetup,
+            *SECAGG_UPLINK,
+            *SECAGG_DOWNLINK,
+        )
     },
+    # Ranges only: the protocol (fedmpq.secagg) checks how the fields fit together.
+    (SecAggSetup, "threshold"): _within(1),
+    (SecAggSetup, "layers"): _grid_size,
+    (LayerGrid, "size"): _NON_NEGATIVE,
+    (LayerGrid, "bits"): _within(1, 8),
+    (LayerGrid, "scale"): _positive,
+    (MaskedTensor, "ring_bits"): _within(1, 32),
     (ModelMessage, "num_classes"): _within(2),
     (ModelMessage, "pixel_scale"): _within(0),
     (ModelMessage, "bits"): _each_value(_one_of(VALID_BITS)),

@@ -40,6 +40,18 @@ import zstandard
 
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
+from fedmpq.secagg.messages import (
+    AdvertiseKeys,
+    ForwardedShares,
+    KeyRoster,
+    LayerGrid,
+    MaskedInput,
+    MaskedTensor,
+    SecAggSetup,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from fedmpq.wire.checks import CONTROL_STATES, DEFAULT_LIMITS, STATUS_STATES, DecodeLimits
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
@@ -86,6 +98,13 @@ Message: TypeAlias = (
     | ControlMessage
     | ModelMessage
     | NoticeMessage
+    | AdvertiseKeys
+    | KeyRoster
+    | ShareKeys
+    | ForwardedShares
+    | MaskedInput
+    | UnmaskRequest
+    | UnmaskResponse
 )
 M = TypeVar("M", bound=Message)
 
@@ -99,7 +118,7 @@ _ZSTD_LEVEL = 3
 _MAX_ZSTD_RATIO = 64
 #: Message types without tensors or a model are small: their bodies stay under this.
 _SMALL_BODY_BYTES = 2**20
-_BULK_TYPES = frozenset({"global_model", "update", "model"})
+_BULK_TYPES = frozenset({"global_model", "update", "model", MaskedInput.MESSAGE_TYPE})
 _UTF8_MAX_BYTES_PER_CHAR = 4
 
 
@@ -128,7 +147,16 @@ class _Frame:
 #: Fields of the widest dataclass, so that msgpack's map limit never cuts a record short.
 _WIDEST_RECORD = max(
     len(fields(cls))
-    for cls in (_Frame, TensorPayload, DeviceProfile, ResourceUsage, *MESSAGE_TYPES.values())
+    for cls in (
+        _Frame,
+        TensorPayload,
+        DeviceProfile,
+        ResourceUsage,
+        SecAggSetup,
+        LayerGrid,
+        MaskedTensor,
+        *MESSAGE_TYPES.values(),
+    )
 )
 
 # --------------------------------------------------------------------------- encoding

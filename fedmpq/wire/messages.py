@@ -18,6 +18,16 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fedmpq.quant_spec import OBSERVER_MINMAX
+from fedmpq.secagg.messages import (
+    AdvertiseKeys,
+    ForwardedShares,
+    KeyRoster,
+    MaskedInput,
+    SecAggSetup,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 
 #: ``UpdateMessage.kind`` values: what the tensors of an update are.
 KIND_WEIGHTS = "weights"  # the client's local model (FedAvg, FedMPQ)
@@ -94,7 +104,9 @@ class TaskMessage:
     the policy's client-side settings (e.g. a regulariser strength), all numeric.  ``observer``
     says how symmetric scales are chosen, in training and in the update alike.
     ``token`` is random per task; the update echoes it, which shows (without device
-    keys) that the update comes from whoever received the task.
+    keys) that the update comes from whoever received the task.  ``secagg`` is set when
+    the round aggregates securely: the device then answers with the secure-aggregation
+    messages (:data:`SECAGG_UPLINK`) instead of an ``UpdateMessage``.
     """
 
     MESSAGE_TYPE: ClassVar[str] = "task"
@@ -117,6 +129,7 @@ class TaskMessage:
     observer: str = OBSERVER_MINMAX
     token: str = ""
     model_allocation: str = ""
+    secagg: SecAggSetup | None = None
 
 
 @dataclass
@@ -260,6 +273,11 @@ class NoticeMessage:
     reason: str
 
 
+#: Secure-aggregation steps (``fedmpq.secagg.messages``) a device sends on its update topic.
+SECAGG_UPLINK = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
+#: Secure-aggregation steps the coordinator sends on a device's task topic.
+SECAGG_DOWNLINK = (KeyRoster, ForwardedShares, UnmaskRequest)
+
 #: Every top-level message type, by its wire name.
 MESSAGE_TYPES: dict[str, type] = {
     cls.MESSAGE_TYPE: cls
@@ -272,5 +290,7 @@ MESSAGE_TYPES: dict[str, type] = {
         ControlMessage,
         ModelMessage,
         NoticeMessage,
+        *SECAGG_UPLINK,
+        *SECAGG_DOWNLINK,
     )
 }

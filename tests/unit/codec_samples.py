@@ -24,6 +24,14 @@ from fedmpq.quant_spec import (
     SCHEME_SYMMETRIC,
     VALID_BITS,
 )
+from fedmpq.secagg.messages import (
+    AdvertiseKeys,
+    LayerGrid,
+    MaskedInput,
+    MaskedTensor,
+    SecAggSetup,
+    UnmaskResponse,
+)
 from fedmpq.wire.codec import (
     CONTROL_STATES,
     DEFAULT_LIMITS,
@@ -110,6 +118,11 @@ OVERRIDES: dict[tuple[type, str], st.SearchStrategy[Any]] = {
     (StatusMessage, "round"): st.integers(-1, 2**63),
     (DeviceProfile, "cpu_count"): st.integers(1, 1024),
     (DeviceProfile, "battery_percent"): st.none() | st.floats(0, 100),
+    (SecAggSetup, "threshold"): st.integers(1, 2**16),
+    (LayerGrid, "size"): st.integers(0, 2**20),
+    (LayerGrid, "bits"): st.integers(1, 8),
+    (LayerGrid, "scale"): st.floats(1e-30, 1e30),
+    (MaskedTensor, "ring_bits"): st.integers(1, 32),
 }
 SCALARS: dict[Any, st.SearchStrategy[Any]] = {
     int: st.integers(0, 2**64 - 1),
@@ -201,29 +214,41 @@ def samples() -> dict[str, Any]:
         arch="aarch64",
         battery_percent=None,
     )
+    golden_task = TaskMessage(
+        "run-0001",
+        7,
+        "pi-zero-3",
+        "cnn",
+        "fp",
+        "fedmpq",
+        {"conv.weight": 4},
+        SCHEME_SYMMETRIC,
+        True,
+        1,
+        32,
+        0.01,
+        60.0,
+        True,
+        {"lambda": 0.1},
+    )
     return {
         "register": RegisterMessage("pi-zero-3", "0.1.0", profile, 512, True, 1.7e9),
-        "task": TaskMessage(
-            "run-0001",
-            7,
-            "pi-zero-3",
-            "cnn",
-            "fp",
-            "fedmpq",
-            {"conv.weight": 4},
-            SCHEME_SYMMETRIC,
-            True,
-            1,
-            32,
-            0.01,
-            60.0,
-            True,
-            {"lambda": 0.1},
-        ),
+        "task": golden_task,
         "global_model": GlobalModelMessage("run-0001", 7, "cnn", "fp", [q4_tensor(), f32_tensor()]),
         "update": golden_update(),
         "status": StatusMessage("pi-zero-3", "online", 0, "", 1.7e9),
         "control": ControlMessage("run-0001", "open", 0, "", 1.7e9),
+        "secure_task": dataclasses.replace(
+            golden_task,
+            secagg=SecAggSetup(
+                "run-0001", 7, ["pi-zero-3", "pi-zero-4"], 2, [LayerGrid("conv.weight", 15, 4, 0.5)]
+            ),
+        ),
+        "secagg_keys": AdvertiseKeys("run-0001", 7, "pi-zero-3", bytes(32), bytes(range(32))),
+        "secagg_masked": MaskedInput(
+            "run-0001", 7, "pi-zero-3", [MaskedTensor("conv.weight", 6, bytes(range(12)))]
+        ),
+        "secagg_unmask_response": UnmaskResponse("run-0001", 7, "pi-zero-3", [], []),
     }
 
 

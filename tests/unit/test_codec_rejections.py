@@ -331,3 +331,30 @@ def test_decode_body_checks_a_hand_made_envelope() -> None:
     ]:
         with pytest.raises(DecodeError, match=expected):
             decode_body(bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        (("secagg", "layers", 0, "bits"), 9, "within"),
+        (("secagg", "layers", 0, "scale"), 0.0, "must be > 0"),
+        (("secagg", "layers", 0, "size"), -1, "at least"),
+        (("secagg", "threshold"), 0, "at least"),
+        (("secagg", "layers", 0, "size"), 2**40, "max_total_elements"),
+    ],
+)
+def test_secure_task_setup_out_of_range_is_rejected(path: tuple, value: object, match: str) -> None:
+    body = wire_body(samples()["secure_task"])
+    node = body
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(DecodeError, match=match):
+        decode(frame(body, type="task"))
+
+
+def test_masked_input_ring_bits_out_of_range_is_rejected() -> None:
+    body = wire_body(samples()["secagg_masked"])
+    body["tensors"][0]["ring_bits"] = 33
+    with pytest.raises(DecodeError, match="ring_bits"):
+        decode(frame(body, type="secagg_masked"))
