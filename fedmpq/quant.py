@@ -21,10 +21,16 @@ the squared quantization error (searched over ``s = c * max|w|``, ``c`` in
 [0.25, 1]; for one bit the closed form ``s = mean|w|``).  At two bits ``max|w|``
 turns ~90% of a dense layer's weights into zeros; the clipped scale keeps far more.
 
-Scales are per tensor (``axis == -1``) or per slice along ``axis``.  Round to
-nearest keeps ``|w - w_hat| <= step / 2`` (symmetric 1-bit: ``<= s``); stochastic
-rounding keeps ``|w - w_hat| < step`` and is unbiased.  (With the ``"mse"``
-observer these bounds hold for the weights within the clip.)  The error bounds hold to
+Scales are per tensor (``axis == -1``) or per slice along ``axis``.  A per-slice step
+(``s / M``, or the affine scale) is rounded down to a grid of powers of ``2**(1/16)``
+(``fedmpq.quant_scales``) so that the wire carries it in a byte, exactly; the weights
+above the range so narrowed (by at most 4.2%) saturate on the top level, which keeps
+``quantize(dequantize(q))`` equal to ``q``.  A per-tensor scale is the observer's.
+
+Round to nearest keeps ``|w - w_hat| <= step / 2`` (symmetric 1-bit: ``<= s``);
+stochastic rounding keeps ``|w - w_hat| < step`` and is unbiased.  (These bounds hold
+for the weights within the range: with the ``"mse"`` observer, or per slice, the ones
+above it are clipped to its end.)  The error bounds hold to
 float32 resolution, which coarsens once a step falls into float32's subnormal
 range (scales below about 1e-30).
 
@@ -40,6 +46,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedmpq.errors import FedmpqError
+from fedmpq.quant_scales import grid_units
 from fedmpq.quant_spec import (
     OBSERVER_MINMAX,
     OBSERVER_MSE,
@@ -90,8 +97,9 @@ class QuantizedTensor:
     axis : int
         -1 for one scale per tensor, else the axis with one scale per slice.
     scale : np.ndarray
-        float32, shape ``(1,)`` per tensor or ``(codes.shape[axis],)``.  ``max|w|``
-        for the symmetric scheme, the grid step for the affine scheme.
+        float32, shape ``(1,)`` per tensor or ``(codes.shape[axis],)``.  The
+        observer's ``s`` for the symmetric scheme, the grid step for the affine scheme;
+        per slice, with the step rounded down to ``fedmpq.quant_scales``' grid.
     zero_point : np.ndarray
         uint8, ``scale``'s shape for the affine scheme, ``(0,)`` for symmetric.
 
@@ -368,6 +376,10 @@ def _quantize_symmetric(
     _require_finite(s, w)
     if observer == OBSERVER_MSE:
         s = _mse_scale(magnitude, s, bits, reduce_axes)
+    if axis != -1:  # steps on the grid the wire carries; the largest weights may saturate
+        unit = np.float32(max((1 << (bits - 1)) - 1, 1))
+        s = grid_units(s / unit) * unit
+    if observer == OBSERVER_MSE or axis != -1:
         np.minimum(magnitude, s, out=magnitude)
         w = np.clip(w, -s, s)
     divisor = np.where(s > 0, s, np.float32(1))  # an all-zero slice stays all zero
@@ -457,6 +469,8 @@ def _quantize_affine(
             f"the value range of a tensor of shape {w.shape} is too wide for a float32 "
             f"affine scale at {bits} bits; use more bits or the symmetric scheme"
         )
+    if axis != -1:
+        scale = grid_units(scale)
     nonzero = scale > 0
     zero_point = np.zeros(scale.shape, dtype=np.float64)
     np.divide(-lo64, scale, out=zero_point, where=nonzero)
