@@ -376,21 +376,28 @@ def _quantize_symmetric(
     _require_finite(s, w)
     if observer == OBSERVER_MSE:
         s = _mse_scale(magnitude, s, bits, reduce_axes)
-    if axis != -1:  # steps on the grid the wire carries; the largest weights may saturate
-        unit = np.float32(max((1 << (bits - 1)) - 1, 1))
+    levels = (1 << (bits - 1)) - 1
+    if axis != -1:  # steps on the grid the wire carries (see fedmpq.quant_scales)
+        unit = np.float32(max(levels, 1))
         s = grid_units(s / unit) * unit
-    if observer == OBSERVER_MSE or axis != -1:
+    if observer == OBSERVER_MSE:
         np.minimum(magnitude, s, out=magnitude)
         w = np.clip(w, -s, s)
     divisor = np.where(s > 0, s, np.float32(1))  # an all-zero slice stays all zero
     if bits == 1:
-        codes = _sign_codes(w, s, divisor, rng)
+        codes = _sign_codes(w, s, divisor, rng)  # a weight beyond +-s keeps its sign
     else:
         # |w| / s <= 1 and (|w| / s) * M <= M hold exactly in float32 (correctly
-        # rounded, monotonic ops), so the magnitude needs no clipping to M.
+        # rounded, monotonic ops) where s >= max|w|.  A grid step may put a few of them
+        # (< 1.05 * M < 256) above M: they saturate (a comparison and a sparse write are
+        # several times faster than np.minimum's pass here).
         np.divide(magnitude, divisor, out=magnitude)
-        magnitude *= np.float32((1 << (bits - 1)) - 1)
+        magnitude *= np.float32(levels)
         codes = _round_into(magnitude, rng, np.empty(w.shape, dtype=np.uint8))
+        if axis != -1:
+            above = np.greater(codes, np.uint8(levels))
+            if above.any():
+                codes[above] = levels
         sign = np.less(w, 0).view(np.uint8)
         np.minimum(sign, codes, out=sign)  # sign 0 where the magnitude is 0
         sign *= np.uint8(1 << (bits - 1))  # numpy's uint8 multiply is faster than its shift
