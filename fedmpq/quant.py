@@ -372,14 +372,15 @@ def _quantize_symmetric(
     observer: str,
 ) -> QuantizedTensor:
     magnitude = np.abs(w)
-    s = magnitude.max(axis=reduce_axes, keepdims=True, initial=0.0)
+    peak = s = magnitude.max(axis=reduce_axes, keepdims=True, initial=0.0)
     _require_finite(s, w)
     if observer == OBSERVER_MSE:
         s = _mse_scale(magnitude, s, bits, reduce_axes)
     levels = (1 << (bits - 1)) - 1
     if axis != -1:  # steps on the grid the wire carries (see fedmpq.quant_scales)
         unit = np.float32(max(levels, 1))
-        s = grid_units(s / unit) * unit
+        ceilings = None if observer == OBSERVER_MINMAX else peak / unit
+        s = grid_units(s / unit, ceilings) * unit
     if observer == OBSERVER_MSE:
         np.minimum(magnitude, s, out=magnitude)
         w = np.clip(w, -s, s)

@@ -9,11 +9,14 @@ so that the wire carries a tensor's largest exponent ``e_max`` (int16) and a byt
 ``e_max - e_c`` per channel (255: a zero step, an all-zero channel) instead of a float32
 per channel (:func:`units_to_bytes`, :func:`units_from_bytes`).
 
-The quantizer rounds each observed step *down* to the grid (:func:`grid_units`) and
+The quantizer rounds each ``max|w|`` step *down* to the grid (:func:`grid_units`) and
 saturates the few weights above the new range, rather than rounding up: a channel's
 largest weight then still sits on the top level, so quantizing a dequantized tensor
 gives it back bit for bit (a device's latent start, ``fedmpq.dither``, relies on it).
 The weights so clipped lose at most ``1 - 2**(-1/16)`` (4.2%) of their channel's range.
+A step an observer chose below ``max|w| / M`` (``mse``) goes to its nearest grid value
+instead, as long as that stays within the channel's ``max|w|``: its clip was a choice
+between errors, which the nearest point perturbs least.
 A step more than ``2**(254/16)`` (~60,000) times below its tensor's largest is raised to
 that floor instead (its channel then keeps its largest weight below the top level).
 
@@ -104,26 +107,34 @@ def _exponents(units: np.ndarray, rounding: np.ufunc) -> np.ndarray:
     return np.clip(e, *EXPONENT_RANGE).astype(np.int64)
 
 
-def grid_units(units: np.ndarray) -> np.ndarray:
-    """Round non-negative finite float32 steps down to the grid (what the quantizer uses).
+def grid_units(units: np.ndarray, ceilings: np.ndarray | None = None) -> np.ndarray:
+    """Round non-negative finite float32 steps to the grid (what the quantizer uses).
 
     Parameters
     ----------
     units
         One step per channel, any shape.
+    ceilings
+        None to round each step down.  Else, per step, the largest step it may become
+        (its channel's ``max|w| / M``, when an observer clipped below it): each step goes
+        to its nearest grid value, but not above the largest one within its ceiling.
 
     Returns
     -------
     np.ndarray
-        float32, ``units``' shape: for each positive step the largest grid value not above
-        it (up to ~1e-5 relative; at least the tensor's largest over ``2**(254/16)``); 0
-        stays 0.
+        float32, ``units``' shape, on the grid (up to ~1e-5 relative above a step rounded
+        down; at least the largest over ``2**(254/16)``); 0 stays 0.
     """
     flat = np.asarray(units, dtype=np.float32).reshape(-1)
     positive = flat > 0
     if not positive.any():
         return np.zeros(np.shape(units), dtype=np.float32)
-    e = _exponents(np.where(positive, flat, np.float32(1)), np.floor)
+    e = _exponents(
+        np.where(positive, flat, np.float32(1)), np.floor if ceilings is None else np.rint
+    )
+    if ceilings is not None:
+        top = np.asarray(ceilings, dtype=np.float32).reshape(-1)
+        e = np.minimum(e, _exponents(np.where(positive, top, np.float32(1)), np.floor))
     e = np.maximum(e, e[positive].max() - (ZERO_CODE - 1))
     out = np.where(positive, _grid_value(e), np.float32(0))
     return out.astype(np.float32).reshape(np.shape(units))

@@ -64,6 +64,23 @@ def test_grid_units_round_each_step_down_within_one_grid_step(units: np.ndarray)
 
 
 @settings(max_examples=300, deadline=None)
+@given(UNITS, st.floats(1.0, 4.0, width=32))
+def test_with_ceilings_a_step_goes_to_its_nearest_grid_value_within_its_ceiling(
+    units: np.ndarray, headroom: float
+) -> None:
+    ceilings = units * np.float32(headroom)
+    grid = grid_units(units, ceilings)
+    np.testing.assert_array_equal(grid == 0, units == 0)
+    regular = (units > 0) & (units >= units.max() * 2.0 ** (-253 / STEPS_PER_OCTAVE))
+    assert (grid[regular] <= ceilings[regular] * (1 + SLACK)).all()
+    half_step = 2 ** (1 / (2 * STEPS_PER_OCTAVE)) * (1 + SLACK)
+    within = regular & (ceilings >= units * half_step)
+    assert (grid[within] <= units[within] * half_step).all()
+    assert (grid[within] >= units[within] / half_step).all()
+    np.testing.assert_array_equal(grid_units(grid, grid), grid)  # on the grid already
+
+
+@settings(max_examples=300, deadline=None)
 @given(UNITS)
 def test_grid_units_round_trip_exactly_through_the_wire_bytes(units: np.ndarray) -> None:
     grid = grid_units(units)
