@@ -64,6 +64,7 @@ __all__ = [
     "dequantize",
     "quant_step",
     "quantize",
+    "steps_per_scale",
     "symmetric_to_signed",
 ]
 
@@ -333,7 +334,13 @@ def _scale_shape(q: QuantizedTensor) -> tuple[int, ...]:
 
 def _signed_unit(q: QuantizedTensor) -> np.ndarray:
     """float32 value of the signed integer 1: ``s / M`` (``s`` for one bit)."""
-    return q.scale / np.float32(max((1 << (q.bits - 1)) - 1, 1))
+    return q.scale / steps_per_scale(q.bits, SCHEME_SYMMETRIC)
+
+
+def steps_per_scale(bits: int, scheme: str) -> np.float32:
+    """What a scale is divided by to give its level step: ``M = 2**(bits-1) - 1`` for the
+    symmetric scheme (1 at one bit), 1 for the affine scheme (whose scale is the step)."""
+    return np.float32(max((1 << (bits - 1)) - 1, 1) if scheme == SCHEME_SYMMETRIC else 1)
 
 
 def _require_finite(reduced: np.ndarray, w: np.ndarray) -> None:
@@ -378,7 +385,7 @@ def _quantize_symmetric(
         s = _mse_scale(magnitude, s, bits, reduce_axes)
     levels = (1 << (bits - 1)) - 1
     if axis != -1:  # steps on the grid the wire carries (see fedmpq.quant_scales)
-        unit = np.float32(max(levels, 1))
+        unit = steps_per_scale(bits, SCHEME_SYMMETRIC)
         ceilings = None if observer == OBSERVER_MINMAX else peak / unit
         s = grid_units(s / unit, ceilings) * unit
     if observer == OBSERVER_MSE:

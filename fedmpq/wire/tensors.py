@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fedmpq.packing import pack_bits, unpack_bits
-from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize
+from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize, steps_per_scale
 from fedmpq.quant_scales import units_from_bytes, units_to_bytes
 from fedmpq.quant_spec import (
     FLOAT_BITS,
@@ -95,18 +95,13 @@ def decode_tensor(p: TensorPayload) -> np.ndarray:
     return dequantize(q)
 
 
-def _unit_divisor(bits: int, scheme: str) -> np.float32:
-    """What a scale is divided by to give the grid step: ``M`` (symmetric, 2+ bits), else 1."""
-    return np.float32(max((1 << (bits - 1)) - 1, 1) if scheme == SCHEME_SYMMETRIC else 1)
-
-
 def scale_bytes(scale: np.ndarray, axis: int, bits: int, scheme: str) -> bytes:
     """A quantized tensor's scales as they travel: one little-endian float32 per tensor
     (``axis == -1``); per slice, their steps on ``fedmpq.quant_scales``' grid (2 bytes and
     a byte a slice), exact for the scales ``fedmpq.quant`` makes."""
     if axis == -1:
         return np.ascontiguousarray(scale, dtype="<f4").tobytes()
-    return units_to_bytes(np.asarray(scale, dtype=np.float32) / _unit_divisor(bits, scheme))
+    return units_to_bytes(np.asarray(scale, dtype=np.float32) / steps_per_scale(bits, scheme))
 
 
 def scales_of(p: TensorPayload) -> np.ndarray:
@@ -114,7 +109,7 @@ def scales_of(p: TensorPayload) -> np.ndarray:
     if p.axis == -1:
         return np.frombuffer(p.scale, dtype="<f4").astype(np.float32)
     with np.errstate(over="ignore"):  # the codec refuses a frame whose scales overflow
-        return units_from_bytes(p.scale) * _unit_divisor(p.bits, p.scheme)
+        return units_from_bytes(p.scale) * steps_per_scale(p.bits, p.scheme)
 
 
 def encode_state(
