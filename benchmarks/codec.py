@@ -35,6 +35,7 @@ from fedmpq.packing import pack_bits, unpack_bits
 from fedmpq.quant import dequantize, quantize
 from fedmpq.state import fingerprint, state_to_numpy
 from fedmpq.wire.codec import decode, encode
+from fedmpq.wire.downlink import global_model_at
 from fedmpq.wire.messages import KIND_WEIGHTS, ResourceUsage, UpdateMessage
 from fedmpq.wire.tensors import decode_state, encode_state, ideal_nbytes
 
@@ -177,6 +178,9 @@ def _model_row(
         for k, v in _decode_update(payload).items()
     ):
         raise AssertionError(f"{name} at {bits} bits does not round-trip")
+    downlink = encode(
+        global_model_at(state, assignment, run_id="bench", round=1, model_name=name, fingerprint=fp)
+    )
     encode_s = best_seconds(encode_once, repeats)
     decode_s = best_seconds(partial(_decode_update, payload), repeats)
     scales = _scale_bytes(payload)
@@ -200,6 +204,9 @@ def _model_row(
         "within_target": len(payload) - ideal <= allowed,
         "within_target_besides_scales": len(payload) - scales - ideal <= allowed,
         "float32_over_payload": weights.nbytes / len(payload),
+        # The global model at the same bits, as its devices receive it (with the layout).
+        "downlink_bytes": len(downlink),
+        "downlink_over_ideal_bytes": len(downlink) - int(ideal),
     }
 
 
@@ -215,7 +222,9 @@ def model_section(repeats: int) -> list[dict[str, Any]]:
     """Whole-model update: quantize+pack+frame and decode+unpack+de-quantize, and sizes.
 
     Speeds are relative to ``np.copy`` of the same model's float32 weights, timed next to
-    them; sizes against the ideal ``sum n_l * b_l / 8`` (+ 4 bytes per float value).
+    them; sizes against the ideal ``sum n_l * b_l / 8`` (+ 4 bytes per float value), for the
+    update (uplink) and for the global model at the same bits (downlink, which also carries
+    the model's layout).
     """
     rows = []
     for name, in_shape in MODELS.items():
@@ -228,7 +237,7 @@ def model_section(repeats: int) -> list[dict[str, Any]]:
     print(
         f"{'model':<9} {'params':>9} {'bits':>4} {'enc ms':>7} {'dec ms':>7} {'enc/copy':>8} "
         f"{'dec/copy':>8} {'payload B':>10} {'ideal B':>10} {'over B':>7} {'scales B':>8} "
-        f"{'allowed':>7} {'ok':>3}"
+        f"{'allowed':>7} {'ok':>3} {'down B':>10} {'over B':>7}"
     )
     for r in rows:
         print(
@@ -236,7 +245,8 @@ def model_section(repeats: int) -> list[dict[str, Any]]:
             f"{r['decode_ms']:>7.1f} {r['encode_vs_copy']:>8.3f} {r['decode_vs_copy']:>8.3f} "
             f"{r['payload_bytes']:>10} {r['ideal_bytes']:>10} {r['over_ideal_bytes']:>7} "
             f"{r['scale_bytes']:>8} {r['allowed_over_bytes']:>7} "
-            f"{'yes' if r['within_target'] else 'no':>3}"
+            f"{'yes' if r['within_target'] else 'no':>3} {r['downlink_bytes']:>10} "
+            f"{r['downlink_over_ideal_bytes']:>7}"
         )
     return rows
 

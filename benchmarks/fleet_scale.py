@@ -233,14 +233,18 @@ def stretched_slowest(report: Path, clients: int) -> dict[int, float]:
 
 def link_bytes(rounds: list[dict[str, Any]], marks: list[tuple[int, int]]) -> dict[str, Any]:
     """Per round: what the broker sent (its own counter, between round announcements),
-    what the selected devices need (models + tasks down, updates up) and the row's total."""
+    what the selected devices need (models + tasks down, updates up) and the row's total,
+    up and down."""
     per_round = []
     for r, before, after in zip(rounds, marks, marks[1:], strict=False):
         row = r["row"]
         need = sum(d["up"] + d["down"] for d in row["link_bytes"].values())
-        ours = row["uplink_bytes"] + row["downlink_bytes"]
-        per_round.append({"broker_sent": after[0] - before[0], "need": need, "ours": ours})
-    total = {k: sum(p[k] for p in per_round) for k in ("broker_sent", "need", "ours")}
+        up, down = row["uplink_bytes"], row["downlink_bytes"]
+        per_round.append(
+            {"broker_sent": after[0] - before[0], "need": need, "up": up, "down": down}
+            | {"ours": up + down}
+        )
+    total = {k: sum(p[k] for p in per_round) for k in ("broker_sent", "need", "ours", "up", "down")}
     return {"per_round": per_round, "total": total}
 
 
@@ -335,7 +339,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(
         f"\n{'devices':>7} {'/round':>6} {'register':>9} {'burst':>6} {'overhead/round':>15}"
         f" {'coord RSS':>10} {'x first':>7} {'broker RSS':>10} {'agent RSS':>9}"
-        f" {'emul/analytic':>13} {'broker sent/round':>17} {'/ need':>6} {'/ ours':>6}"
+        f" {'emul/analytic':>13} {'ours up + down/round':>23} {'broker sent/round':>17}"
+        f" {'/ need':>6} {'/ ours':>6}"
     )
     for r in results:
         over = r["overhead_s"]
@@ -350,6 +355,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f" {r['broker_peak_rss_bytes'] / MIB:>9.1f}M"
             f" {r['agent_process_peak_rss_bytes'] / MIB:>8.0f}M"
             f" {min(ratios):>6.2f}-{max(ratios):<6.2f}"
+            f" {links['up'] / n:>10,.0f} + {links['down'] / n:>10,.0f}"
             f" {links['broker_sent'] / n:>15,.0f} B {links['broker_sent'] / links['need']:>6.3f}"
             f" {links['broker_sent'] / links['ours']:>6.3f}"
         )
@@ -357,7 +363,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         "overhead/round: mean/max over rounds; x first: coordinator RSS over the first size's;"
         " agent RSS: peak of the largest agent process;"
         "\nemul/analytic: emulated round time over the FLOP-count analytic time of the slowest"
-        " participant (min-max over rounds);\nbroker sent/round: mosquitto's own count; / need:"
+        " participant (min-max over rounds);\nours up + down/round: the metrics rows' uplink"
+        " and downlink bytes; broker sent/round: mosquitto's own count; / need:"
         " over the models, tasks and updates of the selected devices; / ours: over the row's"
         " up + down"
     )

@@ -28,6 +28,7 @@ from fedmpq.packing import pack_bits
 from fedmpq.quant import quantize, symmetric_to_signed
 from fedmpq.quant_spec import OBSERVER_MINMAX, SCHEME_SYMMETRIC
 from fedmpq.wire.messages import TensorPayload
+from fedmpq.wire.tensors import scale_bytes
 
 #: FedMPQ's threshold (``thre = 2.0`` percent): a sparser top plane is merged, a
 #: bottom plane at most this dense is dropped.
@@ -53,19 +54,21 @@ class PlaneLayer:
 
         Re-quantizing :meth:`weight` would stretch the grid of a layer whose largest
         magnitude is below ``M`` (an emptied top plane) or re-clip it (observer
-        ``mse``); the payload carries the levels and step as they are.
+        ``mse``); the payload carries the levels and step as they are.  (Per slice, a
+        dropped plane keeps a step on ``fedmpq.quant_scales``' grid or doubles it, which
+        keeps it there too.)
         """
         bits = self.planes + 1
         levels = (1 << self.planes) - 1
         codes = self.magnitude | ((self.negative & (self.magnitude > 0)) << self.planes)
-        scale = (self.unit * np.float32(levels)).astype("<f4").reshape(-1)
+        scale = (self.unit * np.float32(levels)).astype(np.float32).reshape(-1)
         return TensorPayload(
             name=name,
             shape=[int(d) for d in self.magnitude.shape],
             bits=bits,
             scheme=SCHEME_SYMMETRIC,
             axis=axis,
-            scale=scale.tobytes(),
+            scale=scale_bytes(scale, axis, bits, SCHEME_SYMMETRIC),
             zero_point=b"",
             data=pack_bits(codes.astype(np.uint8), bits, check=False),
         )

@@ -21,10 +21,16 @@ the squared quantization error (searched over ``s = c * max|w|``, ``c`` in
 [0.25, 1]; for one bit the closed form ``s = mean|w|``).  At two bits ``max|w|``
 turns ~90% of a dense layer's weights into zeros; the clipped scale keeps far more.
 
-Scales are per tensor (``axis == -1``) or per slice along ``axis``.  Round to
-nearest keeps ``|w - w_hat| <= step / 2`` (symmetric 1-bit: ``<= s``); stochastic
-rounding keeps ``|w - w_hat| < step`` and is unbiased.  (With the ``"mse"``
-observer these bounds hold for the weights within the clip.)  The error bounds hold to
+Scales are per tensor (``axis == -1``) or per slice along ``axis``.  A per-slice step
+(``s / M``, or the affine scale) is rounded down to a grid of powers of ``2**(1/16)``
+(``fedmpq.quant_scales``) so that the wire carries it in a byte, exactly; the weights
+above the range so narrowed (by at most 4.2%) saturate on the top level, which keeps
+``quantize(dequantize(q))`` equal to ``q``.  A per-tensor scale is the observer's.
+
+Round to nearest keeps ``|w - w_hat| <= step / 2`` (symmetric 1-bit: ``<= s``);
+stochastic rounding keeps ``|w - w_hat| < step`` and is unbiased.  (These bounds hold
+for the weights within the range: with the ``"mse"`` observer, or per slice, the ones
+above it are clipped to its end.)  The error bounds hold to
 float32 resolution, which coarsens once a step falls into float32's subnormal
 range (scales below about 1e-30).
 
@@ -40,6 +46,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedmpq.errors import FedmpqError
+from fedmpq.quant_scales import grid_units
 from fedmpq.quant_spec import (
     OBSERVER_MINMAX,
     OBSERVER_MSE,
@@ -57,6 +64,7 @@ __all__ = [
     "dequantize",
     "quant_step",
     "quantize",
+    "steps_per_scale",
     "symmetric_to_signed",
 ]
 
@@ -90,8 +98,9 @@ class QuantizedTensor:
     axis : int
         -1 for one scale per tensor, else the axis with one scale per slice.
     scale : np.ndarray
-        float32, shape ``(1,)`` per tensor or ``(codes.shape[axis],)``.  ``max|w|``
-        for the symmetric scheme, the grid step for the affine scheme.
+        float32, shape ``(1,)`` per tensor or ``(codes.shape[axis],)``.  The
+        observer's ``s`` for the symmetric scheme, the grid step for the affine scheme;
+        per slice, with the step rounded down to ``fedmpq.quant_scales``' grid.
     zero_point : np.ndarray
         uint8, ``scale``'s shape for the affine scheme, ``(0,)`` for symmetric.
 
@@ -325,7 +334,13 @@ def _scale_shape(q: QuantizedTensor) -> tuple[int, ...]:
 
 def _signed_unit(q: QuantizedTensor) -> np.ndarray:
     """float32 value of the signed integer 1: ``s / M`` (``s`` for one bit)."""
-    return q.scale / np.float32(max((1 << (q.bits - 1)) - 1, 1))
+    return q.scale / steps_per_scale(q.bits, SCHEME_SYMMETRIC)
+
+
+def steps_per_scale(bits: int, scheme: str) -> np.float32:
+    """What a scale is divided by to give its level step: ``M = 2**(bits-1) - 1`` for the
+    symmetric scheme (1 at one bit), 1 for the affine scheme (whose scale is the step)."""
+    return np.float32(max((1 << (bits - 1)) - 1, 1) if scheme == SCHEME_SYMMETRIC else 1)
 
 
 def _require_finite(reduced: np.ndarray, w: np.ndarray) -> None:
@@ -364,21 +379,33 @@ def _quantize_symmetric(
     observer: str,
 ) -> QuantizedTensor:
     magnitude = np.abs(w)
-    s = magnitude.max(axis=reduce_axes, keepdims=True, initial=0.0)
+    peak = s = magnitude.max(axis=reduce_axes, keepdims=True, initial=0.0)
     _require_finite(s, w)
     if observer == OBSERVER_MSE:
         s = _mse_scale(magnitude, s, bits, reduce_axes)
+    levels = (1 << (bits - 1)) - 1
+    if axis != -1:  # steps on the grid the wire carries (see fedmpq.quant_scales)
+        unit = steps_per_scale(bits, SCHEME_SYMMETRIC)
+        ceilings = None if observer == OBSERVER_MINMAX else peak / unit
+        s = grid_units(s / unit, ceilings) * unit
+    if observer == OBSERVER_MSE:
         np.minimum(magnitude, s, out=magnitude)
         w = np.clip(w, -s, s)
     divisor = np.where(s > 0, s, np.float32(1))  # an all-zero slice stays all zero
     if bits == 1:
-        codes = _sign_codes(w, s, divisor, rng)
+        codes = _sign_codes(w, s, divisor, rng)  # a weight beyond +-s keeps its sign
     else:
         # |w| / s <= 1 and (|w| / s) * M <= M hold exactly in float32 (correctly
-        # rounded, monotonic ops), so the magnitude needs no clipping to M.
+        # rounded, monotonic ops) where s >= max|w|.  A grid step may put a few of them
+        # (< 1.05 * M < 256) above M: they saturate (a comparison and a sparse write are
+        # several times faster than np.minimum's pass here).
         np.divide(magnitude, divisor, out=magnitude)
-        magnitude *= np.float32((1 << (bits - 1)) - 1)
+        magnitude *= np.float32(levels)
         codes = _round_into(magnitude, rng, np.empty(w.shape, dtype=np.uint8))
+        if axis != -1:
+            above = np.greater(codes, np.uint8(levels))
+            if above.any():
+                codes[above] = levels
         sign = np.less(w, 0).view(np.uint8)
         np.minimum(sign, codes, out=sign)  # sign 0 where the magnitude is 0
         sign *= np.uint8(1 << (bits - 1))  # numpy's uint8 multiply is faster than its shift
@@ -457,6 +484,8 @@ def _quantize_affine(
             f"the value range of a tensor of shape {w.shape} is too wide for a float32 "
             f"affine scale at {bits} bits; use more bits or the symmetric scheme"
         )
+    if axis != -1:
+        scale = grid_units(scale)
     nonzero = scale > 0
     zero_point = np.zeros(scale.shape, dtype=np.float64)
     np.divide(-lo64, scale, out=zero_point, where=nonzero)

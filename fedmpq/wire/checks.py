@@ -15,6 +15,7 @@ import numpy as np
 
 from fedmpq.errors import DecodeError
 from fedmpq.packing import packed_nbytes
+from fedmpq.quant_scales import EXPONENT_RANGE, units_base, units_nbytes
 from fedmpq.quant_spec import (
     OBSERVERS,
     QUANT_BITS,
@@ -39,6 +40,7 @@ from fedmpq.wire.messages import (
     TensorPayload,
     UpdateMessage,
 )
+from fedmpq.wire.tensors import scales_of
 
 STATUS_STATES = frozenset({"online", "offline", "training", "rejected", "error"})
 CONTROL_STATES = frozenset({"open", "finished"})
@@ -162,15 +164,23 @@ def check_tensor(t: TensorPayload, path: str, limits: DecodeLimits) -> None:
     n_scales = (1 if t.axis == -1 else t.shape[t.axis]) if quantized else 0
     n_zero_points = n_scales if t.scheme == SCHEME_AFFINE else 0
     where = f"shape {_shape_text(t.shape)}, axis {t.axis}, {t.bits} bits, {t.scheme}"
-    if len(t.scale) != 4 * n_scales:
+    # Per slice: an int16 exponent, then a byte a slice (fedmpq.quant_scales).
+    scale_nbytes = (4 * n_scales if t.axis == -1 else units_nbytes(n_scales)) if quantized else 0
+    if len(t.scale) != scale_nbytes:
         raise DecodeError(
-            f"{path}.scale: {len(t.scale)} bytes, expected {4 * n_scales} for {where}"
+            f"{path}.scale: {len(t.scale)} bytes, expected {scale_nbytes} for {where}"
         )
     if len(t.zero_point) != n_zero_points:
         raise DecodeError(
             f"{path}.zero_point: {len(t.zero_point)} bytes, expected {n_zero_points} for {where}"
         )
-    scales = np.frombuffer(t.scale, dtype="<f4")
+    if quantized and t.axis != -1:
+        low, high = EXPONENT_RANGE
+        if not low <= units_base(t.scale) <= high:
+            raise DecodeError(
+                f"{path}.scale: exponent {units_base(t.scale)} is outside [{low}, {high}]"
+            )
+    scales = scales_of(t) if quantized else np.empty(0, np.float32)
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
         raise DecodeError(f"{path}.scale: scales must be finite and >= 0")
     expected = packed_nbytes(count, t.bits)

@@ -8,13 +8,15 @@ coordinator's Ed25519 signature over the frame's head and wire body
 already encoded, and the ``verify_*`` functions check an :class:`Envelope` before its
 body is decompressed or parsed.
 
-Tensors travel positionally (protocol version 2): a message's ``tensors`` field is
+Tensors travel positionally (since protocol version 2): a message's ``tensors`` field is
 an array in layout order (``fedmpq.wire.layout``), each tensor ``[bits, data]`` for
 floats or ``[bits, scheme, axis, scale, zero_point, data]`` when quantized (scheme
 0 = symmetric, 1 = affine), with no names, shapes or map keys.  Next to it, the
 body's ``layout`` field holds the layout itself in a ``GlobalModelMessage`` and
 only its digest elsewhere; decoding such a message needs a layout this process has
-seen (in a global model, or by encoding a message of that layout).
+seen (in a global model, or by encoding a message of that layout).  Since version 3
+a quantized tensor's per-slice ``scale`` is a float32 reference and a byte a slice
+(``fedmpq.quant_scales``) instead of a float32 a slice.
 
 Encoding is canonical: fields in declaration order, map keys sorted, ints as
 ints and floats as float64 (float32 would round learning rates, timestamps and

@@ -39,9 +39,10 @@ UPDATE_KINDS = frozenset({KIND_WEIGHTS, KIND_DELTA})
 class TensorPayload:
     """One tensor, quantized and bit-packed (or float) as it travels.
 
-    ``scale`` holds little-endian float32 values, one per tensor (``axis == -1``)
-    or one per slice along ``axis``; ``zero_point`` holds one uint8 per scale for
-    the affine scheme and is empty otherwise.  ``data`` holds exactly
+    ``scale`` holds one little-endian float32 per tensor (``axis == -1``); with one
+    scale per slice along ``axis``, a little-endian float32 reference and then one
+    uint8 code per slice (``fedmpq.quant_scales``).  ``zero_point`` holds one uint8 per
+    scale for the affine scheme and is empty otherwise.  ``data`` holds exactly
     ``ceil(prod(shape) * bits / 8)`` bytes.
     """
 

@@ -1,8 +1,9 @@
-"""Tensors on the wire in layout order: no names, shapes or map keys (protocol version 2).
+"""Tensors on the wire in layout order: no names, shapes or map keys (since protocol version 2).
 
 A message's ``tensors`` field is an array in layout order (``fedmpq.wire.layout``), each
 tensor ``[bits, data]`` for floats or ``[bits, scheme, axis, scale, zero_point, data]``
-when quantized (scheme 0 = symmetric, 1 = affine).  Next to it, the body's ``layout``
+when quantized (scheme 0 = symmetric, 1 = affine; ``scale`` as ``fedmpq.wire.tensors.
+scale_bytes`` writes it).  Next to it, the body's ``layout``
 field holds the layout itself in a ``GlobalModelMessage`` and only its digest elsewhere.
 """
 

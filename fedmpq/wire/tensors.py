@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fedmpq.packing import pack_bits, unpack_bits
-from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize
+from fedmpq.quant import QuantizedTensor, Rounding, dequantize, quantize, steps_per_scale
+from fedmpq.quant_scales import units_from_bytes, units_to_bytes
 from fedmpq.quant_spec import (
     FLOAT_BITS,
     OBSERVER_MINMAX,
@@ -69,7 +70,7 @@ def encode_tensor(
         bits=bits,
         scheme=scheme,
         axis=axis,
-        scale=np.ascontiguousarray(q.scale, dtype="<f4").tobytes(),
+        scale=scale_bytes(q.scale, axis, bits, scheme),
         zero_point=q.zero_point.astype(np.uint8).tobytes() if scheme == SCHEME_AFFINE else b"",
         data=pack_bits(q.codes, bits, check=False),
     )
@@ -88,10 +89,27 @@ def decode_tensor(p: TensorPayload) -> np.ndarray:
         bits=p.bits,
         scheme=p.scheme,
         axis=p.axis,
-        scale=np.frombuffer(p.scale, dtype="<f4").astype(np.float32),
+        scale=scales_of(p),
         zero_point=np.frombuffer(p.zero_point, dtype=np.uint8),
     )
     return dequantize(q)
+
+
+def scale_bytes(scale: np.ndarray, axis: int, bits: int, scheme: str) -> bytes:
+    """A quantized tensor's scales as they travel: one little-endian float32 per tensor
+    (``axis == -1``); per slice, their steps on ``fedmpq.quant_scales``' grid (2 bytes and
+    a byte a slice), exact for the scales ``fedmpq.quant`` makes."""
+    if axis == -1:
+        return np.ascontiguousarray(scale, dtype="<f4").tobytes()
+    return units_to_bytes(np.asarray(scale, dtype=np.float32) / steps_per_scale(bits, scheme))
+
+
+def scales_of(p: TensorPayload) -> np.ndarray:
+    """The float32 scales of a (validated) quantized payload."""
+    if p.axis == -1:
+        return np.frombuffer(p.scale, dtype="<f4").astype(np.float32)
+    with np.errstate(over="ignore"):  # the codec refuses a frame whose scales overflow
+        return units_from_bytes(p.scale) * steps_per_scale(p.bits, p.scheme)
 
 
 def encode_state(

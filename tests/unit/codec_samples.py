@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from fedmpq import PROTOCOL_VERSION
 from fedmpq.errors import DecodeError
 from fedmpq.packing import packed_nbytes
+from fedmpq.quant_scales import EXPONENT_RANGE
 from fedmpq.quant_spec import (
     OBSERVERS,
     QUANT_BITS,
@@ -75,7 +76,17 @@ def tensors(draw: st.DrawFn) -> TensorPayload:
     axis = draw(st.sampled_from([-1, *range(len(shape))])) if quantized else -1
     count = math.prod(shape)
     n_scales = (1 if axis == -1 else shape[axis]) if quantized else 0
-    scales = draw(st.lists(st.floats(0, 2.0**100, width=32), min_size=n_scales, max_size=n_scales))
+    # Per tensor a float32; per slice an int16 exponent and a code a slice, whose largest
+    # step times the symmetric levels (< 2**7) stays a finite float32.
+    if not quantized:
+        scale = b""
+    elif axis == -1:
+        scale = np.array([draw(st.floats(0, 2.0**100, width=32))], "<f4").tobytes()
+    else:
+        base = draw(st.integers(EXPONENT_RANGE[0], 16 * 120))
+        scale = np.array([base], "<i2").tobytes() + draw(
+            st.binary(min_size=n_scales, max_size=n_scales)
+        )
     n_zp = n_scales if scheme == SCHEME_AFFINE else 0
     if quantized:
         nbytes = packed_nbytes(count, bits)
@@ -91,7 +102,7 @@ def tensors(draw: st.DrawFn) -> TensorPayload:
         bits=bits,
         scheme=scheme,
         axis=axis,
-        scale=np.array(scales, "<f4").tobytes(),
+        scale=scale,
         zero_point=draw(st.binary(min_size=n_zp, max_size=n_zp)),
         data=data,
     )
@@ -163,14 +174,15 @@ def frames(draw: st.DrawFn) -> bytes:
 
 
 def q4_tensor(name: str = "conv.weight") -> TensorPayload:
-    """4-bit symmetric, one scale per output channel, shape [3, 5]."""
+    """4-bit symmetric, one scale per output channel, shape [3, 5]: steps 2**-4, 2**-5 and
+    2**-6 (exponent -64, codes 0, 16, 32), so scales 7/16, 7/32 and 7/64."""
     return TensorPayload(
         name=name,
         shape=[3, 5],
         bits=4,
         scheme=SCHEME_SYMMETRIC,
         axis=0,
-        scale=np.array([0.5, 0.25, 0.125], "<f4").tobytes(),
+        scale=np.array([-64], "<i2").tobytes() + bytes([0, 16, 32]),
         zero_point=b"",
         data=bytes([0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0x0E]),
     )
