@@ -21,12 +21,9 @@ the squared quantization error (searched over ``s = c * max|w|``, ``c`` in
 [0.25, 1]; for one bit the closed form ``s = mean|w|``).  At two bits ``max|w|``
 turns ~90% of a dense layer's weights into zeros; the clipped scale keeps far more.
 
-Scales are per tensor (``axis == -1``) or per slice along ``axis``.  A per-slice step
-(``s / M``, or the affine scale) is rounded down to a grid of powers of ``2**(1/16)``
-(``fedmpq.quant_scales``) so that the wire carries it in a byte, exactly; the weights
-above the range so narrowed (by at most 4.2%) saturate on the top level, which keeps
-``quantize(dequantize(q))`` equal to ``q``.  A per-tensor scale is the observer's.
-
+Scales are per tensor (``axis == -1``, the observer's) or per slice along ``axis``: a
+per-slice step is rounded down to powers of ``2**(1/16)`` (``fedmpq.quant_scales``), a
+byte on the wire; weights above the range so narrowed (<= 4.2%) take the top level.
 Round to nearest keeps ``|w - w_hat| <= step / 2`` (symmetric 1-bit: ``<= s``);
 stochastic rounding keeps ``|w - w_hat| < step`` and is unbiased.  (These bounds hold
 for the weights within the range: with the ``"mse"`` observer, or per slice, the ones
