@@ -124,8 +124,8 @@ class RunConfig:
     )  # fmt: skip
     secure_aggregation: bool = setting(
         False, "secure aggregation: the coordinator learns only the sum of the round's updates"
-        " (README: Secure aggregation; needs clip_multiple = 0, max_update_norm = 0, policy"
-        " fixed or fedlq)",
+        " (README: Secure aggregation; needs device_keys, clip_multiple = 0, max_update_norm = 0,"
+        " policy fixed or fedlq)",
     )  # fmt: skip
     secure_step_s: float = setting(
         30.0, "seconds each secure-aggregation exchange (keys, shares, unmasking) waits",
@@ -187,6 +187,10 @@ class RunConfig:
             and "clips each update against the round's median: set clip_multiple = 0",
             "policy": name in SECURE_REFUSED
             and f"{name} {SECURE_REFUSED.get(name, '')}; use fixed or fedlq",
+            # Step frames carry no task token: only a device's key ties them to it.
+            "device_keys": not self.device_keys
+            and "needs signed device frames, or anyone could speak for a device in the key"
+            " exchange: set device_keys (fedmpq keys)",
         }
         for key, problem in conflicts.items():
             if problem:

@@ -28,9 +28,11 @@ from fedmpq.wire.messages import (
     TaskMessage,
     UpdateMessage,
 )
+from fedmpq.wire.signing import generate_coordinator_key, generate_keys, write_keyring
 
 PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64")
 IDS = ("a", "b", "c", "d", "e")
+KEYS = generate_keys(list(IDS))
 STEP_S = 5.0
 
 
@@ -43,7 +45,11 @@ class FakeClock:
 
 
 def secure_engine(tmp_path, **settings) -> tuple[RoundEngine, FakeClock]:
+    key_file = tmp_path / "keys.toml"
+    private, public = generate_coordinator_key()
+    write_keyring(str(key_file), KEYS, coordinator_public=public, coordinator_private=private)
     config = RunConfig(
+        device_keys=str(key_file),
         run_id="sec",
         model="mlp",
         rounds=3,
@@ -59,7 +65,7 @@ def secure_engine(tmp_path, **settings) -> tuple[RoundEngine, FakeClock]:
     clock = FakeClock()
     engine = RoundEngine(config, clock=clock)
     for cid in IDS:
-        enroll(engine, RegisterMessage(cid, "test", PROFILE, 100, True, time.time()))
+        enroll(engine, RegisterMessage(cid, "test", PROFILE, 100, True, time.time()), KEYS[cid])
     return engine, clock
 
 
@@ -80,7 +86,7 @@ class Fleet:
 
     def send(self, cid: str, msg) -> None:
         if cid not in self.silent:
-            self.deliver(self.engine.receive(UPDATE, cid, encode(msg)))
+            self.deliver(self.engine.receive(UPDATE, cid, encode(msg, key=KEYS[cid])))
 
     def deliver(self, out) -> None:
         for m in out:
@@ -176,7 +182,9 @@ def test_a_gone_device_closes_a_step_before_its_deadline(tmp_path):
     for cid in "abcd":
         fleet.send(cid, fleet.sessions[cid].advertise())
     assert fleet.inbox == []  # still waiting for "e"
-    engine.receive(STATUS, "e", encode(StatusMessage("e", "error", 1, "broken", time.time())))
+    engine.receive(
+        STATUS, "e", encode(StatusMessage("e", "error", 1, "broken", time.time()), key=KEYS["e"])
+    )
     fleet.deliver(engine.tick())
     assert sorted(c for c, _ in fleet.inbox) == list("abcd")
     fleet.run()
@@ -206,8 +214,9 @@ def test_a_plain_update_is_refused_in_a_secure_round(tmp_path):
         "sec", 1, "a", 100, task.model_fingerprint, "weights", [], ResourceUsage(0, 0, 0), {},
         token=task.token,
     )  # fmt: skip
-    engine.receive(UPDATE, "a", encode(update))
-    engine.receive(UPDATE, "b", encode(fleet.sessions["a"].advertise()))  # spoofed
+    engine.receive(UPDATE, "a", encode(update, key=KEYS["a"]))
+    # b, with its own key, speaks for a:
+    engine.receive(UPDATE, "b", encode(fleet.sessions["a"].advertise(), key=KEYS["b"]))
     assert engine.rejections.counts["unexpected"] == 0
     assert engine.rejections.counts["kind"] == 1
     assert engine.rejections.counts["spoofed"] == 1
@@ -230,6 +239,7 @@ def test_the_grid_covers_every_tensor_with_headroom():
         ({"clip_multiple": 0.0, "policy": {"name": "qsgd"}}, "qsgd"),
         ({"clip_multiple": 0.0, "policy": {"name": "float32"}}, "float32"),
         ({"clip_multiple": 0.0, "policy": {"name": "fedmpq"}}, "fedmpq"),
+        ({"clip_multiple": 0.0}, "device_keys"),
     ],
 )
 def test_secure_aggregation_refuses_what_needs_individual_updates(settings, match):
