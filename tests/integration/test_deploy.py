@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from one_round import run_one_round
 
-from coordinator.metrics import read_metrics
-from edge_client.model_store import ModelStore
 from fedmpq.broker import MosquittoBroker, find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BEGIN = "# --- authentication and authorisation"
 END = "# --- end of authentication and authorisation"
-TIMEOUT_S = 240
 
 
 def shipped_auth_lines(passwd: Path) -> list[str]:
@@ -144,30 +141,7 @@ def test_device_cannot_publish_on_another_devices_topic(broker, credentials):
 
 
 def test_round_with_passwords_delivers_the_onnx_model(broker, credentials, tmp_path):
-    out = tmp_path / "run"
-    model_dir = tmp_path / "agent-model"
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "fedmpq.cli", "agent", "--broker",
-         _url(broker, "dev1", credentials["dev1"]), "--client-id", "dev1",
-         "--run-id", "deploy", "--exit-when-done", "--threads", "1",
-         "--model-dir", str(model_dir)],
-        stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        coordinator = subprocess.run(
-            [sys.executable, "-m", "fedmpq.cli", "coordinator", "--broker",
-             _url(broker, "coordinator", credentials["coordinator"]), "--run-id", "deploy",
-             "--rounds", "1", "--min-clients", "1", "--policy", "fixed:4", "--model", "cnn",
-             "--out-dir", str(out), "--threads", "1", "--round-deadline", "120"],
-            capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-        )  # fmt: skip
-        assert coordinator.returncode == 0, coordinator.stderr[-3000:]
-        assert agent.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()[-3000:]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-    rows = read_metrics(out / "metrics.jsonl")
-    assert rows[-1]["participants"] == ["dev1"]
-    stored = ModelStore(model_dir).current()  # re-verifies the fingerprint
-    assert stored.path.read_bytes() == (out / "model.onnx").read_bytes()
+    agent_broker = ["--broker", _url(broker, "dev1", credentials["dev1"])]
+    coordinator_url = _url(broker, "coordinator", credentials["coordinator"])
+    _, stored = run_one_round(tmp_path, "deploy", "cnn", agent_broker, coordinator_url)
     assert set(stored.bits.values()) == {4}

@@ -8,21 +8,18 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from one_round import run_one_round
 
-from coordinator.metrics import read_metrics
-from edge_client.model_store import ModelStore
 from fedmpq.broker import MosquittoBroker, find_mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-TIMEOUT_S = 240
 
 
 def _make_credentials(out: Path, *devices: str) -> None:
@@ -160,32 +157,13 @@ def attempt(
 
 def test_round_over_tls_delivers_the_model(tls_broker, creds, tmp_path):
     _, tls_port = tls_broker
-    out, model_dir = tmp_path / "run", tmp_path / "agent-model"
     # The agent names its CA with the flag, the coordinator in the URL: both forms work.
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "fedmpq.cli", "agent", "--broker",
-         f"mqtts://dev1:{creds['passwords']['dev1']}@127.0.0.1:{tls_port}",
-         "--ca-file", str(creds["dir"] / "ca.crt"), "--client-id", "dev1",
-         "--run-id", "tls", "--exit-when-done", "--threads", "1",
-         "--model-dir", str(model_dir)],
-        stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        coordinator = subprocess.run(
-            [sys.executable, "-m", "fedmpq.cli", "coordinator", "--broker",
-             _tls_url(creds, "coordinator", tls_port), "--run-id", "tls", "--rounds", "1",
-             "--min-clients", "1", "--policy", "fixed:4", "--model", "mlp",
-             "--out-dir", str(out), "--threads", "1", "--round-deadline", "120"],
-            capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-        )  # fmt: skip
-        assert coordinator.returncode == 0, coordinator.stderr[-3000:]
-        assert agent.wait(timeout=60) == 0, (tmp_path / "agent.log").read_text()[-3000:]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-    rows = read_metrics(out / "metrics.jsonl")
-    assert rows[-1]["participants"] == ["dev1"]
-    assert ModelStore(model_dir).current().path.read_bytes() == (out / "model.onnx").read_bytes()
+    agent_broker = [
+        "--broker", f"mqtts://dev1:{creds['passwords']['dev1']}@127.0.0.1:{tls_port}",
+        "--ca-file", str(creds["dir"] / "ca.crt"),
+    ]  # fmt: skip
+    coordinator_url = _tls_url(creds, "coordinator", tls_port)
+    coordinator, _ = run_one_round(tmp_path, "tls", "mlp", agent_broker, coordinator_url)
     assert "mqtts://127.0.0.1" in coordinator.stderr + coordinator.stdout
 
 
