@@ -13,7 +13,7 @@ import torch
 from benchmarks.round_driver import enroll, frames
 from coordinator.config import RunConfig
 from coordinator.engine import RoundEngine
-from edge_client.shared_models import GlobalModelCache
+from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq.dither import dithered_start
 from fedmpq.fake_quant import fake_quantize
 from fedmpq.quant_spec import (
@@ -45,7 +45,7 @@ def engine_for(tmp_path, policy: dict, **settings) -> RoundEngine:
 def device_start(payload: bytes, task: TaskMessage) -> dict[str, np.ndarray]:
     """What the agent trains ``task`` from after receiving ``payload`` on its link."""
     cache = GlobalModelCache()
-    cache.add(payload, DecodeLimits())
+    cache.add(payload, DecodeLimits(), ModelPool(10, (1, 28, 28)).layout(task.model_name))
     state = cache.get(task.model_fingerprint, task.model_allocation)
     assert state is not None
     return state
