@@ -18,6 +18,8 @@ measures
 * **link bytes**: what the broker itself counts (mosquitto's ``$SYS/broker/bytes/sent``,
   ``sys_interval 1``) per round, against what the selected devices need (their models,
   tasks and updates, from the metrics row) and against the row's own up + down total;
+  round 1 opens only after two counter samples taken once every device registered
+  (:class:`SettledCounters`), so the registration burst is not counted as round 1's;
 * **emulated round time** against the analytic time of the slowest participant:
   FLOP-count compute (``fedmpq.resources.training_seconds`` at the profile's GFLOPS)
   plus both transfers over its links; and against the emulation's own parts (measured
@@ -66,6 +68,7 @@ from fedmpq.broker import MosquittoBroker
 from fedmpq.data.datasets import load_dataset
 from fedmpq.data.partition import parse_partition, partition
 from fedmpq.models import build_model
+from fedmpq.mqtt import BrokerAddress
 from fedmpq.profiles import load_fleet
 from fedmpq.resources import model_cost, training_seconds
 from fedmpq.topics import REGISTER, TASK, UPDATE
@@ -132,13 +135,34 @@ class RoundTimer:
         }
 
 
+class SettledCounters:
+    """Holds the first round until mosquitto's byte counters have sampled twice after the
+    last registration, so that the registration burst (1,000 registrations and statuses,
+    ~1 MB) is counted before round 1's mark and not in round 1's bytes.
+
+    It waits on the samples themselves (``$SYS`` publications), over its own connection,
+    closed before the round opens.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.held = False
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, DevicesReady) and not self.held:
+            self.held = True
+            address = BrokerAddress.parse(self.url)
+            # Entering waits for two samples, one of which may be a retained earlier one.
+            with BrokerCounters(address, client_id="fleet-scale-settle") as counters:
+                counters.wait_samples(1)
+
+
 def coordinator_child(spec: dict[str, Any]) -> None:
     """Run an instrumented coordinator as ``spec`` says; write its measurements as JSON."""
     import torch
 
     from coordinator.config import RunConfig
     from coordinator.mqtt_service import MqttCoordinator
-    from fedmpq.mqtt import BrokerAddress
 
     torch.set_num_threads(1)
     config = RunConfig(
@@ -158,6 +182,7 @@ def coordinator_child(spec: dict[str, Any]) -> None:
     coordinator = MqttCoordinator(config, BrokerAddress.parse(spec["url"]))
     timer = RoundTimer()
     coordinator.engine.observers.subscribe(timer)
+    coordinator.engine.observers.subscribe(SettledCounters(spec["url"]))
     coordinator.run()
     result = {
         "registered_at": timer.registered_at,

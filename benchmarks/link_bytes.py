@@ -52,7 +52,12 @@ class BrokerCounters:
     from packet sizes), which :meth:`sent` subtracts.
     """
 
-    def __init__(self, address: BrokerAddress, topics: Topics | None = None) -> None:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        topics: Topics | None = None,
+        client_id: str = "link-bytes-watcher",
+    ) -> None:
         self.samples: list[tuple[float, int, int]] = []  # (time, sent, received)
         self.opened: dict[int, float] = {}  # round -> when its announcement arrived
         self.own_bytes = 0
@@ -60,7 +65,7 @@ class BrokerCounters:
         self._changed = threading.Condition()
         self._topics = topics = topics or Topics()
         self._loop = MqttLoop()
-        self._conn = Connection(self._loop, address, "link-bytes-watcher", on_message=self._on)
+        self._conn = Connection(self._loop, address, client_id, on_message=self._on)
         self._conn.subscribe(SENT, qos=0)
         self._conn.subscribe(RECEIVED, qos=0)
         self._conn.subscribe(topics.control, qos=0)
