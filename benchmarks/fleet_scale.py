@@ -18,8 +18,9 @@ measures
 * **link bytes**: what the broker itself counts (mosquitto's ``$SYS/broker/bytes/sent``,
   ``sys_interval 1``) per round, against what the selected devices need (their models,
   tasks and updates, from the metrics row) and against the row's own up + down total;
-  round 1 opens only after two counter samples taken once every device registered
-  (:class:`SettledCounters`), so the registration burst is not counted as round 1's;
+  the coordinator waits for two counter samples once every device registered and again
+  after the last round (:class:`SettledCounters`), so neither the registration burst nor
+  the end of the run is counted as a round's;
 * **emulated round time** against the analytic time of the slowest participant:
   FLOP-count compute (``fedmpq.resources.training_seconds`` at the profile's GFLOPS)
   plus both transfers over its links; and against the emulation's own parts (measured
@@ -136,24 +137,27 @@ class RoundTimer:
 
 
 class SettledCounters:
-    """Holds the first round until mosquitto's byte counters have sampled twice after the
-    last registration, so that the registration burst (1,000 registrations and statuses,
-    ~1 MB) is counted before round 1's mark and not in round 1's bytes.
+    """Holds the coordinator for two fresh samples of mosquitto's byte counters before round
+    1 opens and after the last round closes, so that neither the registration burst (1,000
+    registrations and statuses, ~1 MB) nor the end of the run (the ``finished``
+    announcement to every device, their ``offline`` statuses) is counted as a round's.
 
     It waits on the samples themselves (``$SYS`` publications), over its own connection,
-    closed before the round opens.
+    closed again before the coordinator goes on.
     """
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.held = False
+    def __init__(self, url: str, last_round: int) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.last_round = last_round
+        self.held_first = False
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, DevicesReady) and not self.held:
-            self.held = True
-            address = BrokerAddress.parse(self.url)
+        first = isinstance(event, DevicesReady) and not self.held_first
+        last = isinstance(event, RoundTimed) and event.round == self.last_round
+        if first or last:
+            self.held_first = True
             # Entering waits for two samples, one of which may be a retained earlier one.
-            with BrokerCounters(address, client_id="fleet-scale-settle") as counters:
+            with BrokerCounters(self.address, client_id="fleet-scale-settle") as counters:
                 counters.wait_samples(1)
 
 
@@ -182,7 +186,7 @@ def coordinator_child(spec: dict[str, Any]) -> None:
     coordinator = MqttCoordinator(config, BrokerAddress.parse(spec["url"]))
     timer = RoundTimer()
     coordinator.engine.observers.subscribe(timer)
-    coordinator.engine.observers.subscribe(SettledCounters(spec["url"]))
+    coordinator.engine.observers.subscribe(SettledCounters(spec["url"], spec["rounds"]))
     coordinator.run()
     result = {
         "registered_at": timer.registered_at,
@@ -326,7 +330,10 @@ def run_size(
             stop_processes([coordinator, *agents], timeout=0)
         broker_peak = broker_rss.stop()
         agent_peak = max(sampler.stop() for sampler in agent_rss)
-        marks = counters.round_marks(counters.wait_samples(2))
+        end = counters.wait_samples(2)
+        if counters.finished is not None:  # round 3 ends before the run's end is announced
+            end = counters.at(counters.finished)
+        marks = counters.round_marks(end)
     if code != 0:
         raise SystemExit(f"coordinator failed for {clients} devices: see {out}/coordinator.log")
     measured = json.loads(result_path.read_text())

@@ -60,6 +60,7 @@ class BrokerCounters:
     ) -> None:
         self.samples: list[tuple[float, int, int]] = []  # (time, sent, received)
         self.opened: dict[int, float] = {}  # round -> when its announcement arrived
+        self.finished: float | None = None  # when the run's end was announced
         self.own_bytes = 0
         self._latest = {SENT: -1, RECEIVED: -1}
         self._changed = threading.Condition()
@@ -87,6 +88,8 @@ class BrokerCounters:
             msg = decode(payload, ControlMessage)
             if msg.state == "open":
                 self.opened.setdefault(msg.round, time.monotonic())
+            elif msg.state == "finished" and self.finished is None:
+                self.finished = time.monotonic()
             return
         with self._changed:
             self._latest[topic] = int(payload)
