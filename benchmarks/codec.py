@@ -204,9 +204,10 @@ def _model_row(
         "within_target": len(payload) - ideal <= allowed,
         "within_target_besides_scales": len(payload) - scales - ideal <= allowed,
         "float32_over_payload": weights.nbytes / len(payload),
-        # The global model at the same bits, as its devices receive it (with the layout).
+        # The global model at the same bits, as its devices receive it (layout by digest).
         "downlink_bytes": len(downlink),
         "downlink_over_ideal_bytes": len(downlink) - int(ideal),
+        "downlink_within_target": len(downlink) - ideal <= allowed,
     }
 
 
@@ -223,8 +224,8 @@ def model_section(repeats: int) -> list[dict[str, Any]]:
 
     Speeds are relative to ``np.copy`` of the same model's float32 weights, timed next to
     them; sizes against the ideal ``sum n_l * b_l / 8`` (+ 4 bytes per float value), for the
-    update (uplink) and for the global model at the same bits (downlink, which also carries
-    the model's layout).
+    update (uplink) and for the global model at the same bits (downlink; both name the
+    model's layout by its digest).
     """
     rows = []
     for name, in_shape in MODELS.items():
@@ -237,7 +238,7 @@ def model_section(repeats: int) -> list[dict[str, Any]]:
     print(
         f"{'model':<9} {'params':>9} {'bits':>4} {'enc ms':>7} {'dec ms':>7} {'enc/copy':>8} "
         f"{'dec/copy':>8} {'payload B':>10} {'ideal B':>10} {'over B':>7} {'scales B':>8} "
-        f"{'allowed':>7} {'ok':>3} {'down B':>10} {'over B':>7}"
+        f"{'allowed':>7} {'ok':>3} {'down B':>10} {'over B':>7} {'ok':>3}"
     )
     for r in rows:
         print(
@@ -246,7 +247,8 @@ def model_section(repeats: int) -> list[dict[str, Any]]:
             f"{r['payload_bytes']:>10} {r['ideal_bytes']:>10} {r['over_ideal_bytes']:>7} "
             f"{r['scale_bytes']:>8} {r['allowed_over_bytes']:>7} "
             f"{'yes' if r['within_target'] else 'no':>3} {r['downlink_bytes']:>10} "
-            f"{r['downlink_over_ideal_bytes']:>7}"
+            f"{r['downlink_over_ideal_bytes']:>7} "
+            f"{'yes' if r['downlink_within_target'] else 'no':>3}"
         )
     return rows
 

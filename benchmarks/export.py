@@ -46,7 +46,7 @@ _INFERENCE_RSS = """
 import sys, numpy as np
 from edge_client.inference import Predictor
 p = Predictor(sys.argv[1])
-x = np.load(sys.argv[2])
+x = np.load(sys.argv[2], allow_pickle=False)
 for i in range(0, len(x), 100):
     p.predict(x[i:i + 100])
 assert 'torch' not in sys.modules

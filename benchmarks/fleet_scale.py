@@ -18,6 +18,9 @@ measures
 * **link bytes**: what the broker itself counts (mosquitto's ``$SYS/broker/bytes/sent``,
   ``sys_interval 1``) per round, against what the selected devices need (their models,
   tasks and updates, from the metrics row) and against the row's own up + down total;
+  the coordinator waits for two counter samples once every device registered and again
+  after the last round (:class:`SettledCounters`), so neither the registration burst nor
+  the end of the run is counted as a round's;
 * **emulated round time** against the analytic time of the slowest participant:
   FLOP-count compute (``fedmpq.resources.training_seconds`` at the profile's GFLOPS)
   plus both transfers over its links; and against the emulation's own parts (measured
@@ -66,6 +69,7 @@ from fedmpq.broker import MosquittoBroker
 from fedmpq.data.datasets import load_dataset
 from fedmpq.data.partition import parse_partition, partition
 from fedmpq.models import build_model
+from fedmpq.mqtt import BrokerAddress
 from fedmpq.profiles import load_fleet
 from fedmpq.resources import model_cost, training_seconds
 from fedmpq.topics import REGISTER, TASK, UPDATE
@@ -132,13 +136,37 @@ class RoundTimer:
         }
 
 
+class SettledCounters:
+    """Holds the coordinator for two fresh samples of mosquitto's byte counters before round
+    1 opens and after the last round closes, so that neither the registration burst (1,000
+    registrations and statuses, ~1 MB) nor the end of the run (the ``finished``
+    announcement to every device, their ``offline`` statuses) is counted as a round's.
+
+    It waits on the samples themselves (``$SYS`` publications), over its own connection,
+    closed again before the coordinator goes on.
+    """
+
+    def __init__(self, url: str, last_round: int) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.last_round = last_round
+        self.held_first = False
+
+    def __call__(self, event: Event) -> None:
+        first = isinstance(event, DevicesReady) and not self.held_first
+        last = isinstance(event, RoundTimed) and event.round == self.last_round
+        if first or last:
+            self.held_first = True
+            # Entering waits for two samples, one of which may be a retained earlier one.
+            with BrokerCounters(self.address, client_id="fleet-scale-settle") as counters:
+                counters.wait_samples(1)
+
+
 def coordinator_child(spec: dict[str, Any]) -> None:
     """Run an instrumented coordinator as ``spec`` says; write its measurements as JSON."""
     import torch
 
     from coordinator.config import RunConfig
     from coordinator.mqtt_service import MqttCoordinator
-    from fedmpq.mqtt import BrokerAddress
 
     torch.set_num_threads(1)
     config = RunConfig(
@@ -158,6 +186,7 @@ def coordinator_child(spec: dict[str, Any]) -> None:
     coordinator = MqttCoordinator(config, BrokerAddress.parse(spec["url"]))
     timer = RoundTimer()
     coordinator.engine.observers.subscribe(timer)
+    coordinator.engine.observers.subscribe(SettledCounters(spec["url"], spec["rounds"]))
     coordinator.run()
     result = {
         "registered_at": timer.registered_at,
@@ -301,7 +330,10 @@ def run_size(
             stop_processes([coordinator, *agents], timeout=0)
         broker_peak = broker_rss.stop()
         agent_peak = max(sampler.stop() for sampler in agent_rss)
-        marks = counters.round_marks(counters.wait_samples(2))
+        end = counters.wait_samples(2)
+        if counters.finished is not None:  # round 3 ends before the run's end is announced
+            end = counters.at(counters.finished)
+        marks = counters.round_marks(end)
     if code != 0:
         raise SystemExit(f"coordinator failed for {clients} devices: see {out}/coordinator.log")
     measured = json.loads(result_path.read_text())

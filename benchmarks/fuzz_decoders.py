@@ -7,9 +7,8 @@ Run from the repository root::
     python -m benchmarks.fuzz_decoders --cases 1000000 --seed 7
 
 Every case takes a valid frame of some message type (tensors built by
-``fedmpq.wire.tensors.encode_tensor``, positional against the model layout that a
-global model carries whole and an update names by digest; plain or zstd) and
-breaks it one way:
+``fedmpq.wire.tensors.encode_tensor``, positional against a model layout named by
+digest, or carried whole as a global model in a file; plain or zstd) and breaks it:
 random bytes, truncation, byte flips/insertions/deletions/splices of the frame or
 of its body, wrong-typed/missing/extra fields, wrong frame keys, out-of-range
 numbers, zstd bombs, oversized msgpack headers and deep nesting.  A fifth of the
@@ -309,9 +308,10 @@ def _body_edit(rng: Rng, sample: Sample) -> bytes:
 
 def _layout_edit(rng: Rng, sample: Sample) -> bytes:
     """Tensors that disagree with their layout: a digest nobody knows, a layout entry
-    changed, tensors dropped, repeated or reordered."""
+    changed (a global model's layout whole, as files hold it), tensors dropped, repeated
+    or reordered."""
     msg, _ = sample
-    body = msgpack.unpackb(body_bytes(msg))
+    body = msgpack.unpackb(body_bytes(msg, inline_layout=isinstance(msg, GlobalModelMessage)))
     if "layout" not in body:
         return _tree_edit(rng, sample, "replace")
     layout, tensors = body["layout"], body["tensors"]

@@ -52,15 +52,21 @@ class BrokerCounters:
     from packet sizes), which :meth:`sent` subtracts.
     """
 
-    def __init__(self, address: BrokerAddress, topics: Topics | None = None) -> None:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        topics: Topics | None = None,
+        client_id: str = "link-bytes-watcher",
+    ) -> None:
         self.samples: list[tuple[float, int, int]] = []  # (time, sent, received)
         self.opened: dict[int, float] = {}  # round -> when its announcement arrived
+        self.finished: float | None = None  # when the run's end was announced
         self.own_bytes = 0
         self._latest = {SENT: -1, RECEIVED: -1}
         self._changed = threading.Condition()
         self._topics = topics = topics or Topics()
         self._loop = MqttLoop()
-        self._conn = Connection(self._loop, address, "link-bytes-watcher", on_message=self._on)
+        self._conn = Connection(self._loop, address, client_id, on_message=self._on)
         self._conn.subscribe(SENT, qos=0)
         self._conn.subscribe(RECEIVED, qos=0)
         self._conn.subscribe(topics.control, qos=0)
@@ -82,6 +88,8 @@ class BrokerCounters:
             msg = decode(payload, ControlMessage)
             if msg.state == "open":
                 self.opened.setdefault(msg.round, time.monotonic())
+            elif msg.state == "finished" and self.finished is None:
+                self.finished = time.monotonic()
             return
         with self._changed:
             self._latest[topic] = int(payload)

@@ -1,11 +1,11 @@
 """Atomic per-round checkpoints, so a coordinator killed at any point resumes.
 
 A checkpoint is one msgpack file (never pickle) holding the round just completed,
-the global model as its encoded ``GlobalModelMessage`` frame (so the model after
-resume is byte-identical to the one checkpointed), the policy's learned state, the
-device registry, the selection RNG state and the running totals.  It is written to a
-temporary file, fsynced and renamed over the old one: a crash leaves either the
-previous checkpoint or the new one, never a torn file.
+the global model as its encoded ``GlobalModelMessage`` frame with its layout inline
+(so the model after resume is byte-identical to the one checkpointed), the policy's
+learned state, the device registry, the selection RNG state and the running totals.
+It is written to a temporary file, fsynced and renamed over the old one: a crash
+leaves either the previous checkpoint or the new one, never a torn file.
 """
 
 from __future__ import annotations
@@ -47,11 +47,15 @@ class Checkpoint:
 
 
 def model_frame(run_id: str, round: int, model_name: str, state: Mapping[str, np.ndarray]) -> bytes:
-    """The full-precision model after ``round`` as an encoded ``GlobalModelMessage``."""
+    """The full-precision model after ``round`` as an encoded ``GlobalModelMessage``.
+
+    The frame carries its layout whole (the link carries only its digest): resume, export
+    and any other reader decode the file without building the model.
+    """
     glob = GlobalModelMessage(
         run_id, round, model_name, fingerprint(state), encode_state(state, {})
     )
-    return encode(glob)
+    return encode(glob, inline_layout=True)
 
 
 def _device_to_wire(d: DeviceRecord) -> dict[str, Any]:

@@ -211,13 +211,18 @@ class AgentRuntime:
 
     def _on_model_at(self, session: Session, topic: str, payload: bytes) -> None:
         """A global model at an allocation arrived on this device's link (an empty payload
-        is the coordinator clearing a closed round's model)."""
+        is the coordinator clearing a closed round's model).  It is decoded against the
+        layout of the model the waiting task names; one that no task waits for (the device
+        subscribes only while one does) is reported with round None and not decoded."""
+        task = session.pending
         if payload:
-            round = self.models.add(payload, self.options.limits)
+            round = None
+            if task is not None:
+                layout = self.pool.layout(task.model_name)
+                round = self.models.add(payload, self.options.limits, layout)
             client_id = session.device.client_id
             report = {"event": "model", "client_id": client_id, "round": round}
             self._report(report | {"bytes": len(payload)})
-        task = session.pending
         waiting = task is not None and self._model_of(task) is None
         if session.model_topic == topic and not waiting:
             session.connection.unsubscribe(topic)

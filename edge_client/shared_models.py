@@ -14,7 +14,9 @@ from torch import nn
 from edge_client.task import execute_task
 from fedmpq.models import build_model
 from fedmpq.resources import ModelCost, model_cost
+from fedmpq.state import model_layout
 from fedmpq.wire.codec import DecodeLimits, decode
+from fedmpq.wire.layout import ModelLayout
 from fedmpq.wire.messages import GlobalModelMessage, TaskMessage
 from fedmpq.wire.tensors import decode_state
 
@@ -31,12 +33,16 @@ class GlobalModelCache:
         )
         self._seen: OrderedDict[bytes, int] = OrderedDict()  # payload digest -> its round
 
-    def add(self, payload: bytes, limits: DecodeLimits) -> int:
-        """Decode and cache ``payload`` (unless this exact payload is cached); its round."""
+    def add(self, payload: bytes, limits: DecodeLimits, layout: ModelLayout) -> int:
+        """Decode and cache ``payload`` (unless this exact payload is cached); its round.
+
+        ``layout`` is the model the device built (``ModelPool.layout``): the payload names
+        its layout only by digest, and one of another layout is a ``DecodeError``.
+        """
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         if digest in self._seen:
             return self._seen[digest]
-        msg = decode(payload, GlobalModelMessage, limits)
+        msg = decode(payload, GlobalModelMessage, limits, layout=layout)
         self._models[(msg.fingerprint, msg.allocation)] = (decode_state(msg.tensors), len(payload))
         self._seen[digest] = msg.round
         for cache in (self._models, self._seen):
@@ -64,6 +70,7 @@ class ModelPool:
         self.in_shape = in_shape
         self._nets: dict[str, nn.Module] = {}
         self._costs: dict[str, ModelCost] = {}
+        self._layouts: dict[str, ModelLayout] = {}
         self._warmed: set[str] = set()  # architectures this process has trained once, untimed
 
     def net(self, model_name: str) -> nn.Module:
@@ -71,6 +78,12 @@ class ModelPool:
         if model_name not in self._nets:
             self._nets[model_name] = build_model(model_name, self.num_classes, self.in_shape)
         return self._nets[model_name]
+
+    def layout(self, model_name: str) -> ModelLayout:
+        """The wire layout of ``model_name``'s network, which global models name by digest."""
+        if model_name not in self._layouts:
+            self._layouts[model_name] = model_layout(self.net(model_name))
+        return self._layouts[model_name]
 
     def cost(self, model_name: str) -> ModelCost:
         """Parameter, activation and FLOP counts of ``model_name`` (``fedmpq.resources``)."""

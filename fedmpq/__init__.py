@@ -6,4 +6,4 @@ bit-allocation policies.  It does no network I/O of its own except in ``fedmpq.m
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedmpq.errors import ConfigError
+from fedmpq.wire.layout import ModelLayout
 
 
 def _float_entries(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,6 +38,15 @@ def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
         name: np.array(t.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
         for name, t in _float_entries(model).items()
     }
+
+
+def model_layout(model: nn.Module) -> ModelLayout:
+    """The wire layout of ``model``'s numpy state (``state_to_numpy``), without copying it.
+
+    A receiver decodes a model's frames against the layout of the model it built itself
+    (``fedmpq.wire.codec.decode``'s ``layout``): the frames carry only its digest.
+    """
+    return ModelLayout.of_entries((k, v.shape) for k, v in _float_entries(model).items())
 
 
 def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:

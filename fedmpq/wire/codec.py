@@ -12,11 +12,13 @@ Tensors travel positionally (since protocol version 2): a message's ``tensors`` 
 an array in layout order (``fedmpq.wire.layout``), each tensor ``[bits, data]`` for
 floats or ``[bits, scheme, axis, scale, zero_point, data]`` when quantized (scheme
 0 = symmetric, 1 = affine), with no names, shapes or map keys.  Next to it, the
-body's ``layout`` field holds the layout itself in a ``GlobalModelMessage`` and
-only its digest elsewhere; decoding such a message needs a layout this process has
-seen (in a global model, or by encoding a message of that layout).  Since version 3
-a quantized tensor's per-slice ``scale`` is a float32 reference and a byte a slice
-(``fedmpq.quant_scales``) instead of a float32 a slice.
+body's ``layout`` field holds only the layout's digest; decoding such a message needs
+the layout: the caller's own model's (``layout=``, e.g. ``fedmpq.state.model_layout``),
+or one this process has encoded a message of.  Since version 3 a quantized tensor's
+per-slice ``scale`` is a float32 reference and a byte a slice (``fedmpq.quant_scales``)
+instead of a float32 a slice; since version 4 a ``GlobalModelMessage`` on the link
+carries the digest too, and only one written to a file (``inline_layout``) the layout
+itself.
 
 Encoding is canonical: fields in declaration order, map keys sorted, ints as
 ints and floats as float64 (float32 would round learning rates, timestamps and
@@ -27,7 +29,8 @@ Decoding trusts nothing.  Whatever the input, the only exception that leaves
 names the offending field by path (``update.tensors[3].data``).  The schema check
 is one recursive converter driven by the dataclass annotations (``schema``); semantic
 checks are a table of per-field rules plus one function for ``TensorPayload``
-(``checks``); positional tensors are resolved against their layout (``positional``).
+(``checks``); positional tensors are resolved against their layout (``positional``);
+msgpack and zstd parse under explicit limits (``unpack``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from fedmpq.secagg.messages import (
     UnmaskResponse,
 )
 from fedmpq.wire.checks import CONTROL_STATES, DEFAULT_LIMITS, STATUS_STATES, DecodeLimits
+from fedmpq.wire.layout import ModelLayout
 from fedmpq.wire.messages import (
     MESSAGE_TYPES,
     ControlMessage,
@@ -72,6 +76,7 @@ from fedmpq.wire.messages import (
 from fedmpq.wire.positional import convert_message, message_to_wire
 from fedmpq.wire.schema import convert, describe
 from fedmpq.wire.signing import CoordinatorSigner, coordinator_sequence, frame_mac
+from fedmpq.wire.unpack import decompress, unpack
 
 __all__ = [
     "CODECS",
@@ -115,13 +120,9 @@ CODEC_ZSTD = "zstd"
 CODECS = frozenset({CODEC_NONE, CODEC_ZSTD})
 
 _ZSTD_LEVEL = 3
-#: A zstd body may declare at most this many times its compressed size.  Real bodies
-#: (packed codes, float weights) compress about 1.0-1.3x; a bomb declares thousands.
-_MAX_ZSTD_RATIO = 64
 #: Message types without tensors or a model are small: their bodies stay under this.
 _SMALL_BODY_BYTES = 2**20
 _BULK_TYPES = frozenset({"global_model", "update", "model", MaskedInput.MESSAGE_TYPE})
-_UTF8_MAX_BYTES_PER_CHAR = 4
 
 
 @dataclass(frozen=True)
@@ -171,13 +172,16 @@ def _message_type(msg: object) -> str:
     return name
 
 
-def body_bytes(msg: Message) -> bytes:
+def body_bytes(msg: Message, *, inline_layout: bool = False) -> bytes:
     """The canonical, uncompressed body of ``msg``: what a signature covers.
 
     Parameters
     ----------
     msg
         Any message of ``fedmpq.wire.messages.MESSAGE_TYPES``.
+    inline_layout
+        Write a ``GlobalModelMessage``'s layout itself instead of its digest: for a file,
+        which a process may read without building the model.
 
     Returns
     -------
@@ -185,7 +189,7 @@ def body_bytes(msg: Message) -> bytes:
         Msgpack of the message's fields; equal messages give equal bytes.
     """
     _message_type(msg)
-    return msgpack.packb(message_to_wire(msg), use_bin_type=True)
+    return msgpack.packb(message_to_wire(msg, inline_layout), use_bin_type=True)
 
 
 def encode(
@@ -194,6 +198,7 @@ def encode(
     compress: bool = False,
     sig: bytes = b"",
     key: bytes | CoordinatorSigner | None = None,
+    inline_layout: bool = False,
 ) -> bytes:
     """Encode ``msg`` as one frame.
 
@@ -209,6 +214,8 @@ def encode(
     key
         Sign the frame (``fedmpq.wire.signing``): with a device key (HMAC) or the
         coordinator's signer (Ed25519, with a fresh sequence); overrides ``sig``.
+    inline_layout
+        As in :func:`body_bytes`: for files, never the link.
 
     Returns
     -------
@@ -216,7 +223,7 @@ def encode(
         The frame; deterministic for a given message, ``compress`` and ``sig`` (and device
         key; a coordinator signature carries a fresh sequence every time).
     """
-    body = body_bytes(msg)
+    body = body_bytes(msg, inline_layout=inline_layout)
     if compress:
         body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(body)
     codec = CODEC_ZSTD if compress else CODEC_NONE
@@ -264,84 +271,6 @@ def _frame_bytes(head: dict[str, Any], body: bytes, sig: bytes) -> bytes:
     parts += [packer.pack("body"), _bin_header(len(body)), body]
     parts += [packer.pack("sig"), packer.pack(sig)]
     return b"".join(parts)
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-#: What each msgpack limit stands for, to name the problem when one trips.
-_MSGPACK_LIMITS = {
-    "max_array_len": "an array is longer than DecodeLimits.max_tensors",
-    "max_map_len": "a map has more entries than DecodeLimits.max_map_entries",
-    "max_str_len": "a string is longer than 4 * DecodeLimits.max_string_len bytes",
-    "max_bin_len": "a bin is longer than the frame or body limit",
-    "max_ext_len": "msgpack extension types are not part of the protocol",
-}
-
-
-def _unpack(data: bytes, where: str, max_bin_len: int, limits: DecodeLimits) -> Any:
-    """Msgpack-parse untrusted bytes under explicit size limits."""
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=max_bin_len,
-            # Bytes, not characters: the converter checks the exact character count.
-            max_str_len=_UTF8_MAX_BYTES_PER_CHAR * limits.max_string_len,
-            # The tensors list is the longest legitimate array.
-            max_array_len=limits.max_tensors,
-            max_map_len=max(limits.max_map_entries, _WIDEST_RECORD),
-            max_ext_len=0,
-        )
-    except msgpack.ExtraData:
-        raise DecodeError(f"{where}: trailing bytes after the msgpack object") from None
-    except UnicodeDecodeError as e:
-        raise DecodeError(f"{where}: a string is not valid UTF-8 ({e.reason})") from None
-    except (msgpack.StackError, RecursionError):
-        raise DecodeError(f"{where}: arrays or maps nested too deeply") from None
-    except msgpack.FormatError:
-        raise DecodeError(f"{where}: not valid msgpack (reserved type byte 0xc1)") from None
-    # Otherwise msgpack reports hostile input as ValueError, TypeError or MemoryError
-    # depending on the build; all of them mean "bad bytes".
-    except Exception as e:
-        reason = next((r for k, r in _MSGPACK_LIMITS.items() if k in str(e)), "not valid msgpack")
-        raise DecodeError(f"{where}: {reason} ({type(e).__name__}: {e})") from e
-
-
-def _decompress(body: bytes, where: str, limit: int) -> bytes:
-    """zstd-decompress one frame whose header must declare a size within ``limit`` and
-    within ``_MAX_ZSTD_RATIO`` times the frame's own size.
-
-    Both are checked before anything is allocated: requiring the content size keeps the
-    allocation bounded by that declaration (``encode`` always writes it), and the ratio
-    makes a bomb cost its sender bandwidth in proportion to the work it causes here.
-    """
-    try:
-        size = zstandard.frame_content_size(body)
-    except zstandard.ZstdError as e:
-        raise DecodeError(f"{where}: not a zstd frame ({e})") from None
-    if size < 0:
-        raise DecodeError(f"{where}: zstd frame does not declare its content size")
-    if size > limit:
-        raise DecodeError(
-            f"{where}: zstd frame declares {size} bytes, over the limit of {limit} "
-            "(DecodeLimits.max_decompressed_bytes; 1 MiB for messages without tensors)"
-        )
-    if size > _MAX_ZSTD_RATIO * len(body):
-        raise DecodeError(
-            f"{where}: zstd frame of {len(body)} bytes declares {size} bytes, over "
-            f"{_MAX_ZSTD_RATIO} times its size (a decompression bomb?)"
-        )
-    try:
-        out = zstandard.ZstdDecompressor().decompress(
-            body, max_output_size=size, allow_extra_data=False
-        )
-    except Exception as e:  # ZstdError, or MemoryError for a size the host cannot give
-        raise DecodeError(f"{where}: zstd decompression failed ({e})") from e
-    if len(out) != size:
-        raise DecodeError(f"{where}: zstd frame gave {len(out)} bytes, declared {size}")
-    return out
 
 
 # --------------------------------------------------------------------------- decoding
@@ -413,7 +342,7 @@ def decode_envelope(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envel
             f"frame: {len(data)} bytes, over the limit of {limits.max_message_bytes} "
             "(DecodeLimits.max_message_bytes)"
         )
-    raw = _unpack(data, "frame", limits.max_message_bytes, limits)
+    raw = unpack(data, "frame", limits.max_message_bytes, limits, _WIDEST_RECORD)
     frame = convert(raw, _Frame, "frame", limits)
     env = Envelope(frame.v, frame.type, frame.codec, frame.body, frame.sig)
     _message_class(env)
@@ -421,11 +350,27 @@ def decode_envelope(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Envel
 
 
 @overload
-def decode_body(env: Envelope, expected: type[M], limits: DecodeLimits = ...) -> M: ...
-@overload
-def decode_body(env: Envelope, expected: None = None, limits: DecodeLimits = ...) -> Message: ...
 def decode_body(
-    env: Envelope, expected: type[Any] | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+    env: Envelope,
+    expected: type[M],
+    limits: DecodeLimits = ...,
+    *,
+    layout: ModelLayout | None = ...,
+) -> M: ...
+@overload
+def decode_body(
+    env: Envelope,
+    expected: None = None,
+    limits: DecodeLimits = ...,
+    *,
+    layout: ModelLayout | None = ...,
+) -> Message: ...
+def decode_body(
+    env: Envelope,
+    expected: type[Any] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    *,
+    layout: ModelLayout | None = None,
 ) -> Message:
     """Decompress, parse and validate the body of a checked frame.
 
@@ -437,6 +382,10 @@ def decode_body(
         The message class the caller wants; any other type is a ``DecodeError``.
     limits
         Bounds on sizes, element counts and strings.
+    layout
+        The model layout the caller expects tensors in (its own model's); a frame of
+        another layout is a ``DecodeError`` naming both digests.  Without it, a
+        message with tensors must name a layout this process has encoded.
 
     Returns
     -------
@@ -457,17 +406,29 @@ def decode_body(
     limit = limits.max_decompressed_bytes
     if env.type not in _BULK_TYPES:
         limit = min(limit, _SMALL_BODY_BYTES)
-    body = _decompress(env.body, where, limit) if env.codec == CODEC_ZSTD else env.body
-    raw = _unpack(body, where, limits.max_decompressed_bytes, limits)
-    return convert_message(raw, cls, env.type, limits)
+    body = decompress(env.body, where, limit) if env.codec == CODEC_ZSTD else env.body
+    raw = unpack(body, where, limits.max_decompressed_bytes, limits, _WIDEST_RECORD)
+    return convert_message(raw, cls, env.type, limits, layout)
 
 
 @overload
-def decode(data: bytes, expected: type[M], limits: DecodeLimits = ...) -> M: ...
-@overload
-def decode(data: bytes, expected: None = None, limits: DecodeLimits = ...) -> Message: ...
 def decode(
-    data: bytes, expected: type[Any] | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+    data: bytes, expected: type[M], limits: DecodeLimits = ..., *, layout: ModelLayout | None = ...
+) -> M: ...
+@overload
+def decode(
+    data: bytes,
+    expected: None = None,
+    limits: DecodeLimits = ...,
+    *,
+    layout: ModelLayout | None = ...,
+) -> Message: ...
+def decode(
+    data: bytes,
+    expected: type[Any] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    *,
+    layout: ModelLayout | None = None,
 ) -> Message:
     """Decode and validate one frame: ``decode_body(decode_envelope(data))``.
 
@@ -479,6 +440,8 @@ def decode(
         The message class the caller wants; any other type is a ``DecodeError``.
     limits
         Bounds on sizes, element counts and strings.
+    layout
+        As in :func:`decode_body`.
 
     Returns
     -------
@@ -490,4 +453,4 @@ def decode(
     DecodeError
         For any input that is not such a frame; nothing else is raised.
     """
-    return decode_body(decode_envelope(data, limits), expected, limits)
+    return decode_body(decode_envelope(data, limits), expected, limits, layout=layout)

@@ -1,14 +1,14 @@
 """A model's layout: the names and shapes of its tensors, in one canonical order.
 
-Both ends of a run build the same model from ``model_name``, so the layout never
-needs to travel with every tensor.  A frame that carries tensors carries them
-positionally, in layout order (tensor names sorted), together with the layout's
-digest; a ``GlobalModelMessage`` also carries the layout itself, once, so that any
-process that has seen the run's global model (or encoded any message of that
-layout) can decode the updates that name it by digest.
+Both ends of a run build the same model from ``model_name`` (and the data's classes
+and input shape), so the layout never travels with the tensors.  A frame that carries
+tensors carries them positionally, in layout order (tensor names sorted), together
+with the layout's digest only.  A receiver decodes against the layout of the model it
+built itself (``fedmpq.state.model_layout``) or one this process has encoded a message
+of; only a global model written to a file carries the layout whole.
 
-The layouts a process has seen are remembered in a small bounded book, so hostile
-frames that each declare a new layout cannot grow memory without bound.
+The layouts a process has encoded are remembered in a small bounded book, from which
+the coordinator decodes the updates of the model it sends.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ModelLayout:
         return cls.of_entries((name, np.shape(w)) for name, w in state.items())
 
     def to_wire(self) -> list[list[object]]:
-        """``[[name, [dims...]], ...]`` in layout order: how a global model carries it."""
+        """``[[name, [dims...]], ...]`` in layout order: how a file carries it."""
         return [[name, list(shape)] for name, shape in zip(self.names, self.shapes, strict=True)]
 
     @property

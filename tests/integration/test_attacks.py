@@ -29,7 +29,7 @@ from edge_client.model_store import ModelStore
 from fedmpq.keys_cli import main as keys_main
 from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
-from fedmpq.state import fingerprint, state_to_numpy
+from fedmpq.state import fingerprint, model_layout, state_to_numpy
 from fedmpq.topics import Topics
 from fedmpq.wire.codec import decode, encode
 from fedmpq.wire.messages import (
@@ -94,10 +94,12 @@ def _first_global(url: str, run_id: str, round: int) -> Callable[[], GlobalModel
     call waits for it."""
     seen: list[GlobalModelMessage] = []
     got = threading.Event()
+    # The link names the layout by digest: decode against the run's model, as a device does.
+    layout = model_layout(build_model("mlp", 10, (1, 28, 28)))
 
     def on_message(_c: Connection, _t: str, payload: bytes) -> None:
         try:
-            msg = decode(payload, GlobalModelMessage)
+            msg = decode(payload, GlobalModelMessage, layout=layout)
         except Exception:
             return
         if msg.run_id == run_id and msg.round == round and not got.is_set():

@@ -70,6 +70,8 @@ def run(tmp_path_factory):
 def test_only_the_selected_device_receives_a_model(run):
     rows, reports, _, _ = run
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    # Every model a device received was one its task waited for (decoded, with its round).
+    assert all(e["round"] is not None for e in reports if e["event"] == "model")
     for row in rows:
         (selected,) = row["client_bits"]
         models = [e for e in reports if e["event"] == "model" and e["round"] == row["round"]]

@@ -271,8 +271,8 @@ def frame(body: Any, *, type: str = "update", codec: str = "none", **overrides: 
     return msgpack.packb({**keys, **overrides}, use_bin_type=True)
 
 
-def wire_body(msg: Any) -> Any:
-    return msgpack.unpackb(body_bytes(msg))
+def wire_body(msg: Any, *, inline_layout: bool = False) -> Any:
+    return msgpack.unpackb(body_bytes(msg, inline_layout=inline_layout))
 
 
 def decodes_or_rejects(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Any:

@@ -1,5 +1,5 @@
 """The strict wire codec on valid messages: round trips, canonical bytes, the golden
-frame, layouts learned from a global model, and frame sizes."""
+frame, layouts by digest (and whole in files), and frame sizes."""
 
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ from hypothesis import strategies as st
 
 from fedmpq.errors import DecodeError
 from fedmpq.models import build_model, quantizable_layers
-from fedmpq.state import state_to_numpy
+from fedmpq.state import model_layout, state_to_numpy
 from fedmpq.wire.codec import body_bytes, decode, decode_body, decode_envelope, encode
+from fedmpq.wire.downlink import global_model_at
+from fedmpq.wire.layout import ModelLayout, known_layout
 from fedmpq.wire.messages import MESSAGE_TYPES, GlobalModelMessage, ResourceUsage, UpdateMessage
 from fedmpq.wire.tensors import encode_state, ideal_nbytes
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "update_v3.msgpack"
-#: update_v1/v2.msgpack next to it are frames as earlier releases wrote them: version 1
-#: (named, shaped tensors) and version 2 (positional, per-channel scales as float32s).
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "update_v4.msgpack"
+#: update_v1/v2/v3.msgpack next to it are frames as earlier releases wrote them: version 1
+#: (named, shaped tensors), version 2 (positional, per-channel scales as float32s) and
+#: version 3 (per-channel steps on a grid, the global model's layout whole on the link).
 
 
 # --------------------------------------------------------------------------- round trips
@@ -95,7 +98,7 @@ def test_golden_update_frame() -> None:
     assert decode(stored, UpdateMessage) == golden_update()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_old_version_frame_gets_a_clear_error(version: int) -> None:
     old = GOLDEN.with_name(f"update_v{version}.msgpack").read_bytes()
     with pytest.raises(DecodeError, match=f"frame version {version} is no longer supported; this"):
@@ -133,8 +136,9 @@ def test_an_update_of_an_unseen_layout_is_refused() -> None:
 def test_updates_stay_near_their_ideal_size(
     model_name: str, in_shape: tuple[int, int, int], bits: int
 ) -> None:
-    """A frame is at most 1% + 1 KiB over ``sum n_l * b_l / 8`` (+ float32 rest), scales
-    included (resnet18 is in ``benchmarks/codec.py``)."""
+    """An update and the global model at the same bits are each at most 1% + 1 KiB over
+    ``sum n_l * b_l / 8`` (+ float32 rest), scales included (resnet18 is in
+    ``benchmarks/codec.py``)."""
     torch.manual_seed(0)
     model = build_model(model_name, 10, in_shape)
     state = state_to_numpy(model)
@@ -148,6 +152,60 @@ def test_updates_stay_near_their_ideal_size(
     scales = sum(len(t.scale) + len(t.zero_point) for t in msg.tensors)
     assert scales == 2 * len(assignment) + channels
     assert size - scales - ideal <= 400 + 8 * len(state)  # envelope, fields, per-tensor headers
+    downlink = encode(global_model_at(state, assignment, run_id="r", round=1,
+                                      model_name=model_name, fingerprint="fp"))  # fmt: skip
+    assert len(downlink) - ideal <= 0.01 * ideal + 1024
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _cnn() -> tuple[torch.nn.Module, GlobalModelMessage]:
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, (1, 28, 28))
+    state = state_to_numpy(model)
+    bits = dict.fromkeys(quantizable_layers(model), 4)
+    return model, global_model_at(state, bits, run_id="r", round=1, model_name="cnn",
+                                  fingerprint="fp")  # fmt: skip
+
+
+def test_a_global_model_on_the_link_names_its_layout_by_digest() -> None:
+    model, glob = _cnn()
+    layout = model_layout(model)
+    body = wire_body(glob)
+    assert body["layout"] == layout.digest
+    assert all(t.name.encode() not in body_bytes(glob) for t in glob.tensors)
+    back = decode(encode(glob), GlobalModelMessage, layout=layout)
+    assert back.tensors == sorted(glob.tensors, key=lambda t: t.name)  # in layout order
+
+
+def test_a_global_model_of_another_layout_names_both_digests() -> None:
+    _, glob = _cnn()
+    other = model_layout(build_model("cnn", 7, (1, 28, 28)))  # 7 classes: another fc shape
+    theirs = ModelLayout.of_entries((t.name, t.shape) for t in glob.tensors)
+    with pytest.raises(DecodeError, match=f"layout is {theirs.hex}, this model's is {other.hex}"):
+        decode(encode(glob), GlobalModelMessage, layout=other)
+    with pytest.raises(DecodeError, match=f"layout is {theirs.hex}, this model's is {other.hex}"):
+        decode(encode(glob, inline_layout=True), GlobalModelMessage, layout=other)
+
+
+def test_a_layout_read_whole_is_not_learned() -> None:
+    state = {"x": np.ones((2, 2), np.float32)}
+    body = wire_body(GlobalModelMessage("r", 1, "m", "fp", encode_state(state, {})))
+    never_encoded = ModelLayout(("read.whole.weight",), ((2, 2),))
+    body["layout"] = never_encoded.to_wire()
+    glob = decode(frame(body, type="global_model"), GlobalModelMessage)
+    assert [(t.name, t.shape) for t in glob.tensors] == [("read.whole.weight", [2, 2])]
+    assert known_layout(never_encoded.digest) is None
+
+
+def test_only_a_global_model_carries_its_layout_whole() -> None:
+    with pytest.raises(TypeError, match="UpdateMessage with its layout inline"):
+        encode(golden_update(), inline_layout=True)
+    body = wire_body(golden_update())
+    body["layout"] = [["conv.weight", [3, 5]], ["fc.bias", [3]]]
+    with pytest.raises(DecodeError, match=r"update\.layout: expected bin"):
+        decode(frame(body), UpdateMessage)
 
 
 _MAKE_FRAMES = """
@@ -165,18 +223,25 @@ update = UpdateMessage(
     ResourceUsage(1.0, 1, 1.0), {},
 )
 out = Path(sys.argv[1])
-(out / "global").write_bytes(encode(glob))
+(out / "link").write_bytes(encode(glob))
+(out / "file").write_bytes(encode(glob, inline_layout=True))
 (out / "update").write_bytes(encode(update))
 """
 
 
-def test_a_process_decodes_updates_of_the_layout_its_global_model_carried(tmp_path: Path) -> None:
-    """Another process encodes; this one learns the layout from the global model alone."""
+def test_another_process_reads_a_model_file_but_needs_the_layout_for_the_link(
+    tmp_path: Path,
+) -> None:
+    """Another process encodes; this one has built no such model: it reads the file (the
+    layout whole), and decodes link frames only against the layout it is given."""
     subprocess.run([sys.executable, "-c", _MAKE_FRAMES, str(tmp_path)], check=True)
-    update = (tmp_path / "update").read_bytes()
-    with pytest.raises(DecodeError, match="unknown model layout"):
-        decode(update, UpdateMessage)
-    glob = decode((tmp_path / "global").read_bytes(), GlobalModelMessage)
-    msg = decode(update, UpdateMessage)
+    link, update = (tmp_path / "link").read_bytes(), (tmp_path / "update").read_bytes()
+    for unknown in (link, update):
+        with pytest.raises(DecodeError, match="unknown model layout"):
+            decode(unknown)
+    glob = decode((tmp_path / "file").read_bytes(), GlobalModelMessage)
+    layout = ModelLayout.of_entries((t.name, t.shape) for t in glob.tensors)
+    assert decode(link, GlobalModelMessage, layout=layout) == glob
+    msg = decode(update, UpdateMessage, layout=layout)
     assert [t.name for t in msg.tensors] == [t.name for t in glob.tensors]
     assert [t.bits for t in msg.tensors] == [32, 2]

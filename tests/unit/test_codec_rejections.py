@@ -74,12 +74,14 @@ FRAME_CASES = [
      "frame: unknown field(s) 'extra'"),
     ("v as str", lambda: frame(wire_body(golden_update()), v="1"), DEFAULT_LIMITS,
      "frame.v: expected an integer, got str"),
-    ("newer version", lambda: frame(wire_body(golden_update()), v=4), DEFAULT_LIMITS,
-     "frame.v: frame version 4 is newer than this build's 3: upgrade this agent/coordinator"),
+    ("newer version", lambda: frame(wire_body(golden_update()), v=5), DEFAULT_LIMITS,
+     "frame.v: frame version 5 is newer than this build's 4: upgrade this agent/coordinator"),
     ("version 1", lambda: frame(wire_body(golden_update()), v=1), DEFAULT_LIMITS,
-     "frame.v: frame version 1 is no longer supported; this build speaks 3: upgrade"),
+     "frame.v: frame version 1 is no longer supported; this build speaks 4: upgrade"),
     ("version 2", lambda: frame(wire_body(golden_update()), v=2), DEFAULT_LIMITS,
-     "frame.v: frame version 2 is no longer supported; this build speaks 3: upgrade"),
+     "frame.v: frame version 2 is no longer supported; this build speaks 4: upgrade"),
+    ("version 3", lambda: frame(wire_body(golden_update()), v=3), DEFAULT_LIMITS,
+     "frame.v: frame version 3 is no longer supported; this build speaks 4: upgrade"),
     ("unknown type", lambda: frame(wire_body(golden_update()), type="hello"), DEFAULT_LIMITS,
      "frame.type: unknown message type 'hello'"),
     ("unknown codec", lambda: frame(wire_body(golden_update()), codec="gzip"), DEFAULT_LIMITS,
@@ -185,6 +187,10 @@ BODY_CASES = [
     ("layout as list", "update", ("layout",), [["conv.weight", [3, 5]]],
      "update.layout: expected bin, got list"),
     ("missing layout", "update", ("layout",), _DELETE, "update: missing field(s) 'layout'"),
+    ("global model of an unknown layout", "global_model", ("layout",), b"\x01" * 8,
+     "global_model.layout: unknown model layout 0101010101010101"),
+    ("layout as a string", "global_model", ("layout",), "cnn",
+     "global_model.layout: expected an array or a digest, got str"),
     ("negative dim", "global_model", ("layout", 0, 1), [3, -5],
      "global_model.layout[0].shape[1]: -5 is negative"),
     ("too many elements", "global_model", ("layout", 0, 1), [2**40, 2**40],
@@ -258,7 +264,8 @@ BODY_CASES = [
 def test_body_rejections_name_the_problem(
     type_name: str, path: tuple[Any, ...], value: Any, expected: str
 ) -> None:
-    body = wire_body(samples()[type_name])
+    # A global model's layout whole, as a file has it, to reach into.
+    body = wire_body(samples()[type_name], inline_layout=type_name == "global_model")
     *parents, last = path
     node = body
     for key in parents:

@@ -13,8 +13,9 @@ import torch
 from benchmarks.round_driver import enroll, frames
 from coordinator.config import RunConfig
 from coordinator.engine import RoundEngine
-from edge_client.shared_models import GlobalModelCache
+from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq.dither import dithered_start
+from fedmpq.errors import DecodeError
 from fedmpq.fake_quant import fake_quantize
 from fedmpq.quant_spec import (
     OBSERVER_MINMAX,
@@ -45,7 +46,7 @@ def engine_for(tmp_path, policy: dict, **settings) -> RoundEngine:
 def device_start(payload: bytes, task: TaskMessage) -> dict[str, np.ndarray]:
     """What the agent trains ``task`` from after receiving ``payload`` on its link."""
     cache = GlobalModelCache()
-    cache.add(payload, DecodeLimits())
+    cache.add(payload, DecodeLimits(), ModelPool(10, (1, 28, 28)).layout(task.model_name))
     state = cache.get(task.model_fingerprint, task.model_allocation)
     assert state is not None
     return state
@@ -128,3 +129,15 @@ def test_only_the_selected_get_a_model_one_payload_per_allocation(tmp_path):
         (MODEL_AT, key, b"") for key in models
     )
     assert engine.withdraw_models() == []
+
+
+def test_a_device_of_another_model_refuses_the_payload_naming_both_layouts(tmp_path):
+    engine = engine_for(tmp_path, {"name": "fixed", "bits": 4})
+    models, tasks = frames(engine.open_round(1))
+    task = decode(tasks["a"], TaskMessage)
+    ours = ModelPool(10, (1, 28, 28)).layout(task.model_name)
+    theirs = ModelPool(7, (1, 28, 28)).layout(task.model_name)  # 7 classes: another head
+    cache = GlobalModelCache()
+    with pytest.raises(DecodeError, match=f"layout is {ours.hex}, this model's is {theirs.hex}"):
+        cache.add(models[task.model_allocation], DecodeLimits(), theirs)
+    assert cache.get(task.model_fingerprint, task.model_allocation) is None
