@@ -268,6 +268,13 @@ class AgentRuntime:
         if not session.device.online:
             log.info("%s: offline, task of round %d unseen", client_id, task.round)
             return
+        try:  # the model arrives named by its layout's digest: one it cannot build fails now
+            self.pool.layout(task.model_name)
+        except FedmpqError as exc:
+            session.last_round = task.round
+            self._publish_status(session, "error", task.round, str(exc))
+            self._report({"event": "error", "client_id": client_id, "round": task.round})
+            return
         if task.secagg is not None:
             session.secure = SecureTask(task, partial(self._publish_answer, session))
             session.secure.advertise()

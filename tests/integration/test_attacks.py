@@ -26,6 +26,7 @@ import zstandard
 from coordinator.checkpoint import load_checkpoint
 from coordinator.metrics import read_metrics
 from edge_client.model_store import ModelStore
+from fedmpq.errors import DecodeError
 from fedmpq.keys_cli import main as keys_main
 from fedmpq.models import build_model
 from fedmpq.mqtt import BrokerAddress, Connection, MqttLoop
@@ -39,6 +40,7 @@ from fedmpq.wire.messages import (
     ModelMessage,
     RegisterMessage,
     ResourceUsage,
+    StatusMessage,
     TaskMessage,
     UpdateMessage,
 )
@@ -417,4 +419,51 @@ def test_sigterm_stops_a_long_task_within_seconds(module_mosquitto, tmp_path):
                 agent.kill()
             conn.publish(TOPICS.model_at(""), b"", 1, True)  # no model left for other tests
             conn.flush(30.0)
+            conn.close()
+
+
+def test_a_task_for_a_model_the_device_cannot_build_gets_an_error_status(module_mosquitto):
+    """Models travel named by their layout's digest, which the device computes from the
+    model it builds: a task naming a model it cannot build is answered at once with an
+    ``error`` status (the coordinator stops waiting), not left waiting for its deadline."""
+    url, run_id = module_mosquitto.url, "unbuildable"
+    registered, errored = threading.Event(), threading.Event()
+    statuses: list[StatusMessage] = []
+
+    def on_message(_conn: Connection, topic: str, payload: bytes) -> None:
+        if topic == TOPICS.register("device-0000"):
+            registered.set()
+        else:
+            try:
+                status = decode(payload, StatusMessage)
+            except DecodeError:
+                return  # not a status frame (e.g. a cleared retained one)
+            statuses.append(status)
+            if status.state == "error":
+                errored.set()
+
+    with MqttLoop() as loop:
+        conn = Connection(loop, BrokerAddress.parse(url), "test-unbuildable", on_message=on_message)
+        conn.subscribe(TOPICS.register("device-0000"))
+        conn.subscribe(TOPICS.status("device-0000"))
+        conn.connect()
+        assert conn.wait_connected(30.0)
+        cmd = [
+            sys.executable, "-m", "edge_client", "--broker", url, "--run-id", run_id,
+            "--threads", "1", "--model-dir", "",
+        ]  # fmt: skip
+        agent = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert registered.wait(DEADLINE_S)
+            task = TaskMessage(
+                run_id, 1, "device-0000", "no-such-model", "0" * 16, "fixed", {}, "symmetric",
+                True, 1, 32, 0.05, 60.0, False,
+            )  # fmt: skip
+            conn.publish(TOPICS.task("device-0000"), encode(task), 1, False)
+            assert errored.wait(DEADLINE_S), [s.state for s in statuses]
+            error = next(s for s in statuses if s.state == "error")
+            assert error.round == 1 and "no-such-model" in error.detail
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
             conn.close()
