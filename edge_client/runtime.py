@@ -32,7 +32,7 @@ from edge_client.secure_task import Answer, SecureTask, answer_frame, dump_codes
 from edge_client.session import AgentOptions, DeviceState, SentUpdate, Session
 from edge_client.shared_models import GlobalModelCache, ModelPool
 from fedmpq import __version__
-from fedmpq.errors import DecodeError, FedmpqError
+from fedmpq.errors import DecodeError, FedmpqError, LayoutMismatchError
 from fedmpq.mqtt import Connection, MqttLoop, Will
 from fedmpq.topics import (
     CONTROL,
@@ -219,7 +219,11 @@ class AgentRuntime:
             round = None
             if task is not None:
                 layout = self.pool.layout(task.model_name)
-                round = self.models.add(payload, self.options.limits, layout)
+                try:
+                    round = self.models.add(payload, self.options.limits, layout)
+                except LayoutMismatchError as exc:  # (signed, if the run signs) not ours to train
+                    self._give_up(session, task, exc)
+                    task = None
             client_id = session.device.client_id
             report = {"event": "model", "client_id": client_id, "round": round}
             self._report(report | {"bytes": len(payload)})
@@ -228,6 +232,14 @@ class AgentRuntime:
             session.connection.unsubscribe(topic)
             session.model_topic = None
         self._run_pending()
+
+    def _give_up(self, session: Session, task: TaskMessage, exc: FedmpqError) -> None:
+        """``task`` cannot run on this device: say so at once with an ``error`` status, so
+        the round does not wait for it."""
+        session.pending = None
+        session.last_round = task.round
+        self._publish_status(session, "error", task.round, f"{type(exc).__name__}: {exc}")
+        self._report({"event": "error", "client_id": session.device.client_id, "round": task.round})
 
     def _model_of(self, task: TaskMessage) -> Mapping[str, Any] | None:
         return self.models.get(task.model_fingerprint, task.model_allocation)
@@ -271,9 +283,7 @@ class AgentRuntime:
         try:  # the model arrives named by its layout's digest: one it cannot build fails now
             self.pool.layout(task.model_name)
         except FedmpqError as exc:
-            session.last_round = task.round
-            self._publish_status(session, "error", task.round, str(exc))
-            self._report({"event": "error", "client_id": client_id, "round": task.round})
+            self._give_up(session, task, exc)
             return
         if task.secagg is not None:
             session.secure = SecureTask(task, partial(self._publish_answer, session))

@@ -14,6 +14,11 @@ class DecodeError(FedmpqError, ValueError):
     """
 
 
+class LayoutMismatchError(DecodeError):
+    """A model frame names another model layout than the receiver's (another model, number
+    of classes or input shape)."""
+
+
 class BudgetError(FedmpqError):
     """A device cannot train the model within its resources at any allowed precision."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmpq.errors import DecodeError
+from fedmpq.errors import DecodeError, LayoutMismatchError
 from fedmpq.quant_spec import SCHEME_AFFINE, SCHEME_FLOAT, SCHEME_SYMMETRIC
 from fedmpq.wire.checks import DecodeLimits, check_tensor, element_count
 from fedmpq.wire.layout import DIGEST_BYTES, ModelLayout, known_layout, remember_layout
@@ -86,7 +86,7 @@ def _read_digest(value: bytes, path: str, expected: ModelLayout | None) -> Model
 
 def _check_expected(digest: bytes, path: str, expected: ModelLayout) -> None:
     if digest != expected.digest:
-        raise DecodeError(
+        raise LayoutMismatchError(
             f"{path}: the frame's model layout is {digest.hex()}, this model's is "
             f"{expected.hex}: the sender runs another model, number of classes or input shape"
         )
