@@ -4,9 +4,10 @@
 (wire bits ``[3,3,5,5,5,7,7,7,8,8]``: sign included, 8 at most), Dirichlet label skew
 0.5 and 0.1, resnet20; rounds run in-process through the real coordinator and agent
 code (``benchmarks/round_driver.py``).  Policies (``POLICIES``): ``float32``, ``fixed``
-at each client's wire budget, ``fedmpq`` (this project's defaults), ``fedmpq-faithful``
-(plain FedAvg, as the authors' code), ``fedmpq-frozen`` (its training at the fixed
-allocation, no plane dropped); a second seed for fedmpq and fixed at alpha 0.1.  Every
+at each client's wire budget, ``fixed4`` (every client at 4 bits, issue 12's time-to-target
+reference), ``fedmpq`` (this project's defaults), ``fedmpq-faithful`` (plain FedAvg, as
+the authors' code), ``fedmpq-frozen`` (its training at the fixed allocation, no plane
+dropped); a second seed for fedmpq and fixed at both alphas.  Every
 policy quantizes as the official code does (one ``max|w|`` scale per tensor) unless
 ``--observer``/``--per-channel`` say otherwise.  Before the runs, one client task of
 fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.accuracy_report import markdown, norm_ratios, plot, summarise
+from benchmarks.accuracy_report import add_time_ratios, markdown, norm_ratios, plot, summarise
 from benchmarks.round_driver import SimDevice, register, run_round
 from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
@@ -58,15 +59,16 @@ WIRE_BUDGETS = [min(b + 1, 8) for b in PAPER_BUDGETS]  # + sign; the wire carrie
 POLICIES: dict[str, dict[str, Any]] = {
     "float32": {"name": "float32"},
     "fixed": {"name": "fixed", "use_budget": True},
+    "fixed4": {"name": "fixed", "bits": 4},
     "fedmpq": {"name": "fedmpq", "fleet_budgets": []},
     "fedmpq-faithful": {"name": "fedmpq", "anchored": False, "fleet_budgets": []},
     "fedmpq-frozen": {"name": "fedmpq", "frozen": True, "fleet_budgets": []},
     "qsgd": {"name": "qsgd"},
     "fedlq": {"name": "fedlq", "every": 5},
 }
-DEFAULT_POLICIES = ["float32", "fixed", "fedmpq", "fedmpq-faithful", "fedmpq-frozen"]
-#: A second seed for these policies at this alpha.
-SECOND_SEED_ALPHA, SECOND_SEED_POLICIES, SECOND_SEED = 0.1, ("fixed", "fedmpq"), 1
+DEFAULT_POLICIES = ["float32", "fixed", "fixed4", "fedmpq", "fedmpq-faithful", "fedmpq-frozen"]
+#: A second seed (another subsample and split) for these policies at these alphas.
+SECOND_SEED_ALPHAS, SECOND_SEED_POLICIES, SECOND_SEED = (0.5, 0.1), ("fixed", "fedmpq"), 1
 PROFILE = DeviceProfile(
     total_ram=4 * 2**30,
     available_ram=2 * 2**30,
@@ -140,7 +142,13 @@ def run_one(run: Run) -> dict[str, Any]:
         register(coordinator, list(devices.values()))
         _, accuracy = coordinator.evaluate()
         history: list[dict[str, Any]] = [
-            {"round": 0, "accuracy": accuracy, "uplink_bytes": 0, "emulated_round_s": 0.0}
+            {
+                "round": 0,
+                "accuracy": accuracy,
+                "uplink_bytes": 0,
+                "downlink_bytes": 0,
+                "emulated_round_s": 0.0,
+            }
         ]
         started = time.perf_counter()
         for r in range(1, run.rounds + 1):
@@ -152,7 +160,8 @@ def run_one(run: Run) -> dict[str, Any]:
             }
             history.append(
                 {
-                    **{k: row[k] for k in ("round", "accuracy", "loss", "uplink_bytes")},
+                    **{k: row[k] for k in ("round", "accuracy", "loss")},
+                    **{k: row[k] for k in ("uplink_bytes", "downlink_bytes")},
                     **{k: row[k] for k in ("emulated_round_s", "emulated_upload_s")},
                     "allocated_bits": {c: dict(b) for c, b in allocated.items()},
                     "sent_bits": sent,
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         if not quick
         and r.seed != SECOND_SEED
         and not args.no_second_seed
-        and r.alpha == SECOND_SEED_ALPHA
+        and r.alpha in SECOND_SEED_ALPHAS
         and r.policy in SECOND_SEED_POLICIES
     ]
     started = time.perf_counter()
@@ -302,15 +311,10 @@ def main(argv: list[str] | None = None) -> None:
     results = _run_all([*base, *extra_seed], args.jobs)
     rows = []
     for res in results:
-        run = res["run"]
-        ref = next(
-            r
-            for r in results
-            if r["run"]["policy"] == "float32"
-            and (r["run"]["dataset"], r["run"]["alpha"]) == (run["dataset"], run["alpha"])
-        )
+        ref = float32_reference(results, res["run"])
         target = args.target_frac * max(h["accuracy"] for h in ref["history"])
-        rows.append(summarise(res, target))
+        rows.append(summarise(res, target, ref["run"]["seed"]))
+    add_time_ratios(rows)
     rows.sort(key=lambda r: (r["dataset"], -r["alpha"], r["seed"], policies.index(r["policy"])))
     extra = {"norm_ratios": norm_ratios(results), "client_cost": cost}
     meta = {
@@ -324,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         "budgets_paper_planes": PAPER_BUDGETS,
         "budgets_wire_bits": WIRE_BUDGETS,
         "train_samples": samples or "all",
-        "target": f"{args.target_frac} x float32 best accuracy",
+        "target": f"{args.target_frac} x float32 best accuracy (same seed's float32 if run)",
+        "links": "1 Mbit/s up, 10 Mbit/s down, 10 GFLOPS; a round lasts as long as its slowest"
+        " client's compute + download (task + model) + upload",
         "total_wall_s": round(time.perf_counter() - started),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +344,18 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     for path in plots:
         print(f"plot: {path}")
+
+
+def float32_reference(results: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    """The float32 run that sets ``run``'s target: same data and alpha, the same seed (the
+    same split) when there is one, else the first."""
+    same = [
+        r
+        for r in results
+        if r["run"]["policy"] == "float32"
+        and (r["run"]["dataset"], r["run"]["alpha"]) == (run["dataset"], run["alpha"])
+    ]
+    return next((r for r in same if r["run"]["seed"] == run["seed"]), same[0])
 
 
 def _run_all(runs: list[Run], jobs: int) -> list[dict[str, Any]]:
