@@ -36,7 +36,7 @@ POLICIES: Mapping[str, PolicyEntry] = {
         "FedMPQ: QAT with a bit-plane lasso, planes pruned, per-layer bits within budgets",
         {
             "bits": 4.0,
-            "lam": 1e-3,
+            "lam": 3e-3,
             "msb_density": 0.02,
             "lsb_density": 0.02,
             "anchored": True,
