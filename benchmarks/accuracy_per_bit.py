@@ -319,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     cost = client_cost(model, 300 if quick else 150, 5, 1 if quick else 2)
     print(f"client CPU per task: {cost['cpu_s']} -> fedmpq/fixed {cost['ratio']:.2f}x")
-    results = _run_all([*base, *extra_seed], args.jobs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = (
+        args.out / f"{'accuracy_per_bit_quick' if quick else 'accuracy_per_bit'}.partial.jsonl"
+    )
+    results = _run_all([*base, *extra_seed], args.jobs, partial)
     rows = []
     for res in results:
         ref = float32_reference(results, res["run"])
@@ -344,7 +348,6 @@ def main(argv: list[str] | None = None) -> None:
         " client's compute + download (task + model) + upload",
         "total_wall_s": round(time.perf_counter() - started),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "accuracy_per_bit_quick" if quick else "accuracy_per_bit"
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "table": rows, **extra, "runs": results}, indent=1)
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows, meta, extra)
     (args.out / f"{stem}.md").write_text(table)
     plots = [] if quick else plot(results, args.out, PAPER_BUDGETS, WIRE_BUDGETS)
+    partial.unlink()
     print(table)
     for path in plots:
         print(f"plot: {path}")
@@ -369,11 +373,16 @@ def float32_reference(results: list[dict[str, Any]], run: dict[str, Any]) -> dic
     return next((r for r in same if r["run"]["seed"] == run["seed"]), same[0])
 
 
-def _run_all(runs: list[Run], jobs: int) -> list[dict[str, Any]]:
+def _run_all(runs: list[Run], jobs: int, partial: Path) -> list[dict[str, Any]]:
+    """Every run, ``jobs`` at a time; each finished run is also appended to ``partial``
+    (one JSON line), so a long benchmark stopped early keeps what it measured."""
     results = []
     ctx = multiprocessing.get_context("spawn")
+    partial.write_text("")
     with ctx.Pool(max(jobs, 1)) as pool:
         for res in pool.imap_unordered(run_one, runs):
+            with partial.open("a") as f:
+                f.write(json.dumps(res) + "\n")
             run = res["run"]
             print(
                 f"{run['dataset']} a={run['alpha']} s={run['seed']} {run['policy']:16} "
