@@ -66,9 +66,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     "qsgd": {"name": "qsgd"},
     "fedlq": {"name": "fedlq", "every": 5},
 }
-#: FedMPQ's lasso strength per model where it differs from the policy's default: resnet20
-#: (batch norm after every convolution) takes 10x what the mlp and cnn do (README's sweep).
-FEDMPQ_LAM = {"resnet20": 0.03}
+#: FedMPQ's settings per model where they differ from the policy's defaults: on resnet20
+#: (batch norm after every convolution) planes drop after round 1 only on a grid held for
+#: the round, with a lasso strong enough for 10 local steps (the README's sweep).
+FEDMPQ_MODEL_PARAMS: dict[str, dict[str, Any]] = {"resnet20": {"lam": 0.03, "round_scale": True}}
 DEFAULT_POLICIES = ["float32", "fixed", "fixed4", "fedmpq", "fedmpq-faithful", "fedmpq-frozen"]
 #: A second seed (another subsample and split) for these policies at these alphas.
 SECOND_SEED_ALPHAS, SECOND_SEED_POLICIES, SECOND_SEED = (0.5, 0.1), ("fixed", "fedmpq"), 1
@@ -186,10 +187,10 @@ def run_one(run: Run) -> dict[str, Any]:
 
 
 def policy_params(run: Run) -> dict[str, Any]:
-    """``run``'s ``[policy]`` table: ``POLICIES``, with FedMPQ's lasso for the model."""
+    """``run``'s ``[policy]`` table: ``POLICIES``, with FedMPQ's settings for the model."""
     params = dict(POLICIES[run.policy])
-    if params["name"] == "fedmpq" and run.model in FEDMPQ_LAM:
-        params.setdefault("lam", FEDMPQ_LAM[run.model])
+    if params["name"] == "fedmpq":
+        params = {**FEDMPQ_MODEL_PARAMS.get(run.model, {}), **params}
     return params
 
 
@@ -202,7 +203,7 @@ def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[
     net = build_model(model, data.num_classes, data.in_shape)
     start = state_to_numpy(net)
     bits = dict.fromkeys(quantizable_layers(net), wire_bits)
-    options = {"fixed": {}, "fedmpq": dict(_fedmpq_options())}
+    options = {"fixed": {}, "fedmpq": dict(_fedmpq_options(model))}
 
     def task(policy: str) -> TaskMessage:
         return TaskMessage(
@@ -249,10 +250,10 @@ def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[
     }
 
 
-def _fedmpq_options() -> dict[str, float]:
+def _fedmpq_options(model: str) -> dict[str, float]:
     from fedmpq.policies import make_policy
 
-    return make_policy("fedmpq").client_options()
+    return make_policy("fedmpq", **FEDMPQ_MODEL_PARAMS.get(model, {})).client_options()
 
 
 def main(argv: list[str] | None = None) -> None:

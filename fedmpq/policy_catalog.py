@@ -36,14 +36,14 @@ POLICIES: Mapping[str, PolicyEntry] = {
         "FedMPQ: QAT with a bit-plane lasso, planes pruned, per-layer bits within budgets",
         {
             "bits": 4.0,
-            "lam": 3e-3,
+            "lam": 1e-3,
             "msb_density": 0.02,
             "lsb_density": 0.02,
             "anchored": True,
             "frozen": False,
             "budget_units": "wire",
             "fleet_budgets": (3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0, 8.0, 8.0),
-            "round_scale": True,
+            "round_scale": False,
         },
     ),
     "fedlq": PolicyEntry(
