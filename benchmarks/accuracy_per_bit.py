@@ -63,6 +63,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fedmpq": {"name": "fedmpq", "fleet_budgets": []},
     "fedmpq-faithful": {"name": "fedmpq", "anchored": False, "fleet_budgets": []},
     "fedmpq-frozen": {"name": "fedmpq", "frozen": True, "fleet_budgets": []},
+    # Ablations of the resnet20 settings (FEDMPQ_MODEL_PARAMS): the grid re-fitted every
+    # step with the paper's lasso (this policy's defaults), and a held grid, weaker lasso.
+    "fedmpq-refit": {"name": "fedmpq", "fleet_budgets": [], "round_scale": False, "lam": 1e-3},
+    "fedmpq-lam0.01": {"name": "fedmpq", "fleet_budgets": [], "lam": 0.01},
     "qsgd": {"name": "qsgd"},
     "fedlq": {"name": "fedlq", "every": 5},
 }

@@ -169,6 +169,18 @@ class GridFakeQuantize(_PlaneFakeQuantize):
         return out
 
 
+def without_radial(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``grad`` less its component along ``w``: a step that reshapes ``w`` without
+    shrinking it (``keep_norm``).  Before a batch norm a layer's scale does not change
+    its output and nothing pushes it back up, so a lasso that also shrinks the layer
+    compounds round over round; this keeps only its push from the top plane's weights
+    onto the rest."""
+    norm2 = float((w * w).sum())
+    if norm2 == 0.0:
+        return grad
+    return grad - (float((grad * w).sum()) / norm2) * w
+
+
 def start_unit(w: np.ndarray, bits: int, axis: int, observer: str) -> np.ndarray:
     """The step ``s / M`` of ``w``'s quantization at ``bits`` (the run's observer), shaped
     to broadcast against ``w``: the grid a ``round_scale`` client holds for the round."""
@@ -223,6 +235,8 @@ class FedMPQHooks(ClientHooks):
                 grad = plane_lasso_grad(
                     fq.last, fq.bits - 1, axis if fq.last.dim() > 1 else -1, fq.unit
                 )
+                if self.options.get("keep_norm", 0.0):
+                    grad = without_radial(grad, param.detach())
                 param.grad.add_(grad, alpha=strength * self._coef[name])
         optimizer.step()
 
@@ -302,6 +316,9 @@ class FedMPQPolicy(Policy):
         follows the weights as fixed QAT's does.  Needed for planes to drop after round 1
         on batch-norm models (resnet20); off by default, as the BN-free mlp and cnn drop
         planes every round with the re-fitted scale and train better with it.
+    keep_norm
+        Take the lasso's step without its component along the layer's weight
+        (``without_radial``): it reshapes a layer, never shrinks it.
     """
 
     name = "fedmpq"
@@ -318,6 +335,7 @@ class FedMPQPolicy(Policy):
         budget_units: str = "wire",
         fleet_budgets: Sequence[float] = DEFAULT_FLEET,
         round_scale: bool = False,
+        keep_norm: bool = False,
     ) -> None:
         super().__init__(anchored)
         if not 1 <= bits <= MAX_BITS:
@@ -334,6 +352,7 @@ class FedMPQPolicy(Policy):
         self.budget_units = budget_units
         self.fleet_budgets = tuple(float(b) for b in fleet_budgets)
         self.round_scale = round_scale
+        self.keep_norm = keep_norm
         self.mean_bits: dict[str, float] = {}
         self.mean_dropped: dict[str, float] = {}
         self.budgets: dict[str, float] = {}  # last wire budget of every client seen
@@ -346,6 +365,7 @@ class FedMPQPolicy(Policy):
             "lsb_density": self.lsb_density,
             "drop": 0.0 if self.frozen else 1.0,
             "round_scale": 1.0 if self.round_scale else 0.0,
+            "keep_norm": 1.0 if self.keep_norm else 0.0,
         }
 
     def priorities(self) -> dict[str, float]:

@@ -26,6 +26,7 @@ from fedmpq.policies.fedmpq import (
     GridFakeQuantize,
     fit_to_budget,
     layer_priorities,
+    without_radial,
 )
 from fedmpq.quant import dequantize, quantize
 from fedmpq.state import state_to_numpy
@@ -331,3 +332,16 @@ def test_round_scale_holds_the_start_grid_while_the_lasso_acts():
         np.testing.assert_array_equal(
             decode_tensor(payload), planes_on_grid(trained[payload.name], held / 15, 5).weight()
         )
+
+
+def test_keep_norm_takes_the_lasso_step_without_shrinking_the_layer():
+    rng = np.random.default_rng(4)
+    w = torch.from_numpy(rng.normal(size=(8, 20)).astype(np.float32))
+    layer = to_planes(w.numpy(), 5, -1)
+    grad = plane_lasso_grad(torch.from_numpy(layer.weight()), 4, -1, torch.from_numpy(layer.unit))
+    assert float((grad * w).sum()) > 0  # the plain lasso step shrinks w...
+    tangent = without_radial(grad, w)
+    assert abs(float((tangent * w).sum())) < 1e-4 * float(grad.norm() * w.norm())  # ...this not
+    assert float((tangent * grad).sum()) > 0  # and still pushes the way the lasso does
+    assert torch.equal(without_radial(grad, torch.zeros_like(w)), grad)
+    assert make_policy("fedmpq", keep_norm=True).client_options()["keep_norm"] == 1.0
