@@ -5,9 +5,10 @@
 0.5 and 0.1, resnet20; rounds run in-process through the real coordinator and agent
 code (``benchmarks/round_driver.py``).  Policies (``POLICIES``): ``float32``, ``fixed``
 at each client's wire budget, ``fixed4`` (every client at 4 bits, issue 12's time-to-target
-reference), ``fedmpq`` (this project's defaults), ``fedmpq-faithful`` (plain FedAvg, as
-the authors' code), ``fedmpq-frozen`` (its training at the fixed allocation, no plane
-dropped); a second seed for fedmpq and fixed at both alphas.  Every
+reference), ``fedmpq`` (this project's defaults with the model's ``FEDMPQ_MODEL_PARAMS``),
+``fedmpq-faithful`` (plain FedAvg, as the authors' code), ``fedmpq-frozen`` (its training at
+the fixed allocation, no plane dropped); a second seed for fedmpq and fixed at both alphas;
+``fedmpq-refit`` and ``fedmpq-lam0.01`` for ablations (``--policies``).  Every
 policy quantizes as the official code does (one ``max|w|`` scale per tensor) unless
 ``--observer``/``--per-channel`` say otherwise.  Before the runs, one client task of
 fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
@@ -17,7 +18,9 @@ fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
     python -m benchmarks.accuracy_per_bit --cifar10 ../shared/data/cifar10-jpeg --only-dataset
 
 Emulated time: each client computes at 10 GFLOPS, downloads at 10 Mbit/s and uploads at
-1 Mbit/s; a round takes as long as its slowest client.  Writes
+1 Mbit/s; a round takes as long as its slowest client (compute + task and model download +
+update upload), and the table gives the emulated time to the target (0.95 x float32's best)
+and its ratio to float32's.  Writes
 ``accuracy_per_bit{,_quick}.{json,md}``, accuracy plots and per-layer bit heat maps into
 ``--out`` (default ``benchmarks/results/``).
 """
