@@ -4,9 +4,11 @@
 (wire bits ``[3,3,5,5,5,7,7,7,8,8]``: sign included, 8 at most), Dirichlet label skew
 0.5 and 0.1, resnet20; rounds run in-process through the real coordinator and agent
 code (``benchmarks/round_driver.py``).  Policies (``POLICIES``): ``float32``, ``fixed``
-at each client's wire budget, ``fedmpq`` (this project's defaults), ``fedmpq-faithful``
-(plain FedAvg, as the authors' code), ``fedmpq-frozen`` (its training at the fixed
-allocation, no plane dropped); a second seed for fedmpq and fixed at alpha 0.1.  Every
+at each client's wire budget, ``fixed4`` (every client at 4 bits, issue 12's time-to-target
+reference), ``fedmpq`` (this project's defaults with the model's ``FEDMPQ_MODEL_PARAMS``),
+``fedmpq-faithful`` (plain FedAvg, as the authors' code), ``fedmpq-frozen`` (its training at
+the fixed allocation, no plane dropped); a second seed for fedmpq and fixed at both alphas;
+``fedmpq-refit`` and ``fedmpq-lam0.01`` for ablations (``--policies``).  Every
 policy quantizes as the official code does (one ``max|w|`` scale per tensor) unless
 ``--observer``/``--per-channel`` say otherwise.  Before the runs, one client task of
 fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
@@ -16,7 +18,9 @@ fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
     python -m benchmarks.accuracy_per_bit --cifar10 ../shared/data/cifar10-jpeg --only-dataset
 
 Emulated time: each client computes at 10 GFLOPS, downloads at 10 Mbit/s and uploads at
-1 Mbit/s; a round takes as long as its slowest client.  Writes
+1 Mbit/s; a round takes as long as its slowest client (compute + task and model download +
+update upload), and the table gives the emulated time to the target (0.95 x float32's best)
+and its ratio to float32's.  Writes
 ``accuracy_per_bit{,_quick}.{json,md}``, accuracy plots and per-layer bit heat maps into
 ``--out`` (default ``benchmarks/results/``).
 """
@@ -38,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.accuracy_report import markdown, norm_ratios, plot, summarise
+from benchmarks.accuracy_report import add_time_ratios, markdown, norm_ratios, plot, summarise
 from benchmarks.round_driver import SimDevice, register, run_round
 from coordinator.config import RunConfig, TrainingConfig
 from coordinator.engine import RoundEngine
@@ -58,15 +62,24 @@ WIRE_BUDGETS = [min(b + 1, 8) for b in PAPER_BUDGETS]  # + sign; the wire carrie
 POLICIES: dict[str, dict[str, Any]] = {
     "float32": {"name": "float32"},
     "fixed": {"name": "fixed", "use_budget": True},
+    "fixed4": {"name": "fixed", "bits": 4},
     "fedmpq": {"name": "fedmpq", "fleet_budgets": []},
     "fedmpq-faithful": {"name": "fedmpq", "anchored": False, "fleet_budgets": []},
     "fedmpq-frozen": {"name": "fedmpq", "frozen": True, "fleet_budgets": []},
+    # Ablations of the resnet20 settings (FEDMPQ_MODEL_PARAMS): the grid re-fitted every
+    # step with the paper's lasso (this policy's defaults), and a held grid, weaker lasso.
+    "fedmpq-refit": {"name": "fedmpq", "fleet_budgets": [], "round_scale": False, "lam": 1e-3},
+    "fedmpq-lam0.01": {"name": "fedmpq", "fleet_budgets": [], "lam": 0.01},
     "qsgd": {"name": "qsgd"},
     "fedlq": {"name": "fedlq", "every": 5},
 }
-DEFAULT_POLICIES = ["float32", "fixed", "fedmpq", "fedmpq-faithful", "fedmpq-frozen"]
-#: A second seed for these policies at this alpha.
-SECOND_SEED_ALPHA, SECOND_SEED_POLICIES, SECOND_SEED = 0.1, ("fixed", "fedmpq"), 1
+#: FedMPQ's settings per model where they differ from the policy's defaults: on resnet20
+#: (batch norm after every convolution) planes drop after round 1 only on a grid held for
+#: the round, with a lasso strong enough for 10 local steps (the README's sweep).
+FEDMPQ_MODEL_PARAMS: dict[str, dict[str, Any]] = {"resnet20": {"lam": 0.03, "round_scale": True}}
+DEFAULT_POLICIES = ["float32", "fixed", "fixed4", "fedmpq", "fedmpq-faithful", "fedmpq-frozen"]
+#: A second seed (another subsample and split) for these policies at these alphas.
+SECOND_SEED_ALPHAS, SECOND_SEED_POLICIES, SECOND_SEED = (0.5, 0.1), ("fixed", "fedmpq"), 1
 PROFILE = DeviceProfile(
     total_ram=4 * 2**30,
     available_ram=2 * 2**30,
@@ -111,7 +124,7 @@ def run_one(run: Run) -> dict[str, Any]:
             seed=run.seed,
             observer=run.observer,
             per_channel=run.per_channel,
-            policy=dict(POLICIES[run.policy]),
+            policy=policy_params(run),
             budgets=[float(b) for b in WIRE_BUDGETS],
             training=TrainingConfig(epochs=run.epochs, batch_size=32, learning_rate=0.05),
         )
@@ -140,7 +153,13 @@ def run_one(run: Run) -> dict[str, Any]:
         register(coordinator, list(devices.values()))
         _, accuracy = coordinator.evaluate()
         history: list[dict[str, Any]] = [
-            {"round": 0, "accuracy": accuracy, "uplink_bytes": 0, "emulated_round_s": 0.0}
+            {
+                "round": 0,
+                "accuracy": accuracy,
+                "uplink_bytes": 0,
+                "downlink_bytes": 0,
+                "emulated_round_s": 0.0,
+            }
         ]
         started = time.perf_counter()
         for r in range(1, run.rounds + 1):
@@ -152,7 +171,8 @@ def run_one(run: Run) -> dict[str, Any]:
             }
             history.append(
                 {
-                    **{k: row[k] for k in ("round", "accuracy", "loss", "uplink_bytes")},
+                    **{k: row[k] for k in ("round", "accuracy", "loss")},
+                    **{k: row[k] for k in ("uplink_bytes", "downlink_bytes")},
                     **{k: row[k] for k in ("emulated_round_s", "emulated_upload_s")},
                     "allocated_bits": {c: dict(b) for c, b in allocated.items()},
                     "sent_bits": sent,
@@ -173,6 +193,14 @@ def run_one(run: Run) -> dict[str, Any]:
     }
 
 
+def policy_params(run: Run) -> dict[str, Any]:
+    """``run``'s ``[policy]`` table: ``POLICIES``, with FedMPQ's settings for the model."""
+    params = dict(POLICIES[run.policy])
+    if params["name"] == "fedmpq":
+        params = {**FEDMPQ_MODEL_PARAMS.get(run.model, {}), **params}
+    return params
+
+
 def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[str, Any]:
     """CPU seconds (``time.thread_time``) of one client task, fixed vs fedmpq at equal bits,
     and the functions of ``fedmpq/bitplanes.py`` in fedmpq's profile."""
@@ -182,7 +210,7 @@ def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[
     net = build_model(model, data.num_classes, data.in_shape)
     start = state_to_numpy(net)
     bits = dict.fromkeys(quantizable_layers(net), wire_bits)
-    options = {"fixed": {}, "fedmpq": dict(_fedmpq_options())}
+    options = {"fixed": {}, "fedmpq": dict(_fedmpq_options(model))}
 
     def task(policy: str) -> TaskMessage:
         return TaskMessage(
@@ -229,10 +257,10 @@ def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[
     }
 
 
-def _fedmpq_options() -> dict[str, float]:
+def _fedmpq_options(model: str) -> dict[str, float]:
     from fedmpq.policies import make_policy
 
-    return make_policy("fedmpq").client_options()
+    return make_policy("fedmpq", **FEDMPQ_MODEL_PARAMS.get(model, {})).client_options()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,24 +321,23 @@ def main(argv: list[str] | None = None) -> None:
         if not quick
         and r.seed != SECOND_SEED
         and not args.no_second_seed
-        and r.alpha == SECOND_SEED_ALPHA
+        and r.alpha in SECOND_SEED_ALPHAS
         and r.policy in SECOND_SEED_POLICIES
     ]
     started = time.perf_counter()
     cost = client_cost(model, 300 if quick else 150, 5, 1 if quick else 2)
     print(f"client CPU per task: {cost['cpu_s']} -> fedmpq/fixed {cost['ratio']:.2f}x")
-    results = _run_all([*base, *extra_seed], args.jobs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = (
+        args.out / f"{'accuracy_per_bit_quick' if quick else 'accuracy_per_bit'}.partial.jsonl"
+    )
+    results = _run_all([*base, *extra_seed], args.jobs, partial)
     rows = []
     for res in results:
-        run = res["run"]
-        ref = next(
-            r
-            for r in results
-            if r["run"]["policy"] == "float32"
-            and (r["run"]["dataset"], r["run"]["alpha"]) == (run["dataset"], run["alpha"])
-        )
+        ref = float32_reference(results, res["run"])
         target = args.target_frac * max(h["accuracy"] for h in ref["history"])
-        rows.append(summarise(res, target))
+        rows.append(summarise(res, target, ref["run"]["seed"]))
+    add_time_ratios(rows)
     rows.sort(key=lambda r: (r["dataset"], -r["alpha"], r["seed"], policies.index(r["policy"])))
     extra = {"norm_ratios": norm_ratios(results), "client_cost": cost}
     meta = {
@@ -324,10 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         "budgets_paper_planes": PAPER_BUDGETS,
         "budgets_wire_bits": WIRE_BUDGETS,
         "train_samples": samples or "all",
-        "target": f"{args.target_frac} x float32 best accuracy",
+        "target": f"{args.target_frac} x float32 best accuracy (same seed's float32 if run)",
+        "links": "1 Mbit/s up, 10 Mbit/s down, 10 GFLOPS; a round lasts as long as its slowest"
+        " client's compute + download (task + model) + upload",
         "total_wall_s": round(time.perf_counter() - started),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "accuracy_per_bit_quick" if quick else "accuracy_per_bit"
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "table": rows, **extra, "runs": results}, indent=1)
@@ -335,16 +363,34 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows, meta, extra)
     (args.out / f"{stem}.md").write_text(table)
     plots = [] if quick else plot(results, args.out, PAPER_BUDGETS, WIRE_BUDGETS)
+    partial.unlink()
     print(table)
     for path in plots:
         print(f"plot: {path}")
 
 
-def _run_all(runs: list[Run], jobs: int) -> list[dict[str, Any]]:
+def float32_reference(results: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    """The float32 run that sets ``run``'s target: same data and alpha, the same seed (the
+    same split) when there is one, else the first."""
+    same = [
+        r
+        for r in results
+        if r["run"]["policy"] == "float32"
+        and (r["run"]["dataset"], r["run"]["alpha"]) == (run["dataset"], run["alpha"])
+    ]
+    return next((r for r in same if r["run"]["seed"] == run["seed"]), same[0])
+
+
+def _run_all(runs: list[Run], jobs: int, partial: Path) -> list[dict[str, Any]]:
+    """Every run, ``jobs`` at a time; each finished run is also appended to ``partial``
+    (one JSON line), so a long benchmark stopped early keeps what it measured."""
     results = []
     ctx = multiprocessing.get_context("spawn")
+    partial.write_text("")
     with ctx.Pool(max(jobs, 1)) as pool:
         for res in pool.imap_unordered(run_one, runs):
+            with partial.open("a") as f:
+                f.write(json.dumps(res) + "\n")
             run = res["run"]
             print(
                 f"{run['dataset']} a={run['alpha']} s={run['seed']} {run['policy']:16} "

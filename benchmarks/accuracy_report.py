@@ -10,12 +10,17 @@ from typing import Any
 import numpy as np
 
 
-def summarise(result: dict[str, Any], target: float) -> dict[str, Any]:
-    """Table row of one run: accuracies, uplink, bits, planes dropped, rounds to ``target``."""
+def summarise(result: dict[str, Any], target: float, reference_seed: int) -> dict[str, Any]:
+    """Table row of one run: accuracies, up- and downlink bytes, bits, planes dropped, rounds
+    and emulated seconds to ``target`` (set by the float32 run of ``reference_seed``)."""
     hist = result["history"]
     rounds = hist[1:]
     cumulative = np.cumsum([h["uplink_bytes"] for h in hist])
+    downlink = sum(h.get("downlink_bytes", 0) for h in hist)
     hit = next((i for i, h in enumerate(hist) if h["accuracy"] >= target), None)
+    # Emulated seconds: every round lasts as long as its slowest client's compute,
+    # download (task + model) and upload on the benchmark's links.
+    elapsed = np.cumsum([h["emulated_round_s"] for h in hist])
     run = result["run"]
     sizes = result["layer_sizes"]
     sent = [
@@ -27,12 +32,34 @@ def summarise(result: dict[str, Any], target: float) -> dict[str, Any]:
         "final_acc": hist[-1]["accuracy"],
         "best_acc": max(h["accuracy"] for h in hist),
         "uplink_mb": float(cumulative[-1]) / 1e6,
+        "downlink_mb": downlink / 1e6,
         "sent_bits": float(np.mean(sent)) if run["policy"] != "float32" else 32.0,
         "planes_dropped": [h.get("planes_dropped", 0) for h in rounds],
         "rounds_to_target": hit,
+        "time_to_target_s": None if hit is None else float(elapsed[hit]),
         "target_acc": target,
+        "reference_seed": reference_seed,
         "wall_s": result["wall_s"],
     }
+
+
+def add_time_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``time_ratio``: its float32 reference's emulated time to the target
+    over its own (> 1: faster than float32), None when either never reached it."""
+    for row in rows:
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["policy"] == "float32"
+                and (r["dataset"], r["alpha"], r["seed"])
+                == (row["dataset"], row["alpha"], row["reference_seed"])
+            ),
+            None,
+        )
+        mine = row["time_to_target_s"]
+        theirs = None if ref is None else ref["time_to_target_s"]
+        row["time_ratio"] = None if not mine or theirs is None else theirs / mine
 
 
 def norm_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -65,15 +92,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], extra: dict[str, 
         f"Settings: {json.dumps(meta)}",
         "",
         "| data | alpha | seed | policy | final acc | best acc | avg wire bits sent "
-        "| uplink MB | planes dropped per round | rounds to target | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| uplink MB | downlink MB | planes dropped per round | rounds to target "
+        "| emulated s to target (up + down + compute) | time-to-target ratio vs float32 "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hit = "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])
+        secs = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
+        ratio = "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x"
         lines.append(
             f"| {r['dataset']} | {r['alpha']} | {r['seed']} | {r['policy']} "
             f"| {r['final_acc']:.4f} | {r['best_acc']:.4f} | {r['sent_bits']:.2f} "
-            f"| {r['uplink_mb']:.2f} | {' '.join(map(str, r['planes_dropped']))} | {hit} "
+            f"| {r['uplink_mb']:.2f} | {r['downlink_mb']:.2f} "
+            f"| {' '.join(map(str, r['planes_dropped']))} | {hit} | {secs} | {ratio} "
             f"| {r['wall_s']:.0f} |"
         )
     lines += ["", "Largest per-layer weight-norm ratio to fixed (final global model):", ""]

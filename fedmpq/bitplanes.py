@@ -106,6 +106,24 @@ def to_planes(w: np.ndarray, bits: int, axis: int, observer: str = OBSERVER_MINM
     )
 
 
+def planes_on_grid(w: np.ndarray, unit: np.ndarray, bits: int) -> PlaneLayer:
+    """``w`` on a given grid ``unit`` (held fixed, not fitted to ``w``) at ``bits`` wire bits.
+
+    Magnitudes are ``rint(|w| / unit)`` clipped to ``M = 2**(bits-1) - 1``: a weight
+    that grew past the grid's top saturates, as the official ``bit_STE`` clamps it.  A
+    zero ``unit`` (an all-zero slice) gives magnitude 0.  This is, bit for bit, what
+    :class:`fedmpq.policies.fedmpq.GridFakeQuantize` trains against.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bit-planes need 2..8 wire bits (sign + >= 1 plane), got {bits}")
+    w32 = np.asarray(w, dtype=np.float32)
+    unit32 = np.asarray(unit, dtype=np.float32)
+    safe = np.where(unit32 > 0, unit32, np.float32(np.inf))
+    levels = np.minimum(np.rint(np.abs(w32) / safe), np.float32((1 << (bits - 1)) - 1))
+    magnitude = levels.astype(np.int64)
+    return PlaneLayer(magnitude, (w32 < 0) & (magnitude > 0), unit32, bits - 1)
+
+
 def plane_bits(magnitude: np.ndarray, planes: int) -> np.ndarray:
     """Bit-planes of ``magnitude``: uint8 array of shape ``(planes, *magnitude.shape)``."""
     shifts = np.arange(planes, dtype=np.int64).reshape((planes,) + (1,) * magnitude.ndim)
@@ -168,7 +186,9 @@ def signed_levels(w_hat: torch.Tensor, planes: int, axis: int) -> tuple[torch.Te
     return torch.round(w_hat / safe), unit
 
 
-def plane_lasso_grad(w_hat: torch.Tensor, planes: int, axis: int) -> torch.Tensor:
+def plane_lasso_grad(
+    w_hat: torch.Tensor, planes: int, axis: int, unit: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gradient in weight space of the plane group lasso ``sum_k ||P_k||_2``.
 
     On plane ``k`` of a weight of level ``l`` the lasso's gradient is
@@ -178,8 +198,15 @@ def plane_lasso_grad(w_hat: torch.Tensor, planes: int, axis: int) -> torch.Tenso
     plain SGD step on ``dL/dw`` would.  Passing the lasso through the same
     preconditioner (as FedMPQ passes both through one optimizer) gives its weight
     gradient ``sign(l) * sum_k 2**k P_k / ||P_k|| / (unit * sum_k 4**k)``.
+
+    ``unit``: the grid's step when it is held fixed (``planes_on_grid``); None reads it
+    off ``w_hat`` (a scale fitted to the weight puts its largest on level ``M``).
     """
-    levels, unit = signed_levels(w_hat, planes, axis)
+    if unit is None:
+        levels, unit = signed_levels(w_hat, planes, axis)
+    else:
+        safe_unit = torch.where(unit > 0, unit, torch.ones_like(unit))
+        levels = torch.round(w_hat / safe_unit)
     magnitude = levels.abs().to(torch.int64)
     total = torch.zeros_like(w_hat)
     for k in range(planes):

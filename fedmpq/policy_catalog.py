@@ -43,6 +43,8 @@ POLICIES: Mapping[str, PolicyEntry] = {
             "frozen": False,
             "budget_units": "wire",
             "fleet_budgets": (3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0, 8.0, 8.0),
+            "round_scale": False,
+            "keep_norm": False,
         },
     ),
     "fedlq": PolicyEntry(

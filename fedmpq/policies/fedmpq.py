@@ -9,7 +9,10 @@ plus FedMPQ's group lasso over each layer's magnitude bit-planes
 
 Its gradient reaches the weights through the same preconditioner as the cross-entropy's
 (:func:`fedmpq.bitplanes.plane_lasso_grad`) and the optimizer is plain SGD with momentum,
-never cleared.  After training, the layer's quantization is cut into planes and FedMPQ's
+never cleared.  With ``round_scale`` (the official client's fixed ``scale``) each layer's
+grid is held at the received model's scale for the round while the lasso acts, so
+shrinking the top plane's weights empties it instead of shrinking the grid with them.  After
+training, the layer's quantization is cut into planes and FedMPQ's
 pruning rules run (a top plane empty or under 2% set is dropped, the latter merged by
 clipping; a bottom plane at most 2% set is dropped); the client sends the layer at the
 remaining bits and reports how many planes it dropped (``UpdateMessage.bits_dropped``).
@@ -38,7 +41,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedmpq.bitplanes import PLANE_DENSITY, drop_planes, plane_lasso_grad, to_planes
+from fedmpq.bitplanes import (
+    PLANE_DENSITY,
+    drop_planes,
+    plane_lasso_grad,
+    planes_on_grid,
+    to_planes,
+)
 from fedmpq.errors import ConfigError
 from fedmpq.fake_quant import FakeQuantize, attach_fake_quant
 from fedmpq.optim import Optimizer
@@ -51,6 +60,7 @@ from fedmpq.policies.base import (
     LayerInfo,
     Policy,
 )
+from fedmpq.quant_spec import SCHEME_SYMMETRIC
 from fedmpq.wire.messages import KIND_DELTA, TensorPayload
 
 #: One magnitude plane (the paper's 1 bit) is the floor; the wire format's 8 the top.
@@ -104,14 +114,77 @@ def fit_to_budget(
 
 
 class _PlaneFakeQuantize(FakeQuantize):
-    """Fake quantization that keeps its last output: the planes the lasso acts on."""
+    """Fake quantization that keeps its last output: the planes the lasso acts on.
+
+    The scale follows the weight at every step (the run's observer), as fixed QAT's does;
+    ``unit`` is None for that.
+    """
 
     last: torch.Tensor | None = None
+    unit: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = super().forward(w)
         self.last = out.detach()
         return out
+
+
+class _GridStraightThrough(torch.autograd.Function):
+    """Forward: ``clamp(round(w / unit), -M, M) * unit``.  Backward: identity (STE)."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, unit: torch.Tensor, top: float) -> torch.Tensor:
+        safe = torch.where(unit > 0, unit, torch.full_like(unit, math.inf))
+        return torch.clamp(torch.round(w / safe), -top, top) * unit
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        """Nothing to save: the backward pass does not depend on the input."""
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return grad_output, None, None
+
+
+class GridFakeQuantize(_PlaneFakeQuantize):
+    """Fake quantization on a grid held for the whole local round (``round_scale``).
+
+    The official client sets a layer's ``scale`` once from the model it receives
+    (``to_bin``) and its planes live on that grid until it sends; weights past the top
+    level saturate (``bit_STE`` clamps).  A scale re-fitted to ``max|w|`` every step
+    instead moves with the lasso: shrinking the largest weights shrinks the grid, and
+    the top plane stays as dense as before.  ``unit`` is the start's step, one per
+    scale; :func:`fedmpq.bitplanes.planes_on_grid` cuts the trained weight on it.
+    """
+
+    def __init__(self, bits: int, axis: int, unit: torch.Tensor) -> None:
+        super().__init__(bits, SCHEME_SYMMETRIC, axis)
+        self.unit = unit
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        assert self.unit is not None
+        top = float((1 << (self.bits - 1)) - 1)
+        out: torch.Tensor = _GridStraightThrough.apply(w, self.unit, top)
+        self.last = out.detach()
+        return out
+
+
+def without_radial(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``grad`` less its component along ``w``: a step that reshapes ``w`` without
+    shrinking it (``keep_norm``).  Before a batch norm a layer's scale does not change
+    its output and nothing pushes it back up, so a lasso that also shrinks the layer
+    compounds round over round; this keeps only its push from the top plane's weights
+    onto the rest."""
+    norm2 = float((w * w).sum())
+    if norm2 == 0.0:
+        return grad
+    return grad - (float((grad * w).sum()) / norm2) * w
+
+
+def start_unit(w: np.ndarray, bits: int, axis: int, observer: str) -> np.ndarray:
+    """The step ``s / M`` of ``w``'s quantization at ``bits`` (the run's observer), shaped
+    to broadcast against ``w``: the grid a ``round_scale`` client holds for the round."""
+    return to_planes(w, bits, axis, observer).unit
 
 
 class FedMPQHooks(ClientHooks):
@@ -124,6 +197,7 @@ class FedMPQHooks(ClientHooks):
     def attach(self, model: nn.Module) -> None:
         self._planes: dict[str, tuple[nn.Parameter, _PlaneFakeQuantize]] = {}
         planar = {n: b for n, b in self.quantized.items() if b >= MIN_BITS}
+        hold = bool(self.options.get("round_scale", 0.0)) and bool(self.options.get("lambda"))
         attach_fake_quant(
             model,
             {n: b for n, b in self.quantized.items() if n not in planar},
@@ -136,7 +210,14 @@ class FedMPQHooks(ClientHooks):
             # The latent weight: registering keeps this very Parameter as ``original``.
             original = module.weight
             assert isinstance(original, nn.Parameter)
-            fq = _PlaneFakeQuantize(bits, self.scheme, self.axis, self.observer)
+            fq: _PlaneFakeQuantize
+            if hold:
+                axis = self.axis if original.dim() > 1 else -1
+                w = original.detach().to(torch.float32).cpu().numpy()
+                unit = start_unit(w, bits, axis, self.observer)
+                fq = GridFakeQuantize(bits, axis, torch.from_numpy(unit).to(original))
+            else:
+                fq = _PlaneFakeQuantize(bits, self.scheme, self.axis, self.observer)
             parametrize.register_parametrization(module, "weight", fq)
             self._planes[name] = (original, fq)
         sizes = {n: p.numel() for n, (p, _) in self._planes.items()}
@@ -151,7 +232,11 @@ class FedMPQHooks(ClientHooks):
             for name, (param, fq) in self._planes.items():
                 if fq.last is None or param.grad is None:
                     continue
-                grad = plane_lasso_grad(fq.last, fq.bits - 1, axis if fq.last.dim() > 1 else -1)
+                grad = plane_lasso_grad(
+                    fq.last, fq.bits - 1, axis if fq.last.dim() > 1 else -1, fq.unit
+                )
+                if self.options.get("keep_norm", 0.0):
+                    grad = without_radial(grad, param.detach())
                 param.grad.add_(grad, alpha=strength * self._coef[name])
         optimizer.step()
 
@@ -163,21 +248,28 @@ class FedMPQHooks(ClientHooks):
     ) -> tuple[list[TensorPayload], dict[str, int]]:
         if kind == KIND_DELTA:
             raise ConfigError("FedMPQ clients send weights, not deltas")
-        if not self.options.get("drop", 1.0):
-            return self.encode(local, self.bits), {}
+        drop = bool(self.options.get("drop", 1.0))
+        units = {n: fq.unit for n, (_, fq) in getattr(self, "_planes", {}).items()}
         msb = float(self.options.get("msb_density", PLANE_DENSITY))
         lsb = float(self.options.get("lsb_density", PLANE_DENSITY))
         exact: dict[str, TensorPayload] = {}
         dropped: dict[str, int] = {}
         for name, bits in self.quantized.items():
-            if bits < MIN_BITS:
+            unit = units.get(name)
+            if bits < MIN_BITS or not (drop or unit is not None):
                 continue
             w = local[name]
             axis = self.axis if w.ndim >= 2 else -1
-            trained = to_planes(w, bits, axis, self.observer)
-            kept = drop_planes(trained, msb_density=msb, lsb_density=lsb)
-            dropped[name] = trained.planes - kept.planes
-            if dropped[name]:
+            trained = (
+                to_planes(w, bits, axis, self.observer)
+                if unit is None
+                else planes_on_grid(w, unit.cpu().numpy(), bits)
+            )
+            kept = drop_planes(trained, msb_density=msb, lsb_density=lsb) if drop else trained
+            if drop:
+                dropped[name] = trained.planes - kept.planes
+            # On a held grid the payload is the grid itself, dropped planes or not.
+            if kept.planes < trained.planes or unit is not None:
                 exact[name] = kept.payload(name, axis)
         rest = self.encode({n: w for n, w in local.items() if n not in exact}, self.bits)
         position = {name: i for i, name in enumerate(local)}
@@ -198,8 +290,10 @@ class FedMPQPolicy(Policy):
     bits
         Average bits of a client whose budget is unknown (in ``budget_units``).
     lam
-        Group-lasso strength sent to the clients (``options["lambda"]``); the paper's
-        1e-3 by default.
+        Group-lasso strength per local step, sent to the clients (``options["lambda"]``);
+        the paper's 1e-3 by default.  The official configs use 1e-3 / 1e-2 over ~195
+        local steps a round; with ``round_scale`` a device taking ~10 steps a round needs
+        more (resnet20: 0.03; the README's sweep).
     msb_density, lsb_density
         FedMPQ's 2% thresholds for merging the top and dropping the bottom plane.
     anchored
@@ -215,6 +309,16 @@ class FedMPQPolicy(Policy):
         Wire budgets of a heterogeneous default fleet: client i (in order of first
         appearance) is capped at ``fleet_budgets[i % len]``, so a fleet of identical
         devices still shows mixed precision.  Empty: the budgets as given.
+    round_scale
+        While the lasso acts (``lam > 0``), hold each layer's grid at the received
+        model's scale for the whole local round, as the official client does, instead
+        of re-fitting it every step (``GridFakeQuantize``); with ``lam = 0`` the scale
+        follows the weights as fixed QAT's does.  Needed for planes to drop after round 1
+        on batch-norm models (resnet20); off by default, as the BN-free mlp and cnn drop
+        planes every round with the re-fitted scale and train better with it.
+    keep_norm
+        Take the lasso's step without its component along the layer's weight
+        (``without_radial``): it reshapes a layer, never shrinks it.
     """
 
     name = "fedmpq"
@@ -230,6 +334,8 @@ class FedMPQPolicy(Policy):
         frozen: bool = False,
         budget_units: str = "wire",
         fleet_budgets: Sequence[float] = DEFAULT_FLEET,
+        round_scale: bool = False,
+        keep_norm: bool = False,
     ) -> None:
         super().__init__(anchored)
         if not 1 <= bits <= MAX_BITS:
@@ -245,6 +351,8 @@ class FedMPQPolicy(Policy):
         self.frozen = frozen
         self.budget_units = budget_units
         self.fleet_budgets = tuple(float(b) for b in fleet_budgets)
+        self.round_scale = round_scale
+        self.keep_norm = keep_norm
         self.mean_bits: dict[str, float] = {}
         self.mean_dropped: dict[str, float] = {}
         self.budgets: dict[str, float] = {}  # last wire budget of every client seen
@@ -256,6 +364,8 @@ class FedMPQPolicy(Policy):
             "msb_density": self.msb_density,
             "lsb_density": self.lsb_density,
             "drop": 0.0 if self.frozen else 1.0,
+            "round_scale": 1.0 if self.round_scale else 0.0,
+            "keep_norm": 1.0 if self.keep_norm else 0.0,
         }
 
     def priorities(self) -> dict[str, float]:

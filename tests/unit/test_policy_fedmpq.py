@@ -1,5 +1,7 @@
 """FedMPQ: allocation order, bit-plane form and pruning rules, lasso, and fixed-QAT equality."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +10,24 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from edge_client.task import execute_task
-from fedmpq.bitplanes import PlaneLayer, drop_planes, plane_bits, plane_lasso_grad, to_planes
+from fedmpq.bitplanes import (
+    PlaneLayer,
+    drop_planes,
+    plane_bits,
+    plane_lasso_grad,
+    planes_on_grid,
+    to_planes,
+)
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.policies import ClientResult, LayerInfo, make_policy
 from fedmpq.policies.base import ClientInfo
-from fedmpq.policies.fedmpq import FedMPQHooks, fit_to_budget, layer_priorities
+from fedmpq.policies.fedmpq import (
+    FedMPQHooks,
+    GridFakeQuantize,
+    fit_to_budget,
+    layer_priorities,
+    without_radial,
+)
 from fedmpq.quant import dequantize, quantize
 from fedmpq.state import state_to_numpy
 from fedmpq.wire.messages import DeviceProfile, TaskMessage
@@ -264,3 +279,69 @@ def test_lasso_shrinks_sparse_planes_and_the_client_reports_drops():
     assert dropped[name] > 0
     assert sent[name].bits == 6 - dropped[name]
     assert [p.name for p in tensors] == list(local)
+
+
+def test_held_grid_forward_and_plane_cut_agree_bit_for_bit_and_saturate():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(6, 5)).astype(np.float32)
+    for axis in (-1, 0):
+        unit = to_planes(w, 4, axis).unit * np.float32(0.5)  # a grid half as wide: clipping
+        fq = GridFakeQuantize(4, axis, torch.from_numpy(unit))
+        forward = fq(torch.from_numpy(w)).numpy()
+        layer = planes_on_grid(w, unit, 4)
+        np.testing.assert_array_equal(forward, layer.weight())
+        assert layer.magnitude.max() == 7  # saturated at M, not re-fitted
+        assert (np.abs(forward) <= 7 * unit + 1e-7).all()
+    zero = planes_on_grid(np.ones((2, 2), np.float32), np.zeros((1, 1), np.float32), 3)
+    assert not zero.magnitude.any()
+
+
+def test_lasso_gradient_on_a_held_grid_uses_that_grid():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(4, 30)).astype(np.float32)
+    layer = to_planes(w, 4, -1)
+    fitted = plane_lasso_grad(torch.from_numpy(layer.weight()), 3, -1)
+    given_unit = plane_lasso_grad(
+        torch.from_numpy(layer.weight()), 3, -1, torch.from_numpy(layer.unit)
+    )
+    torch.testing.assert_close(given_unit, fitted)
+    # The same weights on a grid twice as fine: levels double, the step halves.
+    finer = torch.from_numpy(layer.unit / np.float32(2))
+    assert not torch.equal(plane_lasso_grad(torch.from_numpy(layer.weight()), 3, -1, finer), fitted)
+
+
+def test_round_scale_holds_the_start_grid_while_the_lasso_acts():
+    torch.manual_seed(0)
+    net = build_model("mlp", 10, (1, 28, 28))
+    start = state_to_numpy(net)
+    bits = dict.fromkeys(quantizable_layers(net), 5)
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    options = make_policy("fedmpq", lam=0.5, frozen=True, round_scale=True).client_options()
+    task = _task("fedmpq", bits, options)
+    task = dataclasses.replace(task, model_name="mlp", per_channel=False, observer="minmax")
+    update, _ = execute_task(task, net, start, x, y, seed=3)
+    trained = state_to_numpy(net)
+    for payload in update.tensors:
+        if payload.name not in bits:
+            continue
+        held = np.frombuffer(payload.scale, "<f4")
+        start_scale = to_planes(start[payload.name], 5, -1).unit.reshape(-1) * np.float32(15)
+        np.testing.assert_allclose(held, start_scale, rtol=1e-6)
+        assert np.abs(trained[payload.name]).max() != pytest.approx(float(held[0]), rel=1e-6)
+        np.testing.assert_array_equal(
+            decode_tensor(payload), planes_on_grid(trained[payload.name], held / 15, 5).weight()
+        )
+
+
+def test_keep_norm_takes_the_lasso_step_without_shrinking_the_layer():
+    rng = np.random.default_rng(4)
+    w = torch.from_numpy(rng.normal(size=(8, 20)).astype(np.float32))
+    layer = to_planes(w.numpy(), 5, -1)
+    grad = plane_lasso_grad(torch.from_numpy(layer.weight()), 4, -1, torch.from_numpy(layer.unit))
+    assert float((grad * w).sum()) > 0  # the plain lasso step shrinks w...
+    tangent = without_radial(grad, w)
+    assert abs(float((tangent * w).sum())) < 1e-4 * float(grad.norm() * w.norm())  # ...this not
+    assert float((tangent * grad).sum()) > 0  # and still pushes the way the lasso does
+    assert torch.equal(without_radial(grad, torch.zeros_like(w)), grad)
+    assert make_policy("fedmpq", keep_norm=True).client_options()["keep_norm"] == 1.0
