@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -91,10 +91,13 @@ def test_grid_units_round_trip_exactly_through_the_wire_bytes(units: np.ndarray)
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(*EXPONENT_RANGE), st.binary(max_size=40))
+@example(-2385, b"\x00")  # the bottom of the range: a subnormal largest step
 def test_any_exponent_and_codes_decode_to_steps_within_the_largest(base: int, codes: bytes) -> None:
     units = units_from_bytes(np.array([base], "<i2").tobytes() + codes)
     assert units.dtype == np.float32 and units.shape == (len(codes),)
-    largest = np.ldexp(np.float32(1), base // 16) * OCTAVE_MANTISSAS[base % 16]
+    # Mantissa times the power of two in one step, as the grid does: 2**(base // 16) alone
+    # underflows to 0 at the bottom of the range, where the product is still subnormal.
+    largest = np.ldexp(OCTAVE_MANTISSAS[base % 16], base // 16)
     assert (np.isfinite(units) & (units >= 0) & (units <= largest)).all()
     assert ((np.frombuffer(codes, np.uint8) == ZERO_CODE) <= (units == 0)).all()
 
