@@ -15,9 +15,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fedmpq.broker import MosquittoBroker, find_mosquitto
 from fedmpq.mqtt import MqttLoop
+
+# .ci/run sets HYPOTHESIS_PROFILE=ci: CI draws the same examples every run, so a red build
+# means a change broke something; a plain `pytest` (and the fuzz campaign in benchmarks/)
+# keeps drawing new ones, which is where new failing examples are found and then pinned.
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 _DEPLOY_CONF = Path(__file__).parent.parent / "deploy" / "mosquitto" / "fedmpq.conf"
