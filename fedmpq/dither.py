@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedmpq.quant import dequantize, quant_step, quantize, symmetric_to_signed
-from fedmpq.quant_spec import QUANT_BITS, SCHEME_AFFINE
+from fedmpq.quant_spec import QUANT_BITS, SCHEME_AFFINE, channel_axis
 
 __all__ = ["dithered_start", "dithered_tensor"]
 
@@ -81,6 +81,6 @@ def dithered_start(
         b = bits[name]
         if b in QUANT_BITS:
             w = state[name]
-            axis = 0 if per_channel and w.ndim >= 2 else -1
+            axis = channel_axis(w.ndim, per_channel)
             out[name] = dithered_tensor(w, b, scheme, axis, observer, rng)
     return out

@@ -21,3 +21,9 @@ SCHEMES = frozenset({SCHEME_SYMMETRIC, SCHEME_AFFINE, SCHEME_FLOAT})
 OBSERVER_MINMAX = "minmax"  # s = max|w| (FedMPQ; every weight within the grid)
 OBSERVER_MSE = "mse"  # s = the clip of |w| that minimises the squared quantization error
 OBSERVERS = frozenset({OBSERVER_MINMAX, OBSERVER_MSE})
+
+
+def channel_axis(ndim: int, per_channel: bool) -> int:
+    """The axis a tensor's scales run along: 0 (one per output channel) for a per-channel
+    weight of two or more dimensions, else -1 (one scale for the tensor)."""
+    return 0 if per_channel and ndim >= 2 else -1

@@ -15,7 +15,7 @@ from coordinator.aggregation.base import (
 )
 from fedmpq.policies import BitAllocation
 from fedmpq.quant import dequantize, quantize
-from fedmpq.quant_spec import OBSERVER_MINMAX, QUANT_BITS
+from fedmpq.quant_spec import OBSERVER_MINMAX, QUANT_BITS, channel_axis
 
 
 def start_error(
@@ -28,7 +28,7 @@ def start_error(
     aggregates what it learned on top of ``w``, instead of averaging ``w``'s own
     quantization error into the model at every round.
     """
-    axis = 0 if per_channel and w.ndim >= 2 else -1
+    axis = channel_axis(w.ndim, per_channel)
     q = quantize(w, bits, scheme, axis=axis, observer=observer)
     return (w - dequantize(q)).astype(np.float32)
 

@@ -21,6 +21,7 @@ from fedmpq.quant_spec import (
     SCHEME_AFFINE,
     SCHEME_FLOAT,
     SCHEME_SYMMETRIC,
+    channel_axis,
 )
 from fedmpq.wire.messages import TensorPayload
 
@@ -62,7 +63,7 @@ def encode_tensor(
         width = bits if bits in FLOAT_BITS else 32
         data = np.ascontiguousarray(w, dtype=_FLOAT_DTYPES[width]).tobytes()
         return TensorPayload(name, shape, width, SCHEME_FLOAT, -1, b"", b"", data)
-    axis = 0 if per_channel and w.ndim >= 2 else -1
+    axis = channel_axis(w.ndim, per_channel)
     q = quantize(w, bits, scheme, axis=axis, rounding=rounding, rng=rng, observer=observer)
     return TensorPayload(
         name=name,
