@@ -162,15 +162,13 @@ class RoundEngine:
             self.rejections.reject(problem[0], client_id, problem[1])
             return []
         self.registry.note_update(client_id)  # there now (a will that comes later stands)
-        rs.uplink_bytes += nbytes
-        rs.up_bytes[client_id] = rs.up_bytes.get(client_id, 0) + nbytes
+        rs.count_up(client_id, nbytes)
         return self._sent(rs, out)
 
     def _sent(self, rs: RoundState, out: list[Outgoing]) -> list[Outgoing]:
         """``out`` (secure steps to devices), counted in the devices' downlink."""
         for m in out:
-            cid = m.client_id or ""
-            rs.down_bytes[cid] = rs.down_bytes.get(cid, 0) + len(m.payload)
+            rs.count_down(m.client_id or "", len(m.payload))
         return out
 
     def tick(self) -> list[Outgoing]:

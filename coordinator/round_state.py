@@ -83,6 +83,12 @@ class RoundState:
         first time or again (the broker counts every delivery, so do the rows)."""
         self.down_bytes[client_id] = self.down_bytes.get(client_id, 0) + nbytes
 
+    def count_up(self, client_id: str, nbytes: int) -> None:
+        """``nbytes`` more received from ``client_id`` this round (an update, or each step
+        of a secure round)."""
+        self.uplink_bytes += nbytes
+        self.up_bytes[client_id] = self.up_bytes.get(client_id, 0) + nbytes
+
     def heard_from(self, client_id: str) -> None:
         """``client_id`` spoke for itself: wait longer before asking it again."""
         self.resends.heard(client_id, self.clock())
@@ -97,8 +103,7 @@ class RoundState:
         # An update counts whatever was said of the device's liveness before it came.
         self.offline_since.pop(msg.client_id, None)
         self.dropped.pop(msg.client_id, None)
-        self.uplink_bytes += frame_bytes
-        self.up_bytes[msg.client_id] = frame_bytes
+        self.count_up(msg.client_id, frame_bytes)
         self.emulated_s = max(self.emulated_s, msg.usage.emulated_seconds)
 
     def note_gone(self, status: StatusMessage) -> bool:
