@@ -62,8 +62,9 @@ def add_time_ratios(rows: list[dict[str, Any]]) -> None:
         row["time_ratio"] = None if not mine or theirs is None else theirs / mine
 
 
-def norm_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Largest per-layer weight-norm ratio of each run to fixed's (same data, alpha, seed)."""
+def norm_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Smallest and largest per-layer weight-norm ratio of each run to fixed's (same data,
+    alpha, seed): a layer shrunk by the lasso shows in ``min``, one grown in ``max``."""
     out = {}
     for res in results:
         run = res["run"]
@@ -81,7 +82,8 @@ def norm_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
         ratios = [
             res["layer_norms"][n] / max(ref["layer_norms"][n], 1e-12) for n in ref["layer_norms"]
         ]
-        out[f"{run['policy']} a={run['alpha']} s={run['seed']}"] = float(max(ratios))
+        key = f"{run['policy']} a={run['alpha']} s={run['seed']}"
+        out[key] = {"min": float(min(ratios)), "max": float(max(ratios))}
     return out
 
 
@@ -108,8 +110,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], extra: dict[str, 
             f"| {' '.join(map(str, r['planes_dropped']))} | {hit} | {secs} | {ratio} "
             f"| {r['wall_s']:.0f} |"
         )
-    lines += ["", "Largest per-layer weight-norm ratio to fixed (final global model):", ""]
-    lines += [f"- {k}: {v:.3f}" for k, v in extra["norm_ratios"].items()]
+    lines += ["", "Per-layer weight-norm ratio to fixed, smallest / largest (final model):", ""]
+    lines += [f"- {k}: {v['min']:.3f} / {v['max']:.3f}" for k, v in extra["norm_ratios"].items()]
+    lines += ["", *fedmpq_checks(rows, extra["norm_ratios"])]
     if extra.get("client_cost"):
         cost = extra["client_cost"]
         lines += [
@@ -119,6 +122,54 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], extra: dict[str, 
             f"fedmpq {cost['cpu_s']['fedmpq']:.2f} s, ratio {cost['ratio']:.2f}x",
         ]
     return "\n".join(lines) + "\n"
+
+
+def fedmpq_checks(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]]) -> list[str]:
+    """Issue 13's checks per data set and alpha, as a markdown table: FedMPQ's final accuracy
+    (mean over the seeds run) against fixed's and its frozen allocation's, bits sent,
+    rounds in which planes dropped, late slip (final < best - 1 point) and the norm ratios."""
+    out = [
+        "FedMPQ against fixed precision (accuracy: mean of the seeds run; slip: final below"
+        " best - 1 point; norms: smallest / largest per-layer ratio to fixed's):",
+        "",
+        "| data | alpha | fedmpq final | fixed final | fedmpq-frozen final | bits sent fedmpq"
+        " / fixed | rounds with planes dropped | late slip (seeds) | norm ratio (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mean(values: list[float]) -> str:
+        return f"{100 * float(np.mean(values)):.1f}%" if values else "—"
+
+    for dataset, alpha in sorted({(r["dataset"], r["alpha"]) for r in rows}, key=lambda k: -k[1]):
+        by = {
+            p: [r for r in rows if (r["dataset"], r["alpha"], r["policy"]) == (dataset, alpha, p)]
+            for p in ("fedmpq", "fixed", "fedmpq-frozen")
+        }
+        if not by["fedmpq"] or not by["fixed"]:
+            continue
+        mpq = by["fedmpq"]
+        dropped = [
+            f"s{r['seed']} {sum(d > 0 for d in r['planes_dropped'])}/{len(r['planes_dropped'])}"
+            for r in mpq
+        ]
+        slips = [
+            f"s{r['seed']} {'yes' if r['final_acc'] < r['best_acc'] - 0.01 else 'no'}" for r in mpq
+        ]
+        ratios = [
+            f"s{r['seed']} {n['min']:.2f}/{n['max']:.2f}"
+            for r in mpq
+            if (n := norms.get(f"fedmpq a={alpha} s={r['seed']}"))
+        ]
+        out.append(
+            f"| {dataset} | {alpha} | {mean([r['final_acc'] for r in mpq])} "
+            f"| {mean([r['final_acc'] for r in by['fixed']])} "
+            f"| {mean([r['final_acc'] for r in by['fedmpq-frozen']])} "
+            f"| {np.mean([r['sent_bits'] for r in mpq]):.2f} / "
+            f"{np.mean([r['sent_bits'] for r in by['fixed']]):.2f} "
+            f"| {', '.join(dropped)} "
+            f"| {', '.join(slips)} | {', '.join(ratios)} |"
+        )
+    return out
 
 
 def plot(
