@@ -17,7 +17,7 @@ fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
     python -m benchmarks.accuracy_per_bit --quick     # CI smoke test (mlp, 3 rounds)
     nice -n 5 python -m benchmarks.accuracy_per_bit   # resnet20, 1,500 samples (~1 h, 2 cores)
     python -m benchmarks.accuracy_per_bit --cifar10 ../shared/data/cifar10-jpeg --only-dataset
-    # issue 12's time to target on the cnn (~5 min, 2 cores):
+    # issue 12's time to target on the cnn (~7 min, 2 cores):
     nice -n 5 python -m benchmarks.accuracy_per_bit --model cnn --seed 0 1 --no-second-seed \
         --policies float32 fixed4 fixed fedlq fedlq4 fedmpq fedmpq4 \
         --out benchmarks/results/time_to_target_cnn
