@@ -8,7 +8,8 @@ at each client's wire budget, ``fixed4`` (every client at 4 bits, issue 12's tim
 reference), ``fedmpq`` (this project's defaults with the model's ``FEDMPQ_MODEL_PARAMS``),
 ``fedmpq-faithful`` (plain FedAvg, as the authors' code), ``fedmpq-frozen`` (its training at
 the fixed allocation, no plane dropped); a second seed for fedmpq and fixed at both alphas;
-``fedmpq-refit`` and ``fedmpq-lam0.01`` for ablations (``--policies``).  Every
+``fedmpq-refit`` and ``fedmpq-lam0.01`` for ablations, ``qsgd``, ``fedlq``, and ``fedlq4``
+and ``fedmpq4`` (adaptive, every device at a 4-bit budget) (``--policies``).  Every
 policy quantizes as the official code does (one ``max|w|`` scale per tensor) unless
 ``--observer``/``--per-channel`` say otherwise.  Before the runs, one client task of
 fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
@@ -16,6 +17,10 @@ fixed and fedmpq is timed (``time.thread_time``) and fedmpq's is profiled.
     python -m benchmarks.accuracy_per_bit --quick     # CI smoke test (mlp, 3 rounds)
     nice -n 5 python -m benchmarks.accuracy_per_bit   # resnet20, 1,500 samples (~1 h, 2 cores)
     python -m benchmarks.accuracy_per_bit --cifar10 ../shared/data/cifar10-jpeg --only-dataset
+    # issue 12's time to target on the cnn (~7 min, 2 cores):
+    nice -n 5 python -m benchmarks.accuracy_per_bit --model cnn --seed 0 1 --no-second-seed \
+        --policies float32 fixed4 fixed fedlq fedlq4 fedmpq fedmpq4 \
+        --out benchmarks/results/time_to_target_cnn
 
 Emulated time: each client computes at 10 GFLOPS, downloads at 10 Mbit/s and uploads at
 1 Mbit/s; a round takes as long as its slowest client (compute + task and model download +
@@ -72,6 +77,12 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fedmpq-lam0.01": {"name": "fedmpq", "fleet_budgets": [], "lam": 0.01},
     "qsgd": {"name": "qsgd"},
     "fedlq": {"name": "fedlq", "every": 5},
+    # Adaptive policies on a fleet of 4-bit devices (``budgets``, this benchmark's key: the
+    # devices' wire budgets, default ``WIRE_BUDGETS``): issue 12's time-to-target comparison
+    # with fixed4.  At the default budgets the 8-bit devices' uploads set every round's
+    # length, which caps an adaptive policy near 3.4x float32 at equal rounds on the cnn.
+    "fedlq4": {"name": "fedlq", "every": 5, "budgets": [4] * CLIENTS},
+    "fedmpq4": {"name": "fedmpq", "fleet_budgets": [], "budgets": [4] * CLIENTS},
 }
 #: FedMPQ's settings per model where they differ from the policy's defaults: on resnet20
 #: (batch norm after every convolution) planes drop after round 1 only on a grid held for
@@ -125,7 +136,7 @@ def run_one(run: Run) -> dict[str, Any]:
             observer=run.observer,
             per_channel=run.per_channel,
             policy=policy_params(run),
-            budgets=[float(b) for b in WIRE_BUDGETS],
+            budgets=[float(b) for b in POLICIES[run.policy].get("budgets", WIRE_BUDGETS)],
             training=TrainingConfig(epochs=run.epochs, batch_size=32, learning_rate=0.05),
         )
         coordinator = RoundEngine(config)
@@ -173,7 +184,14 @@ def run_one(run: Run) -> dict[str, Any]:
                 {
                     **{k: row[k] for k in ("round", "accuracy", "loss")},
                     **{k: row[k] for k in ("uplink_bytes", "downlink_bytes")},
-                    **{k: row[k] for k in ("emulated_round_s", "emulated_upload_s")},
+                    **{
+                        k: row[k]
+                        for k in (
+                            "emulated_round_s",
+                            "emulated_upload_s",
+                            "emulated_slowest_parts_s",
+                        )
+                    },
                     "allocated_bits": {c: dict(b) for c, b in allocated.items()},
                     "sent_bits": sent,
                     "planes_dropped": int(sum(sum(d.values()) for d in dropped.values())),
@@ -195,7 +213,7 @@ def run_one(run: Run) -> dict[str, Any]:
 
 def policy_params(run: Run) -> dict[str, Any]:
     """``run``'s ``[policy]`` table: ``POLICIES``, with FedMPQ's settings for the model."""
-    params = dict(POLICIES[run.policy])
+    params = {k: v for k, v in POLICIES[run.policy].items() if k != "budgets"}
     if params["name"] == "fedmpq":
         params = {**FEDMPQ_MODEL_PARAMS.get(run.model, {}), **params}
     return params
@@ -280,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-dataset", action="store_true", help="skip the shipped data set")
     parser.add_argument("--train-samples", type=int, help="subsample the training split")
     parser.add_argument("--no-second-seed", action="store_true", help="skip the seed-1 runs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and runs")
+    parser.add_argument(
+        "--seed", type=int, nargs="+", default=[0], help="seeds of the data split and runs"
+    )
     parser.add_argument(
         "--target-frac",
         type=float,
@@ -308,9 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     if "float32" not in policies:
         parser.error("float32 is the reference of the target; keep it in --policies")
     base = [
-        Run(
-            d, model, a, p, rounds, args.epochs, samples, args.observer, args.per_channel, args.seed
-        )
+        Run(d, model, a, p, rounds, args.epochs, samples, args.observer, args.per_channel, seed)
+        for seed in args.seed
         for d in datasets
         for a in alphas
         for p in policies
@@ -319,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         replace(r, seed=SECOND_SEED)
         for r in base
         if not quick
-        and r.seed != SECOND_SEED
+        and SECOND_SEED not in args.seed
         and not args.no_second_seed
         and r.alpha in SECOND_SEED_ALPHAS
         and r.policy in SECOND_SEED_POLICIES

@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+#: Policies whose per-layer bits get a heat map (seed 0): the adaptive ones.
+HEATMAP_POLICIES = ("fedmpq", "fedmpq-faithful", "fedlq", "fedlq4", "fedmpq4")
+
 
 def summarise(result: dict[str, Any], target: float, reference_seed: int) -> dict[str, Any]:
     """Table row of one run: accuracies, up- and downlink bytes, bits, planes dropped, rounds
@@ -35,6 +38,12 @@ def summarise(result: dict[str, Any], target: float, reference_seed: int) -> dic
         "downlink_mb": downlink / 1e6,
         "sent_bits": float(np.mean(sent)) if run["policy"] != "float32" else 32.0,
         "planes_dropped": [h.get("planes_dropped", 0) for h in rounds],
+        "round_s": float(np.mean([h["emulated_round_s"] for h in rounds])),
+        # The slowest client's compute, download and upload seconds, mean over rounds.
+        "round_parts_s": [
+            float(x)
+            for x in np.mean([h.get("emulated_slowest_parts_s", [0.0] * 3) for h in rounds], axis=0)
+        ],
         "rounds_to_target": hit,
         "time_to_target_s": None if hit is None else float(elapsed[hit]),
         "target_acc": target,
@@ -94,20 +103,23 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], extra: dict[str, 
         f"Settings: {json.dumps(meta)}",
         "",
         "| data | alpha | seed | policy | final acc | best acc | avg wire bits sent "
-        "| uplink MB | downlink MB | planes dropped per round | rounds to target "
+        "| uplink MB | downlink MB | planes dropped per round "
+        "| emulated s per round: compute + down + up (slowest client, mean) | rounds to target "
         "| emulated s to target (up + down + compute) | time-to-target ratio vs float32 "
         "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hit = "—" if r["rounds_to_target"] is None else str(r["rounds_to_target"])
         secs = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
         ratio = "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x"
+        parts = " + ".join(f"{x:.2f}" for x in r["round_parts_s"])
         lines.append(
             f"| {r['dataset']} | {r['alpha']} | {r['seed']} | {r['policy']} "
             f"| {r['final_acc']:.4f} | {r['best_acc']:.4f} | {r['sent_bits']:.2f} "
             f"| {r['uplink_mb']:.2f} | {r['downlink_mb']:.2f} "
-            f"| {' '.join(map(str, r['planes_dropped']))} | {hit} | {secs} | {ratio} "
+            f"| {' '.join(map(str, r['planes_dropped']))} | {r['round_s']:.2f}: {parts} "
+            f"| {hit} | {secs} | {ratio} "
             f"| {r['wall_s']:.0f} |"
         )
     lines += ["", "Per-layer weight-norm ratio to fixed, smallest / largest (final model):", ""]
@@ -206,7 +218,7 @@ def plot(
         plt.close(fig)
         written.append(path)
         for res in group:
-            if res["run"]["policy"] in ("fedmpq", "fedmpq-faithful") and not res["run"]["seed"]:
+            if res["run"]["policy"] in HEATMAP_POLICIES and not res["run"]["seed"]:
                 written.append(_heatmap(res, out, plt, paper_budgets, wire_budgets))
     return written
 

@@ -99,12 +99,14 @@ def run_round(
 ) -> dict[str, Any]:
     """Run ``round`` for the coordinator's selection; return its metrics row, extended with
     ``emulated_round_s``, ``sent_bits`` (per client, per layer, as sent) and
-    ``notices`` (clients told they were left out) and ``emulated_upload_s`` (the
-    slowest upload)."""
+    ``notices`` (clients told they were left out), ``emulated_upload_s`` (the
+    slowest upload) and ``emulated_slowest_parts_s`` (the slowest client's compute,
+    download and upload seconds)."""
     models, tasks = frames(coordinator.open_round(round))
     starts = StartStates(models)
     nets: dict[str, nn.Module] = {}
     slowest = slowest_upload = 0.0
+    slowest_parts = (0.0, 0.0, 0.0)
     sent_bits: dict[str, dict[str, int]] = {}
     notices: dict[str, str] = {}
     for cid, raw in sorted(tasks.items()):
@@ -132,11 +134,13 @@ def run_round(
         compute, down, up = emulated_seconds(
             coordinator, device, msg, len(models[msg.model_allocation]) + len(raw), len(payload)
         )
-        slowest = max(slowest, compute + down + up)
+        if compute + down + up > slowest:
+            slowest, slowest_parts = compute + down + up, (compute, down, up)
         slowest_upload = max(slowest_upload, up)
     row = coordinator.close_round()
     row["emulated_round_s"] = slowest
     row["emulated_upload_s"] = slowest_upload
+    row["emulated_slowest_parts_s"] = list(slowest_parts)
     row["sent_bits"] = sent_bits
     row["notices"] = notices
     return row

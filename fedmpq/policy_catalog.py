@@ -49,7 +49,7 @@ POLICIES: Mapping[str, PolicyEntry] = {
     ),
     "fedlq": PolicyEntry(
         "FedLQ-style per-layer bits from measured loss significance",
-        {"bits": 4.0, "probe_bits": 2, "every": 5, "floor": 1e-4, "anchored": True},
+        {"bits": 4.0, "probe_bits": 2, "every": 5, "floor": 1e-4, "anchored": True, "min_bits": 3},
     ),
 }
 

@@ -4,6 +4,8 @@ its weights stay as large as fixed precision's."""
 
 import json
 
+import pytest
+
 from benchmarks.accuracy_per_bit import WIRE_BUDGETS, main
 
 
@@ -14,6 +16,9 @@ def test_quick_benchmark_shows_fedmpq_adapting(tmp_path, capsys):
     assert set(rows) == {"float32", "fixed", "fedmpq"}
     for row in rows.values():
         assert row["final_acc"] > 0.3  # every policy learned something in 3 rounds
+        # A round lasts as long as its slowest client's compute + download + upload.
+        assert sum(row["round_parts_s"]) == pytest.approx(row["round_s"])
+        assert min(row["round_parts_s"]) > 0
     assert (
         rows["fixed"]["sent_bits"] < 8
         and rows["fixed"]["uplink_mb"] < rows["float32"]["uplink_mb"] / 4

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from fedmpq.budget import RoundDemand, budget_bits
 from fedmpq.errors import BudgetError
 from fedmpq.models import build_model
-from fedmpq.policies import LayerInfo
-from fedmpq.policies.fedlq import significance_allocation
+from fedmpq.policies import ClientInfo, LayerInfo
+from fedmpq.policies.fedlq import FedLQPolicy, significance_allocation
 from fedmpq.policies.qsgd import RESIDUAL, QSGDHooks
 from fedmpq.resources import model_cost
 from fedmpq.wire.messages import DeviceProfile
@@ -53,6 +53,46 @@ def test_fedlq_gives_bits_where_loss_per_byte_is_highest():
     assert avg <= 3.0
     flat = significance_allocation(layers, {"small_sensitive": 1.0, "big_robust": 9.0}, 1.0)
     assert flat == {"small_sensitive": 1, "big_robust": 1}
+
+
+# The cnn's layers and the sensitivities FedLQ measured on it at round 6 (accuracy-per-bit
+# benchmark, alpha 0.5): quantizing features.3 alone to 2 bits did not raise the loss.
+CNN_LAYERS = [
+    LayerInfo("features.0.weight", 200),
+    LayerInfo("features.3.weight", 3200),
+    LayerInfo("classifier.1.weight", 100352),
+    LayerInfo("classifier.3.weight", 1280),
+]
+CNN_SENSITIVITY = {
+    "features.0.weight": 0.167,
+    "features.3.weight": 1e-4,
+    "classifier.1.weight": 0.414,
+    "classifier.3.weight": 0.209,
+}
+PROFILE = DeviceProfile(2**31, 2**30, 4, 1500.0, 0.0, 10.0, "linux", "aarch64", None, 1e6)
+
+
+def test_fedlq_policy_keeps_every_layer_at_its_floor_of_three_bits():
+    # One bit turns every weight of a layer into +-max|w| (features.3's norm went 11x
+    # fixed's); two bits leave a round's change under half a step, so fixed:2 never
+    # trains.  A budget that affords three bits everywhere gets them.
+    policy = FedLQPolicy()
+    policy.setup(CNN_LAYERS)
+    policy.sensitivity, policy.measured_round = dict(CNN_SENSITIVITY), 1
+    client = ClientInfo("d", PROFILE, 100, budget_bits=3.0)
+    assert policy.allocate(2, [client])["d"].bits == dict.fromkeys(CNN_SENSITIVITY, 3)
+    richer = policy.allocate(2, [ClientInfo("d", PROFILE, 100, budget_bits=5.0)])["d"]
+    assert min(richer.bits.values()) >= 3 and richer.average_bits(CNN_LAYERS) <= 5.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(1.0, 8.0), st.integers(1, 8))
+def test_fedlq_layers_get_the_floor_or_the_budget_rounded_down(budget, min_bits):
+    bits = significance_allocation(CNN_LAYERS, CNN_SENSITIVITY, budget, min_bits=min_bits)
+    floor = min(min_bits, int(budget + 1e-9))
+    assert min(bits.values()) >= floor
+    total = sum(layer.numel for layer in CNN_LAYERS)
+    assert sum(bits[layer.name] * layer.numel for layer in CNN_LAYERS) <= budget * total + 1e-6
 
 
 COST = model_cost(build_model("cnn", 10, (1, 28, 28)), (1, 28, 28))
