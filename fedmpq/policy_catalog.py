@@ -37,8 +37,9 @@ POLICIES: Mapping[str, PolicyEntry] = {
         {
             "bits": 4.0,
             "lam": 1e-3,
-            "msb_density": 0.02,
+            "msb_density": 0.05,
             "lsb_density": 0.02,
+            "min_bits": 3,
             "anchored": True,
             "frozen": False,
             "budget_units": "wire",

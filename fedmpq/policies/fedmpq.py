@@ -13,8 +13,9 @@ never cleared.  With ``round_scale`` (the official client's fixed ``scale``) eac
 grid is held at the received model's scale for the round while the lasso acts, so
 shrinking the top plane's weights empties it instead of shrinking the grid with them.  After
 training, the layer's quantization is cut into planes and FedMPQ's
-pruning rules run (a top plane empty or under 2% set is dropped, the latter merged by
-clipping; a bottom plane at most 2% set is dropped); the client sends the layer at the
+pruning rules run (a top plane empty or under ``msb_density`` set is dropped, the latter
+merged by clipping; a bottom plane at most ``lsb_density`` set is dropped; FedMPQ's are 2%
+each, this project merges under 5% by default); the client sends the layer at the
 remaining bits and reports how many planes it dropped (``UpdateMessage.bits_dropped``).
 With ``lambda = 0`` and a frozen allocation the client is fixed-precision QAT bit for bit.
 
@@ -24,10 +25,14 @@ sample-and-budget-weighted mean of the clients' per-layer bits; layers are ranke
 its budget as FedMPQ's ``pruning_or_growing`` does: bits come off the highest-priority
 layer down to the floor before the next layer, then go onto the lowest-priority layer up
 to 8 -- here only while the budget holds (the official code may overshoot by the last bit).
+The floor is one plane officially, two here by default (``min_bits``).
 
 Budget units: the paper counts magnitude planes, the wire counts the sign too
 (``wire = paper + 1``, capped at 8 by the wire format).  ``budget_units`` says which
 ``ClientInfo.budget_bits`` is in; allocations are always wire bits, at least 2 (one plane).
+
+``FedMPQPolicy(anchored=False, fleet_budgets=(), round_scale=True, msb_density=0.02,
+min_bits=2)`` is the authors' code as far as this project's wire allows.
 """
 
 from __future__ import annotations
@@ -65,6 +70,13 @@ from fedmpq.wire.messages import KIND_DELTA, TensorPayload
 
 #: One magnitude plane (the paper's 1 bit) is the floor; the wire format's 8 the top.
 MIN_BITS, MAX_BITS = 2, 8
+#: The fewest bits this project's re-allocation gives a layer (two planes): at one plane
+#: (levels -s, 0, s with s = max|w|) a layer barely trains and its norm drifts up round
+#: over round (the README's ablation); a trained layer may still be *sent* at one plane.
+ALLOCATION_FLOOR = 3
+#: This project's top-plane merge threshold: a ``max|w|`` scale leaves 3-5% of a
+#: Gaussian-like layer's weights in its top plane, which the official 2% never merges.
+MERGE_DENSITY = 0.05
 #: Wire budgets of the default heterogeneous fleet: the paper's [2,2,4,4,4,6,6,6,8,8]
 #: magnitude planes plus the sign, capped at the wire's 8 bits.
 DEFAULT_FLEET = (3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0, 8.0, 8.0)
@@ -281,9 +293,9 @@ class FedMPQHooks(ClientHooks):
 class FedMPQPolicy(Policy):
     """FedMPQ's server side: per-client allocations from reported bits and dropped planes.
 
-    ``FedMPQPolicy(anchored=False, fleet_budgets=())`` is the authors' code as far as
-    this project's wire allows (see the README's deviations); the defaults add this
-    project's choices, each an option.
+    The faithful mode (module docstring) is the authors' code as far as this project's
+    wire allows (see the README's deviations); the defaults add this project's choices,
+    each an option ablated in ``benchmarks/accuracy_per_bit.py``.
 
     Parameters
     ----------
@@ -295,7 +307,15 @@ class FedMPQPolicy(Policy):
         local steps a round; with ``round_scale`` a device taking ~10 steps a round needs
         more (resnet20: 0.03; the README's sweep).
     msb_density, lsb_density
-        FedMPQ's 2% thresholds for merging the top and dropping the bottom plane.
+        Thresholds for merging the top and dropping the bottom plane (FedMPQ's are 2%
+        each).  ``msb_density`` is 5% by default: merging a top plane that holds under
+        5% of the weights clips them to half the range at the same step, a layer then
+        sent at one bit less with about the rounding error it had (the clip a ``mse``
+        observer would choose); the freed bits go to the layers FedMPQ grows.
+    min_bits
+        Fewest wire bits the re-allocation gives a layer (the official floor is one
+        plane, 2; default 3, ``ALLOCATION_FLOOR``), or the client's budget rounded down
+        when that is less.  Pruning may still send a layer below it.
     anchored
         Aggregate each client's change from the quantized model it started from
         (``Policy.anchored``) instead of plain weighted FedAvg (the paper's).
@@ -328,8 +348,9 @@ class FedMPQPolicy(Policy):
         self,
         bits: float = 4,
         lam: float = 1e-3,
-        msb_density: float = PLANE_DENSITY,
+        msb_density: float = MERGE_DENSITY,
         lsb_density: float = PLANE_DENSITY,
+        min_bits: int = ALLOCATION_FLOOR,
         anchored: bool = True,
         frozen: bool = False,
         budget_units: str = "wire",
@@ -344,9 +365,12 @@ class FedMPQPolicy(Policy):
             raise ConfigError(f"fedmpq policy: budget_units must be one of {BUDGET_UNITS}")
         if lam < 0 or not all(1 <= b <= MAX_BITS for b in fleet_budgets):
             raise ConfigError("fedmpq policy: lam >= 0 and fleet budgets within 1..8")
+        if not MIN_BITS <= min_bits <= MAX_BITS:
+            raise ConfigError(f"fedmpq policy: min_bits must be within 2..8, got {min_bits}")
         self.bits = float(bits)
         self.lam = lam
         self.msb_density = msb_density
+        self.min_bits = min_bits
         self.lsb_density = lsb_density
         self.frozen = frozen
         self.budget_units = budget_units
@@ -396,7 +420,8 @@ class FedMPQPolicy(Policy):
                     if self.mean_bits
                     else uniform
                 )
-                bits = fit_to_budget(start, self.layers, priorities, budget)
+                floor = max(MIN_BITS, min(self.min_bits, math.floor(budget + 1e-9)))
+                bits = fit_to_budget(start, self.layers, priorities, budget, floor)
             allocation[client.client_id] = BitAllocation(bits)
         return allocation
 

@@ -18,6 +18,7 @@ from fedmpq.bitplanes import (
     planes_on_grid,
     to_planes,
 )
+from fedmpq.errors import ConfigError
 from fedmpq.models import build_model, quantizable_layers
 from fedmpq.policies import ClientResult, LayerInfo, make_policy
 from fedmpq.policies.base import ClientInfo
@@ -97,6 +98,31 @@ def test_policy_moves_from_the_weighted_mean_bits_to_each_budget():
     assert second["mid"].bits["c"] < second["mid"].bits["a"]
     assert second["hi"].average_bits(LAYERS) == pytest.approx(8.0)
     assert second["lo"].average_bits(LAYERS) <= 3.0
+
+
+def test_reallocation_keeps_two_planes_unless_the_budget_is_lower():
+    policy = make_policy("fedmpq", fleet_budgets=())
+    policy.setup(LAYERS)
+    clients = [ClientInfo("lo", PROFILE, 10, 3.0), ClientInfo("two", PROFILE, 10, 2.0)]
+    policy.allocate(1, [*clients, ClientInfo("hi", PROFILE, 10, 8.0)])
+    # c dropped planes everywhere: it has the top priority to lose bits.
+    policy.observe(
+        1,
+        [
+            ClientResult("lo", 10, {"a": 3, "b": 3, "c": 2}, {"c": 1}, {}),
+            ClientResult("hi", 10, {"a": 8, "b": 8, "c": 6}, {"c": 2}, {}),
+        ],
+    )
+    second = policy.allocate(2, clients)
+    assert min(second["lo"].bits.values()) == 3  # the default floor, two planes
+    assert second["two"].bits == dict.fromkeys("abc", 2)  # a 2-bit budget: one plane
+    official = make_policy("fedmpq", fleet_budgets=(), min_bits=2)
+    official.setup(LAYERS)
+    official.load_state_dict(policy.state_dict())
+    cut = official.allocate(2, clients[:1])["lo"].bits
+    assert cut["c"] == 2 and cut["a"] > 3  # the official floor: c to one plane, a grows
+    with pytest.raises(ConfigError, match="min_bits"):
+        make_policy("fedmpq", min_bits=1)
 
 
 def test_default_fleet_spreads_identical_devices_over_mixed_budgets():
