@@ -4,9 +4,10 @@
 (wire bits ``[3,3,5,5,5,7,7,7,8,8]``: sign included, 8 at most), Dirichlet label skew
 0.5 and 0.1, resnet20; rounds run in-process through the real coordinator and agent
 code (``benchmarks/round_driver.py``).  Policies (``POLICIES``): ``float32``, ``fixed``
-at each client's wire budget, ``fedmpq`` (the policy's defaults), ``fedmpq-faithful`` (the
-authors' code as far as the wire allows), ``fedmpq-frozen`` (its training at the fixed
-allocation, no plane dropped) and the ablations ``fedmpq-2pct``, ``fedmpq-floor2`` (one of
+at each client's wire budget, ``fedmpq`` (the policy's defaults with the model's
+``FEDMPQ_MODEL_PARAMS``), ``fedmpq-faithful`` (the authors' code as far as the wire
+allows), ``fedmpq-frozen`` (its training at the fixed allocation, no plane dropped) and the
+ablations ``fedmpq-2pct``, ``fedmpq-floor2`` (one of
 this project's choices undone each); a second seed for float32, fixed and fedmpq at both
 alphas.  With ``--policies``: ``fixed4`` (every client at 4 bits), ``fedmpq-lam0``,
 ``qsgd``, ``fedlq``, and ``fedlq4`` and ``fedmpq4`` (adaptive, every device at a 4-bit
@@ -95,6 +96,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fedlq4": {"name": "fedlq", "every": 5, "budgets": [4] * CLIENTS},
     "fedmpq4": {"name": "fedmpq", "fleet_budgets": [], "budgets": [4] * CLIENTS},
 }
+#: FedMPQ's settings per model where they differ from the policy's defaults (the faithful
+#: mode keeps its own): resnet20 has a batch norm after every convolution, which absorbs
+#: the clip of a merged top plane, so planes holding under 5% of the weights merge.
+FEDMPQ_MODEL_PARAMS: dict[str, dict[str, Any]] = {"resnet20": {"msb_density": 0.05}}
 DEFAULT_POLICIES = [
     "float32",
     "fixed",
@@ -229,8 +234,12 @@ def run_one(run: Run) -> dict[str, Any]:
 
 
 def policy_params(run: Run) -> dict[str, Any]:
-    """``run``'s ``[policy]`` table: its ``POLICIES`` entry without the benchmark's keys."""
-    return {k: v for k, v in POLICIES[run.policy].items() if k != "budgets"}
+    """``run``'s ``[policy]`` table: its ``POLICIES`` entry without the benchmark's keys,
+    over FedMPQ's settings for the model (``FEDMPQ_MODEL_PARAMS``)."""
+    params = {k: v for k, v in POLICIES[run.policy].items() if k != "budgets"}
+    if params["name"] == "fedmpq":
+        params = {**FEDMPQ_MODEL_PARAMS.get(run.model, {}), **params}
+    return params
 
 
 def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[str, Any]:
@@ -242,7 +251,8 @@ def client_cost(model: str, samples: int, wire_bits: int, repeats: int) -> dict[
     net = build_model(model, data.num_classes, data.in_shape)
     start = state_to_numpy(net)
     bits = dict.fromkeys(quantizable_layers(net), wire_bits)
-    options = {"fixed": {}, "fedmpq": dict(make_policy("fedmpq").client_options())}
+    mpq = make_policy("fedmpq", **FEDMPQ_MODEL_PARAMS.get(model, {}))
+    options = {"fixed": {}, "fedmpq": dict(mpq.client_options())}
 
     def task(policy: str) -> TaskMessage:
         return TaskMessage(

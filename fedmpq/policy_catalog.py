@@ -37,7 +37,7 @@ POLICIES: Mapping[str, PolicyEntry] = {
         {
             "bits": 4.0,
             "lam": 1e-3,
-            "msb_density": 0.05,
+            "msb_density": 0.02,
             "lsb_density": 0.02,
             "min_bits": 3,
             "anchored": True,
