@@ -80,6 +80,7 @@ POLICIES: dict[str, dict[str, Any]] = {
         "round_scale": True,
         "msb_density": 0.02,
         "min_bits": 2,
+        "keep_norm": False,
     },
     "fedmpq-frozen": {"name": "fedmpq", "frozen": True, "fleet_budgets": []},
     # Ablations, one of this project's choices undone each: the official 2% merge
@@ -98,8 +99,11 @@ POLICIES: dict[str, dict[str, Any]] = {
 }
 #: FedMPQ's settings per model where they differ from the policy's defaults (the faithful
 #: mode keeps its own): resnet20 has a batch norm after every convolution, which absorbs
-#: the clip of a merged top plane, so planes holding under 5% of the weights merge.
-FEDMPQ_MODEL_PARAMS: dict[str, dict[str, Any]] = {"resnet20": {"msb_density": 0.05}}
+#: the clip of a merged top plane (planes holding under 5% of the weights merge) and the
+#: lasso's shrinking of a layer (``keep_norm`` off).
+FEDMPQ_MODEL_PARAMS: dict[str, dict[str, Any]] = {
+    "resnet20": {"msb_density": 0.05, "keep_norm": False}
+}
 DEFAULT_POLICIES = [
     "float32",
     "fixed",

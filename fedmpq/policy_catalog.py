@@ -45,7 +45,7 @@ POLICIES: Mapping[str, PolicyEntry] = {
             "budget_units": "wire",
             "fleet_budgets": (3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0, 8.0, 8.0),
             "round_scale": False,
-            "keep_norm": False,
+            "keep_norm": True,
         },
     ),
     "fedlq": PolicyEntry(

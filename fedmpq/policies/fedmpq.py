@@ -336,7 +336,12 @@ class FedMPQPolicy(Policy):
         planes every round with the re-fitted scale and train better with it.
     keep_norm
         Take the lasso's step without its component along the layer's weight
-        (``without_radial``): it reshapes a layer, never shrinks it.
+        (``without_radial``): it reshapes a layer, never shrinks it.  On by default:
+        without a batch norm after it, a layer the lasso shrinks gives a smaller output
+        (mlp, 3 rounds: first layer at 0.65 of fixed's norm with it off, 0.98 with it on;
+        cnn 55 -> 68% accuracy against fixed's 68%).  Batch-norm models may turn it off
+        (the benchmark's resnet20 does: the re-fitted scale already keeps its norms within
+        0.91-1.13 of fixed's, and it measured no better on).
     """
 
     name = "fedmpq"
@@ -354,7 +359,7 @@ class FedMPQPolicy(Policy):
         budget_units: str = "wire",
         fleet_budgets: Sequence[float] = DEFAULT_FLEET,
         round_scale: bool = False,
-        keep_norm: bool = False,
+        keep_norm: bool = True,
     ) -> None:
         super().__init__(anchored)
         if not 1 <= bits <= MAX_BITS:
