@@ -207,12 +207,17 @@ def plane_lasso_grad(
     else:
         safe_unit = torch.where(unit > 0, unit, torch.ones_like(unit))
         levels = torch.round(w_hat / safe_unit)
-    magnitude = levels.abs().to(torch.int64)
-    total = torch.zeros_like(w_hat)
-    for k in range(planes):
-        bit = ((magnitude >> k) & 1).to(w_hat.dtype)
-        norm = torch.sqrt(bit.sum() + 1e-8)
-        total.add_(bit, alpha=float(2**k) / float(norm))
+    # A weight's term sum_k 2**k P_k / ||P_k|| depends on its magnitude alone: one table
+    # entry per magnitude, the plane norms from a histogram of the magnitudes (a few passes
+    # over the layer instead of several per plane).
+    size = 1 << planes
+    magnitude = levels.abs().to(torch.int64).bitwise_and_(size - 1)
+    counts = torch.bincount(magnitude.reshape(-1), minlength=size).to(torch.float64)
+    ks = torch.arange(planes)
+    bits = ((torch.arange(size)[None, :] >> ks[:, None]) & 1).to(torch.float64)
+    norms = torch.sqrt(bits @ counts + 1e-8)
+    table = ((2.0 ** ks.to(torch.float64))[:, None] * bits / norms[:, None]).sum(0)
+    total = table.to(w_hat.dtype)[magnitude]
     power = float(sum(4**k for k in range(planes)))
     safe = torch.where(unit > 0, unit, torch.full_like(unit, float("inf")))
     return torch.sign(levels) * total / (safe * power)

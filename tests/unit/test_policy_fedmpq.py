@@ -233,6 +233,25 @@ def test_lasso_gradient_is_the_preconditioned_plane_gradient_in_weight_space():
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    arrays(np.float32, (5, 12), elements=st.floats(-4.0, 4.0, width=32)),
+    st.integers(2, 8),
+    st.sampled_from([-1, 0]),
+)
+def test_lasso_gradient_per_plane_sums_match_the_magnitude_table(w, bits, axis):
+    layer = to_planes(w, bits, axis)
+    planes = bits - 1
+    per_plane = plane_bits(layer.magnitude, planes).astype(np.float64)
+    norms = np.sqrt(per_plane.reshape(planes, -1).sum(1) + 1e-8)
+    weights = (2.0 ** np.arange(planes) / norms).reshape((planes,) + (1,) * w.ndim)
+    sign = np.where(layer.negative, -1.0, 1.0) * (layer.magnitude > 0)
+    unit = np.where(layer.unit > 0, layer.unit, np.inf)
+    expected = sign * (weights * per_plane).sum(0) / (unit * sum(4**k for k in range(planes)))
+    got = plane_lasso_grad(torch.from_numpy(layer.weight()), planes, axis)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
 def _task(policy, bits, options):
     return TaskMessage(
         run_id="r",
