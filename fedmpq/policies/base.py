@@ -197,11 +197,22 @@ class ClientHooks:
         )
 
 
+def budget_floor(budget: float) -> int:
+    """``budget`` average bits rounded down; a float a hair under an integer counts as it."""
+    return math.floor(budget + 1e-9)
+
+
+def layer_floor(budget: float, min_bits: int, lowest: int) -> int:
+    """The fewest bits a policy gives a layer: ``min_bits``, or ``budget`` rounded down
+    when that is less, but never under ``lowest`` (the policy's smallest bit-width)."""
+    return max(lowest, min(min_bits, budget_floor(budget)))
+
+
 def client_bits(client: ClientInfo, default: int) -> int:
     """A client's uniform bit-width: its budget rounded down into 1..8, or ``default``."""
     if client.budget_bits is None:
         return default
-    return min(max(math.floor(client.budget_bits + 1e-9), 1), 8)
+    return min(max(budget_floor(client.budget_bits), 1), 8)
 
 
 class Policy(ABC):

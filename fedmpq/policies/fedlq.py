@@ -33,13 +33,12 @@ rule.
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedmpq.errors import ConfigError
 from fedmpq.policies import register_policy
-from fedmpq.policies.base import BitAllocation, ClientInfo, LayerInfo, Policy
+from fedmpq.policies.base import BitAllocation, ClientInfo, LayerInfo, Policy, layer_floor
 from fedmpq.wire.tensors import decode_tensor, encode_tensor
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -55,7 +54,7 @@ def significance_allocation(
     """Per-layer bits under ``budget`` average bits by greedy significance (see module doc).
 
     Every layer gets at least ``min_bits``, or the budget rounded down when that is less."""
-    start = max(MIN_BITS, min(min_bits, math.floor(budget + 1e-9)))
+    start = layer_floor(budget, min_bits, MIN_BITS)
     bits = {layer.name: start for layer in layers}
     total = sum(layer.numel for layer in layers) or 1
     used = start * total

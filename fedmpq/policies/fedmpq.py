@@ -64,6 +64,8 @@ from fedmpq.policies.base import (
     ClientResult,
     LayerInfo,
     Policy,
+    budget_floor,
+    layer_floor,
 )
 from fedmpq.quant_spec import SCHEME_SYMMETRIC
 from fedmpq.wire.messages import KIND_DELTA, TensorPayload
@@ -414,7 +416,7 @@ class FedMPQPolicy(Policy):
         for client in sorted(clients, key=lambda c: c.client_id):
             budget = self.wire_budget(client)
             self.budgets[client.client_id] = budget
-            uniform = {layer.name: math.floor(budget + 1e-9) for layer in self.layers}
+            uniform = dict.fromkeys((layer.name for layer in self.layers), budget_floor(budget))
             if self.frozen:
                 bits = uniform
             else:
@@ -423,7 +425,7 @@ class FedMPQPolicy(Policy):
                     if self.mean_bits
                     else uniform
                 )
-                floor = max(MIN_BITS, min(self.min_bits, math.floor(budget + 1e-9)))
+                floor = layer_floor(budget, self.min_bits, MIN_BITS)
                 bits = fit_to_budget(start, self.layers, priorities, budget, floor)
             allocation[client.client_id] = BitAllocation(bits)
         return allocation

@@ -76,13 +76,18 @@ def _wait_for_round(url: str, run_id: str, round: int, proc: subprocess.Popen) -
         watcher.close()
 
 
+def _kill_running(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
 def _finish(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         try:
             assert p.wait(timeout=DEADLINE_S) == 0
         finally:
-            if p.poll() is None:
-                p.kill()
+            _kill_running([p])
 
 
 def test_coordinator_kill_9_then_resume_continues_byte_identical(module_mosquitto, tmp_path):
@@ -98,9 +103,7 @@ def test_coordinator_kill_9_then_resume_continues_byte_identical(module_mosquitt
         resumed = _coordinator(url, run_id, tmp_path, 4, "--resume")
         _finish([resumed, *agents])
     finally:
-        for p in agents:
-            if p.poll() is None:
-                p.kill()
+        _kill_running(agents)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     log = (tmp_path / "coordinator1.log").read_text()
     resumed_fp = decode(ckpt.global_frame, GlobalModelMessage).fingerprint
@@ -121,9 +124,7 @@ def test_broker_restart_mid_training_loses_no_update(mosquitto, tmp_path):
         mosquitto.start()
         _finish([coordinator, *agents])
     finally:
-        for p in [coordinator, *agents]:
-            if p.poll() is None:
-                p.kill()
+        _kill_running([coordinator, *agents])
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all(r["participants"] == ["device-0000", "device-0001"] for r in rows[1:])
@@ -182,9 +183,7 @@ def test_a_lost_update_is_asked_for_again_well_before_the_deadline(
         _wait_for_broker_log(broker, "Reloading config", coordinator)
         _finish([coordinator, *agents])
     finally:
-        for p in [coordinator, *agents]:
-            if p.poll() is None:
-                p.kill()
+        _kill_running([coordinator, *agents])
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["participants"] == ["device-0000", "device-0001"] for r in rows[1:])

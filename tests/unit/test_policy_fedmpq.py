@@ -273,13 +273,18 @@ def _task(policy, bits, options):
     )
 
 
-def test_lambda_zero_and_frozen_is_fixed_qat_bit_for_bit():
+def _seeded_client(model, wire_bits):
+    """A seeded model, its start state, ``wire_bits`` on every layer and a random batch."""
     torch.manual_seed(0)
-    net = build_model("cnn", 10, (1, 28, 28))
-    start = state_to_numpy(net)
-    bits = dict.fromkeys(quantizable_layers(net), 3)
+    net = build_model(model, 10, (1, 28, 28))
+    bits = dict.fromkeys(quantizable_layers(net), wire_bits)
     x = torch.randn(64, 1, 28, 28)
     y = torch.randint(0, 10, (64,))
+    return net, state_to_numpy(net), bits, x, y
+
+
+def test_lambda_zero_and_frozen_is_fixed_qat_bit_for_bit():
+    net, start, bits, x, y = _seeded_client("cnn", 3)
     frozen = make_policy("fedmpq", lam=0.0, frozen=True).client_options()
     sent = {}
     for policy, options in (("fixed", {}), ("fedmpq", frozen)):
@@ -356,12 +361,7 @@ def test_lasso_gradient_on_a_held_grid_uses_that_grid():
 
 
 def test_round_scale_holds_the_start_grid_while_the_lasso_acts():
-    torch.manual_seed(0)
-    net = build_model("mlp", 10, (1, 28, 28))
-    start = state_to_numpy(net)
-    bits = dict.fromkeys(quantizable_layers(net), 5)
-    x = torch.randn(64, 1, 28, 28)
-    y = torch.randint(0, 10, (64,))
+    net, start, bits, x, y = _seeded_client("mlp", 5)
     options = make_policy("fedmpq", lam=0.5, frozen=True, round_scale=True).client_options()
     task = _task("fedmpq", bits, options)
     task = dataclasses.replace(task, model_name="mlp", per_channel=False, observer="minmax")
